@@ -1,0 +1,3 @@
+"""DiffusionGemma inference microservice."""
+
+__version__ = "0.1.0"

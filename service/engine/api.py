@@ -1,0 +1,99 @@
+"""The in-process engine API: the request type, the events a request yields, and the Engine protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+from service.errors import InvalidArgument
+from service.model.config import ModelConfig
+from service.sampler.params import GenerationParams, Pins
+
+
+@dataclass
+class Request:
+    """One generation request: prompt ids, optional pins, parameters and seed."""
+
+    prompt_ids: list[int]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    seed: int = 0
+    pins: Pins | None = None
+    return_drafts: bool = False
+    request_id: str = ""
+
+    def validate(self, cfg: ModelConfig) -> "Request":
+        if not isinstance(self.prompt_ids, (list, tuple)) or len(self.prompt_ids) == 0:
+            raise InvalidArgument("prompt_ids", "the prompt is empty")
+        for i in self.prompt_ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.vocab_size:
+                raise InvalidArgument("prompt_ids", f"id {i!r} is outside the vocabulary [0, {cfg.vocab_size})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InvalidArgument("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
+        if not isinstance(self.params, GenerationParams):
+            raise InvalidArgument("params", "must be a GenerationParams")
+        self.params.validate()
+        if self.pins is not None:
+            self.pins.validate(cfg.canvas_length, cfg.vocab_size)
+        return self
+
+
+@dataclass(frozen=True)
+class DraftEvent:
+    """The argmax canvas after one denoising step (only when the request asked for drafts)."""
+
+    canvas_index: int
+    step: int  # 1-based count of steps run on this canvas
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class CanvasEvent:
+    """A committed canvas: final tokens of that block (pad after EOS)."""
+
+    canvas_index: int
+    tokens: list[int]
+    steps: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    prompt_tokens: int
+    generated_tokens: int  # excluding pad
+    decoder_passes: int
+    steps_per_canvas: list[int]
+    shared_decoder_passes: int = 0  # passes whose batch held another request too
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.decoder_passes if self.decoder_passes else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "decoder_passes": self.decoder_passes,
+            "steps_per_canvas": list(self.steps_per_canvas),
+            "tokens_per_forward": self.tokens_per_forward,
+            "shared_decoder_passes": self.shared_decoder_passes,
+        }
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    token_ids: list[int]  # every generated canvas, pad included, as the reference returns them
+    finish_reason: str  # "eos" or "length"
+    stats: Stats
+
+
+Event = Union[DraftEvent, CanvasEvent, FinalEvent]
+
+
+class Engine(Protocol):
+    """What the upper layers (CLI, Triton adapter, front) depend on."""
+
+    config: ModelConfig
+
+    def generate(self, request: Request) -> Iterator[Event]:
+        """Validate and run one request; yields drafts (if asked), canvases, then one FinalEvent."""
+        ...

@@ -1,0 +1,207 @@
+"""Building blocks of the DiffusionGemma backbone: norms, RoPE, attention, dense MLP, MoE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.model.config import LayerSpec, ModelConfig
+
+
+def activation(name: str):
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    return F.silu
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """Gemma 4 RMSNorm: float32 math, weight used as is (no 1 + w)."""
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        h = h * weight.float()
+    return h.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(spec: LayerSpec) -> Tensor:
+    """Inverse frequencies [head_dim // 2]; proportional RoPE pads the unrotated angles with zeros."""
+    d = spec.head_dim
+    if spec.rope_type == "proportional":
+        angles = int(spec.partial_rotary_factor * d // 2)
+        rotated = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / d))
+        inv = torch.cat([rotated, torch.zeros(d // 2 - angles)]) if d // 2 > angles else rotated
+        return inv / spec.rope_factor
+    dim = int(d * spec.partial_rotary_factor)
+    return 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions [B, T] -> cos, sin [B, T, 1, D] (broadcast over heads)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Projections and norms of one layer. The cache and the masks are the caller's."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.num_heads = cfg.num_heads
+        d, h = spec.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=False) if spec.sliding else None
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, H] -> q [B, Hq, T, D], k and v [B, Hkv, T, D]."""
+        b, t, _ = x.shape
+        d = self.spec.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, d)), cos, sin)
+        k_raw = self.k_proj(x).view(b, t, -1, d)
+        v_raw = self.v_proj(x).view(b, t, -1, d) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = rms_norm(v_raw, None, self.eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], mask [B, 1, Tq|1, Tk] bool or None -> [B, Tq, Hq*D].
+
+        Kernel choice follows the reference's SDPA call (GQA in the kernel only without a mask and
+        for head dims up to 256), so that single-sequence results match it bit for bit.
+        """
+        groups = q.shape[1] // k.shape[1]
+        gqa = groups > 1 and mask is None and k.shape[-1] <= 256
+        if groups > 1 and not gqa:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, width: int, act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.k = cfg.top_k_experts
+        self.root = cfg.hidden_size**-0.5
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, H] (the raw residual) -> weights [N, K], expert ids [N, K]."""
+        h = rms_norm(x, None, self.eps) * self.scale * self.root
+        probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, k=self.k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Rows of x [S, in], grouped by expert (offsets = cumulative counts), times weight [E, out, in]^T."""
+    if hasattr(F, "grouped_mm"):
+        try:
+            return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        except (RuntimeError, NotImplementedError):
+            pass  # dtype/device without a grouped kernel: loop below
+    parts, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            parts.append(F.linear(x[start:end], weight[e]))
+        start = end
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+
+
+class Experts(nn.Module):
+    """The routed experts as 3D weights, computed as grouped matmuls over expert-sorted tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.act = activation(cfg.hidden_activation)
+
+    def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+        """x [N, H], weights/idx [N, K] -> [N, H]. Summed over k in order, as the reference does."""
+        n, k = idx.shape
+        expert_ids, perm = torch.sort(idx.reshape(-1))  # [N*K]
+        counts_t = torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets = torch.cumsum(counts_t, dim=0, dtype=torch.int32)
+        h = grouped_linear(x[perm // k], self.gate_up_proj, offsets)  # [N*K, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_linear(self.act(gate) * up, self.down_proj, offsets)  # [N*K, H]
+        y = y * weights.reshape(-1)[perm].unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y[inverse].view(n, k, -1).sum(dim=1).to(x.dtype)
+
+
+class Layer(nn.Module):
+    """One backbone layer. Weights are shared by encoder and decoder mode; only `layer_scalar` is per mode."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.spec = spec
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = DenseMLP(h, cfg.intermediate_size, cfg.hidden_activation)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.register_buffer("decoder_layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The residual block after attention: dense MLP in parallel with the MoE. x [B, T, H]."""
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(x.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
+        return x + self.post_feedforward_layernorm(dense + moe)

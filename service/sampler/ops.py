@@ -1,0 +1,84 @@
+"""The entropy-bound sampler as small pure functions over one canvas's tensors.
+
+Each function makes the same random draws, in the same order and shapes, as the reference
+(`transformers` EntropyBoundSampler and DiffusionGemmaGenerationMixin), from a per-request generator.
+Shapes: L = canvas length, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def init_canvas(length: int, vocab_size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+    """A canvas drawn uniformly over the vocabulary: [L]."""
+    return torch.randint(0, vocab_size, (1, length), generator=generator, device=device)[0]
+
+
+def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> Tensor:
+    """T(n) = t_min + (t_max - t_min) * n / N, with n counting down N..1; float32 as the reference computes it."""
+    n = torch.tensor(step, dtype=torch.int32)
+    return t_min + ((t_max - t_min) * (n / max_steps))
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) per position: [L, V] -> [L] (Categorical(logits=...).entropy())."""
+    norm = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(norm, dim=-1)
+    p_log_p = torch.clamp(norm, min=torch.finfo(norm.dtype).min) * probs
+    return -p_log_p.sum(-1)
+
+
+def sample_tokens(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One categorical draw per position: probs [L, V] -> [L]."""
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def accept_mask(entropy: Tensor, bound: float, pinned: Tensor | None = None) -> Tensor:
+    """Accept the lowest-entropy positions while cumsum(H) - H <= bound: [L] -> bool [L].
+
+    Pinned positions count as zero entropy, so they never use up the bound.
+    """
+    if pinned is not None:
+        entropy = torch.where(pinned, torch.zeros_like(entropy), entropy)
+    sorted_h, order = torch.sort(entropy, dim=-1, descending=False)
+    selected = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
+    return torch.scatter(torch.zeros_like(selected), -1, order, selected)
+
+
+def renoise(canvas: Tensor, accepted: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
+    """Replace every non-accepted position by a uniform draw: [L] -> [L]."""
+    noise = init_canvas(canvas.shape[-1], vocab_size, generator, canvas.device)
+    return torch.where(~accepted, noise, canvas)
+
+
+def apply_pins(canvas: Tensor, pin_ids: Tensor | None, pin_mask: Tensor | None) -> Tensor:
+    if pin_mask is None:
+        return canvas
+    return torch.where(pin_mask, pin_ids, canvas)
+
+
+def is_stable(history: list[Tensor], argmax: Tensor) -> bool:
+    """True when `argmax` equals each of the last `stability_threshold` argmax canvases (history holds them)."""
+    return all(bool(torch.equal(h, argmax)) for h in history)
+
+
+def mean_entropy(entropy: Tensor, pinned: Tensor | None) -> float:
+    """Mean entropy over the free (unpinned) positions; 0 when every position is pinned."""
+    if pinned is not None:
+        free = entropy[~pinned]
+        return float(free.mean()) if free.numel() else 0.0
+    return float(entropy.mean())
+
+
+def finalize_canvas(tokens: Tensor, eos_ids: Tensor, pad_id: int, pinned: Tensor | None = None) -> tuple[Tensor, bool]:
+    """Tokens after the first EOS become pad, except pinned ones. Returns the canvas and whether it held an EOS."""
+    is_eos = torch.isin(tokens, eos_ids)
+    if not bool(is_eos.any()):
+        return tokens, False
+    c = is_eos.cumsum(dim=-1)
+    pad = (c > 0) & ~((c == 1) & is_eos)
+    if pinned is not None:
+        pad &= ~pinned
+    return torch.where(pad, torch.full_like(tokens, pad_id), tokens), True

@@ -1,0 +1,106 @@
+"""Generation parameters, with the reference's names and defaults, and pins."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from service.errors import InvalidArgument
+
+# The reference's defaults (transformers DiffusionGemmaGenerationConfig._get_default_generation_params).
+DEFAULTS = {
+    "max_new_tokens": 256,
+    "max_denoising_steps": 48,
+    "entropy_bound": 0.1,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+
+MAX_DENOISING_STEPS = 1024
+MAX_NEW_TOKENS = 1 << 16
+
+
+def _number(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InvalidArgument(name, f"must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _integer(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidArgument(name, f"must be an integer, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
+    max_denoising_steps: int = DEFAULTS["max_denoising_steps"]
+    entropy_bound: float = DEFAULTS["entropy_bound"]
+    t_min: float = DEFAULTS["t_min"]
+    t_max: float = DEFAULTS["t_max"]
+    stability_threshold: int = DEFAULTS["stability_threshold"]
+    # 0 disables early stopping (the reference refuses 0; we accept it).
+    confidence_threshold: float = DEFAULTS["confidence_threshold"]
+
+    def validate(self) -> "GenerationParams":
+        n = _integer("max_new_tokens", self.max_new_tokens)
+        if not 1 <= n <= MAX_NEW_TOKENS:
+            raise InvalidArgument("max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS}], got {n}")
+        s = _integer("max_denoising_steps", self.max_denoising_steps)
+        if not 1 <= s <= MAX_DENOISING_STEPS:
+            raise InvalidArgument("max_denoising_steps", f"must be in [1, {MAX_DENOISING_STEPS}], got {s}")
+        if _number("entropy_bound", self.entropy_bound) < 0:
+            raise InvalidArgument("entropy_bound", f"must be >= 0, got {self.entropy_bound}")
+        if _number("t_min", self.t_min) < 0:
+            raise InvalidArgument("t_min", f"must be >= 0, got {self.t_min}")
+        if _number("t_max", self.t_max) <= 0:
+            raise InvalidArgument("t_max", f"must be > 0, got {self.t_max}")
+        if self.t_max < self.t_min:
+            raise InvalidArgument("t_max", f"must be >= t_min ({self.t_min}), got {self.t_max}")
+        if _integer("stability_threshold", self.stability_threshold) < 0:
+            raise InvalidArgument("stability_threshold", f"must be >= 0, got {self.stability_threshold}")
+        if _number("confidence_threshold", self.confidence_threshold) < 0:
+            raise InvalidArgument("confidence_threshold", f"must be >= 0, got {self.confidence_threshold}")
+        return self
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Tokens fixed in the first canvas: `ids[i]` is kept wherever `mask[i]` is true.
+
+    Both have length <= canvas_length; positions past their end are free. They are the primitive
+    behind infilling (suffix pinned at the end), editing and templates.
+    """
+
+    ids: torch.Tensor  # [P] long
+    mask: torch.Tensor  # [P] bool
+
+    @staticmethod
+    def from_lists(ids: list[int], mask: list[bool] | None = None) -> "Pins":
+        m = [True] * len(ids) if mask is None else list(mask)
+        if len(m) != len(ids):
+            raise InvalidArgument("pin_mask", f"has {len(m)} entries but pin_ids has {len(ids)}")
+        return Pins(torch.tensor(ids, dtype=torch.long), torch.tensor(m, dtype=torch.bool))
+
+    def validate(self, canvas_length: int, vocab_size: int) -> "Pins":
+        if self.ids.ndim != 1 or self.mask.shape != self.ids.shape:
+            raise InvalidArgument("pin_ids", "pin_ids and pin_mask must be 1-D and of equal length")
+        if self.ids.numel() > canvas_length:
+            raise InvalidArgument("pin_ids", f"has {self.ids.numel()} positions; the canvas holds {canvas_length}")
+        pinned = self.ids[self.mask]
+        if pinned.numel() and (int(pinned.min()) < 0 or int(pinned.max()) >= vocab_size):
+            raise InvalidArgument("pin_ids", f"pinned ids must be in [0, {vocab_size})")
+        return self
+
+    def full(self, canvas_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded to the canvas: ids [L], mask [L]."""
+        ids = torch.zeros(canvas_length, dtype=torch.long)
+        mask = torch.zeros(canvas_length, dtype=torch.bool)
+        ids[: self.ids.numel()] = torch.where(self.mask, self.ids, 0)
+        mask[: self.mask.numel()] = self.mask
+        return ids, mask

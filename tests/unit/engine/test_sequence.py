@@ -1,0 +1,65 @@
+"""The engine's denoising loop: pins, determinism, vocabulary, events."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.engine.api import CanvasEvent, DraftEvent, FinalEvent, Request
+from service.engine.torch_engine import TorchEngine
+from service.sampler.params import GenerationParams, Pins
+
+
+@pytest.fixture(scope="module")
+def engine(small_ckpt):
+    return TorchEngine(small_ckpt)
+
+
+SLOW_OK = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SLOW_OK
+@given(data=st.data())
+def test_pinned_tokens_never_change(engine, data):
+    length, vocab = engine.config.canvas_length, engine.config.vocab_size
+    n = data.draw(st.integers(1, length))
+    ids = data.draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n))
+    mask = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    seed = data.draw(st.integers(0, 2**31))
+    req = Request([2, 40, 41], GenerationParams(max_new_tokens=length, max_denoising_steps=4), seed=seed,
+                  pins=Pins.from_lists(ids, mask), return_drafts=True)
+    events = list(engine.generate(req))
+    pinned = [(i, t) for i, (t, m) in enumerate(zip(ids, mask)) if m]
+    for ev in events:
+        if isinstance(ev, (DraftEvent, CanvasEvent)) and ev.canvas_index == 0:
+            for i, t in pinned:
+                assert ev.tokens[i] == t
+
+
+@SLOW_OK
+@given(seed=st.integers(0, 2**62), steps=st.integers(1, 5), bound=st.floats(0.0, 3.0))
+def test_same_seed_same_output_and_ids_in_vocab(engine, seed, steps, bound):
+    p = GenerationParams(max_new_tokens=20, max_denoising_steps=steps, entropy_bound=bound)
+    a = list(engine.generate(Request([2, 3, 4], p, seed=seed)))[-1]
+    b = list(engine.generate(Request([2, 3, 4], p, seed=seed)))[-1]
+    assert a.token_ids == b.token_ids
+    assert all(0 <= t < engine.config.vocab_size for t in a.token_ids)
+
+
+def test_events_in_order_with_drafts(engine):
+    p = GenerationParams(max_new_tokens=2 * engine.config.canvas_length, max_denoising_steps=3)
+    events = list(engine.generate(Request([2, 9], p, seed=5, return_drafts=True)))
+    kinds = [type(e).__name__ for e in events]
+    assert isinstance(events[-1], FinalEvent)
+    canvases = [e for e in events if isinstance(e, CanvasEvent)]
+    drafts = [e for e in events if isinstance(e, DraftEvent)]
+    assert len(drafts) == sum(c.steps for c in canvases) == events[-1].stats.decoder_passes
+    # each canvas's drafts come before it
+    assert kinds.index("CanvasEvent") > kinds.index("DraftEvent")
+    assert events[-1].token_ids == [t for c in canvases for t in c.tokens]
+
+
+def test_different_seeds_differ(engine):
+    p = GenerationParams(max_new_tokens=16, max_denoising_steps=2)
+    a = list(engine.generate(Request([2, 3], p, seed=1)))[-1].token_ids
+    b = list(engine.generate(Request([2, 3], p, seed=2)))[-1].token_ids
+    assert a != b

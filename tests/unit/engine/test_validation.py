@@ -1,0 +1,106 @@
+"""Bad input gets a typed error naming the field."""
+
+import json
+import shutil
+
+import pytest
+
+from service.engine.api import Request
+from service.engine.registry import create_engine
+from service.engine.torch_engine import TorchEngine
+from service.errors import CheckpointError, InvalidArgument, Unavailable
+from service.model.loading import load_model
+from service.sampler.params import GenerationParams, Pins
+
+
+@pytest.fixture(scope="module")
+def engine(small_ckpt):
+    return TorchEngine(small_ckpt)
+
+
+def run(engine, req):
+    return list(engine.generate(req))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt_ids=[]), "prompt_ids"),
+        (dict(prompt_ids=[2, 10**6]), "prompt_ids"),
+        (dict(prompt_ids=[2, -1]), "prompt_ids"),
+        (dict(prompt_ids=[2], seed=-3), "seed"),
+        (dict(prompt_ids=[2], params=GenerationParams(max_denoising_steps=0)), "max_denoising_steps"),
+        (dict(prompt_ids=[2], params=GenerationParams(max_new_tokens=0)), "max_new_tokens"),
+        (dict(prompt_ids=[2], params=GenerationParams(t_min=-0.1)), "t_min"),
+        (dict(prompt_ids=[2], params=GenerationParams(t_max=-1.0)), "t_max"),
+        (dict(prompt_ids=[2], params=GenerationParams(t_min=0.9, t_max=0.5)), "t_max"),
+        (dict(prompt_ids=[2], params=GenerationParams(entropy_bound=-0.5)), "entropy_bound"),
+        (dict(prompt_ids=[2], params=GenerationParams(confidence_threshold=-1.0)), "confidence_threshold"),
+        (dict(prompt_ids=[2], params=GenerationParams(entropy_bound=float("nan"))), "entropy_bound"),
+    ],
+)
+def test_invalid_requests_name_the_field(engine, kwargs, field):
+    with pytest.raises(InvalidArgument) as e:
+        run(engine, Request(**kwargs))
+    assert e.value.field == field
+    assert field in str(e.value)
+
+
+def test_pins_longer_than_the_canvas(engine):
+    n = engine.config.canvas_length + 1
+    with pytest.raises(InvalidArgument) as e:
+        run(engine, Request([2], pins=Pins.from_lists([3] * n)))
+    assert e.value.field == "pin_ids"
+
+
+def test_pin_ids_outside_vocab_and_mask_length(engine):
+    with pytest.raises(InvalidArgument, match="pin_ids"):
+        run(engine, Request([2], pins=Pins.from_lists([10**7])))
+    with pytest.raises(InvalidArgument, match="pin_mask"):
+        Pins.from_lists([3, 4], [True])
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_malformed_config(small_ckpt, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(small_ckpt, d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(d)
+
+
+def test_other_architecture(small_ckpt, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(small_ckpt, d)
+    raw = json.loads((d / "config.json").read_text())
+    raw.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="llama"):
+        load_model(d)
+
+
+def test_missing_weights_and_shape_mismatch(small_ckpt, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(small_ckpt, d)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_model(d)
+    d2 = tmp_path / "ck2"
+    shutil.copytree(small_ckpt, d2)
+    raw = json.loads((d2 / "config.json").read_text())
+    raw["text_config"]["hidden_size"] += 8
+    (d2 / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(d2)
+
+
+def test_unknown_and_unverified_backends(small_ckpt):
+    with pytest.raises(InvalidArgument, match="backend"):
+        create_engine("nope", checkpoint_dir=small_ckpt)
+    with pytest.raises(Unavailable, match="tensorrt_llm"):
+        create_engine("tensorrt_llm", checkpoint_dir=small_ckpt)
