@@ -61,12 +61,12 @@ class TorchEngine:
     def generate(self, request: Request) -> Iterator[Event]:
         seq = self.new_sequence(request)
         model = self.model
-        cache = model.new_cache(1, len(request.prompt_ids) + seq.max_canvases * self.config.canvas_length)
+        cache = model.new_cache(len(request.prompt_ids) + seq.max_canvases * self.config.canvas_length)
         while not seq.done:
             ids = seq.to_encode.to(self.device)
-            model.encode(ids[None], torch.tensor([ids.numel()], device=self.device), cache)
+            model.encode(ids[None], [ids.numel()], [cache])
             seq.begin_canvas()
             while seq.denoising:
                 soft = seq.soft[None] if seq.soft is not None else None
-                hidden = model.decode(seq.canvas[None].to(self.device), soft, cache)
+                hidden = model.decode(seq.canvas[None].to(self.device), soft, [cache])
                 yield from seq.after_decode(model, hidden[0])

@@ -1,7 +1,6 @@
-"""The KV cache that encoder mode writes and decoder mode reads. Owned by the caller (engine/scheduler).
+"""The KV cache of one sequence: encoder mode writes it, decoder mode reads it. Owned by the caller.
 
-Rows are left-aligned: row b holds the keys of absolute positions 0..lengths[b]-1 in slots 0..lengths[b]-1,
-so a slot index is its token's position and masks follow from `lengths` alone.
+Slot i holds the keys and values of absolute position i, so `length` is all a mask needs.
 """
 
 from __future__ import annotations
@@ -13,23 +12,19 @@ from service.model.config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.cfg = cfg
-        self.k: list[Tensor] = []
+    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        capacity = max(1, capacity)
+        self.k: list[Tensor] = []  # per layer [Hkv, capacity, D]
         self.v: list[Tensor] = []
         for spec in cfg.layers:
-            shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
+            shape = (spec.num_kv_heads, capacity, spec.head_dim)
             self.k.append(torch.zeros(shape, dtype=dtype, device=device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
-
-    @property
-    def batch(self) -> int:
-        return self.lengths.shape[0]
+        self.length = 0
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[1]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -41,24 +36,10 @@ class KVCache:
         new_cap = max(needed, 2 * self.capacity)
         for lst in (self.k, self.v):
             for i, t in enumerate(lst):
-                grown = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
-                grown[:, :, : t.shape[2]] = t
+                grown = t.new_zeros(t.shape[0], new_cap, t.shape[2])
+                grown[:, : t.shape[1]] = t
                 lst[i] = grown
 
-    def write(self, layer: int, k: Tensor, v: Tensor, counts: Tensor) -> None:
-        """Append k/v [B, Hkv, T, D] at each row's end; row b takes only its first counts[b] tokens."""
-        for b, (start, n) in enumerate(zip(self.lengths.tolist(), counts.tolist())):
-            if n:
-                self.k[layer][b, :, start : start + n] = k[b, :, :n]
-                self.v[layer][b, :, start : start + n] = v[b, :, :n]
-
-    def select(self, rows: list[int]) -> "KVCache":
-        """A new cache holding copies of the given rows, trimmed to their longest length."""
-        out = KVCache.__new__(KVCache)
-        out.cfg = self.cfg
-        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-        out.lengths = self.lengths[idx].clone()
-        used = int(out.lengths.max()) if len(rows) else 0
-        out.k = [t[idx, :, :used].clone() for t in self.k]
-        out.v = [t[idx, :, :used].clone() for t in self.v]
-        return out
+    def view(self, layer: int, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """K and V of positions [start, end) as [1, Hkv, T, D]."""
+        return self.k[layer][None, :, start:end], self.v[layer][None, :, start:end]

@@ -91,6 +91,8 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], mask [B, 1, Tq|1, Tk] bool or None -> [B, Tq, Hq*D].
 
+        Returns the heads before o_proj.
+
         Kernel choice follows the reference's SDPA call (GQA in the kernel only without a mask and
         for head dims up to 256), so that single-sequence results match it bit for bit.
         """
@@ -101,7 +103,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
         b, _, t, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class DenseMLP(nn.Module):

@@ -51,8 +51,8 @@ class DiffusionGemma(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(self.cfg, batch, capacity, self.dtype, self.device)
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.cfg, capacity, self.dtype, self.device)
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids) * self.embed_scale.to(self.dtype)
@@ -60,75 +60,70 @@ class DiffusionGemma(nn.Module):
     def _rope(self, i: int, positions: Tensor) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(getattr(self, f"inv_freq_{i}"), positions, self.dtype)
 
-    def _window_start(self, sliding: bool, length: Tensor) -> Tensor:
-        """First cached position a layer's queries can see: the reference's sliding cache keeps window - 1."""
-        return (length - (self.cfg.sliding_window - 1)).clamp(min=0) if sliding else torch.zeros_like(length)
+    def _first_visible(self, sliding: bool, length: int) -> int:
+        """First cached position a layer sees: the reference's sliding cache keeps the last window - 1."""
+        return max(0, length - (self.cfg.sliding_window - 1)) if sliding else 0
 
     @torch.no_grad()
-    def encode(self, ids: Tensor, counts: Tensor, cache: KVCache) -> None:
-        """Encoder mode: causal pass over ids [B, T] (row b: first counts[b] valid), appended to `cache`."""
+    def encode(self, ids: Tensor, counts: list[int], caches: list[KVCache]) -> None:
+        """Encoder mode: a causal pass over ids [B, T]; row b's first counts[b] ids extend caches[b].
+
+        Projections and feed-forward run batched; attention runs per row, exactly as for a batch of one,
+        so a sequence's cache does not depend on what it was batched with.
+        """
         b, t = ids.shape
-        start = cache.lengths  # [B]
-        positions = start[:, None] + torch.arange(t, device=ids.device)  # [B, T]
-        end = start + counts  # [B]
-        cache.reserve(int(end.max()))
-        kv_end = int(end.max())
-        views = {}  # sliding -> (first key slot, mask or None, causal)
-        for sliding in {spec.sliding for spec in self.cfg.layers}:
-            lo = int(self._window_start(sliding, start).min()) if b == 1 else 0
-            if b == 1 and int(start[0]) == 0 and (not sliding or kv_end < self.cfg.sliding_window):
-                views[sliding] = (lo, None, True)  # plain causal prefill, as the reference runs it
-                continue
-            key_pos = torch.arange(lo, kv_end, device=ids.device)  # [Tk]
-            visible = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < end[:, None, None])
-            if sliding:
-                visible &= key_pos[None, None, :] > positions[:, :, None] - self.cfg.sliding_window
-            views[sliding] = (lo, visible[:, None], False)  # [B, 1, T, Tk]
+        w = self.cfg.sliding_window
+        starts = [c.length for c in caches]
+        for c, start, n in zip(caches, starts, counts):
+            c.reserve(start + n)
+        positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(t, device=ids.device)  # [B, T]
         x = self.embed(ids)  # [B, T, H]
         for i, layer in enumerate(self.layers):
+            sliding = layer.spec.sliding
             cos, sin = self._rope(i, positions)
-            h = layer.input_layernorm(x)
-            q, k, v = layer.self_attn.qkv(h, cos, sin)
-            cache.write(i, k, v, counts)
-            lo, mask, causal = views[layer.spec.sliding]
-            keys, values = cache.k[i][:, :, lo:kv_end], cache.v[i][:, :, lo:kv_end]
-            h = layer.self_attn.attend(q, keys, values, mask, causal)
-            x = x + layer.post_attention_layernorm(h)
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)  # [B, Hq|Hkv, T, D]
+            rows = []
+            for r, (c, start, n) in enumerate(zip(caches, starts, counts)):
+                c.k[i][:, start : start + n] = k[r, :, :n]
+                c.v[i][:, start : start + n] = v[r, :, :n]
+                lo, end = self._first_visible(sliding, start), start + n
+                if start == 0 and (not sliding or end < w):
+                    mask, causal = None, True  # a plain causal prefill, as the reference runs it
+                else:
+                    qpos = torch.arange(start, end, device=ids.device)[:, None]
+                    kpos = torch.arange(lo, end, device=ids.device)[None, :]
+                    mask = (kpos <= qpos) & ((kpos > qpos - w) if sliding else True)
+                    mask, causal = mask[None, None], False  # [1, 1, n, Tk]
+                keys, values = c.view(i, lo, end)
+                out = layer.self_attn.attend(q[r : r + 1, :, :n], keys, values, mask, causal)  # [1, n, Hq*D]
+                rows.append(torch.nn.functional.pad(out, (0, 0, 0, t - n)))
+            x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(torch.cat(rows)))
             x = layer.feed_forward(x) * layer.encoder_layer_scalar
-        cache.lengths = end
+        for c, n in zip(caches, counts):
+            c.length += n
 
     @torch.no_grad()
-    def decode(self, canvas: Tensor, soft: Tensor | None, cache: KVCache) -> Tensor:
-        """Decoder mode: bidirectional pass over canvas [B, L] and the cached prefix (read only).
+    def decode(self, canvas: Tensor, soft: Tensor | None, caches: list[KVCache]) -> Tensor:
+        """Decoder mode: bidirectional pass over canvas [B, L] and each row's cached prefix (read only).
 
-        soft [B, L, H] is the previous step's soft embedding (None on a canvas's first step).
+        soft [B, L, H] is the previous step's soft embedding (zeros, or None for all rows, on a first step).
         Returns the final-normed hidden states [B, L, H].
         """
         b, length = canvas.shape
-        lengths = cache.lengths  # [B]
+        lengths = torch.tensor([c.length for c in caches], device=canvas.device)
         positions = lengths[:, None] + torch.arange(length, device=canvas.device)  # [B, L]
-        kv_end = int(lengths.max()) if b else 0
-        views = {}  # sliding -> (first key slot, mask or None)
-        for sliding in {spec.sliding for spec in self.cfg.layers}:
-            first = self._window_start(sliding, lengths)  # [B]
-            if b == 1:
-                views[sliding] = (int(first[0]), None)  # everything in view attends: no mask, as the reference
-                continue
-            key_pos = torch.arange(kv_end, device=canvas.device)
-            cached = (key_pos[None, :] < lengths[:, None]) & (key_pos[None, :] >= first[:, None])  # [B, Tc]
-            ones = torch.ones(b, length, dtype=torch.bool, device=canvas.device)
-            views[sliding] = (0, torch.cat([cached, ones], dim=1)[:, None, None, :])  # [B, 1, 1, Tc+L]
         x = self.embed(canvas)
         x = self.self_conditioning(x, soft if soft is not None else torch.zeros_like(x))
         for i, layer in enumerate(self.layers):
             cos, sin = self._rope(i, positions)
-            h = layer.input_layernorm(x)
-            q, k, v = layer.self_attn.qkv(h, cos, sin)
-            lo, mask = views[layer.spec.sliding]
-            keys = torch.cat([cache.k[i][:, :, lo:kv_end], k], dim=2)
-            values = torch.cat([cache.v[i][:, :, lo:kv_end], v], dim=2)
-            h = layer.self_attn.attend(q, keys, values, mask)
-            x = x + layer.post_attention_layernorm(h)
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
+            rows = []
+            for r, c in enumerate(caches):
+                ck, cv = c.view(i, self._first_visible(layer.spec.sliding, c.length), c.length)
+                keys = torch.cat([ck, k[r : r + 1]], dim=2)
+                values = torch.cat([cv, v[r : r + 1]], dim=2)
+                rows.append(layer.self_attn.attend(q[r : r + 1], keys, values, None))  # all in view attend
+            x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(torch.cat(rows)))
             x = layer.feed_forward(x) * layer.decoder_layer_scalar
         return self.norm(x)
 

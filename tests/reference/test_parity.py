@@ -41,14 +41,15 @@ def test_decoder_logits_after_prefill_and_commit(ref_and_ckpt):
         ref.model.encoder(input_ids=committed, cache=rc, position_ids=pos)
         r2 = ref(cache=rc, decoder_input_ids=canvas, self_conditioning_logits=sc_logits).logits
 
-    oc = ours.new_cache(1, 4)
-    ours.encode(prompt, torch.tensor([21]), oc)
+    oc = [ours.new_cache(4)]
+    ours.encode(prompt, [21], oc)
     with torch.no_grad():
         o0 = ours.logits(ours.decode(canvas, None, oc))
         soft = ours.soft_embedding(torch.softmax(sc_logits, dim=-1, dtype=torch.float32))
         o1 = ours.logits(ours.decode(canvas, soft, oc))
-        ours.encode(committed, torch.tensor([length]), oc)
+        ours.encode(committed, [length], oc)
         o2 = ours.logits(ours.decode(canvas, soft, oc))
+    assert torch.equal(o0, r0), kind  # bit for bit at batch 1
     assert rel_err(o0, r0) < RTOL, kind
     assert rel_err(o1, r1) < RTOL, kind
     assert rel_err(o2, r2) < RTOL, kind
@@ -66,13 +67,15 @@ def test_batch_of_different_prompt_lengths_matches_each_alone(ref_and_ckpt):
     padded = torch.zeros(3, max(lens), dtype=torch.long)
     for i, p in enumerate(prompts):
         padded[i, : len(p)] = p
-    cache = ours.new_cache(3, 8)
-    ours.encode(padded, torch.tensor(lens), cache)
+    caches = [ours.new_cache(8) for _ in lens]
+    ours.encode(padded, lens, caches)
     with torch.no_grad():
-        batched = ours.logits(ours.decode(canvases, None, cache))
+        batched = ours.logits(ours.decode(canvases, None, caches))
         for i, p in enumerate(prompts):
             rc = ref_cache(ref)
             alone = ref(input_ids=p[None], cache=rc, decoder_input_ids=canvases[i : i + 1]).logits
+            # BLAS results for a row can change in the last bits with the batch's row count, so this is
+            # a tolerance, not bit equality (batch 1 is bit-exact, see above).
             assert rel_err(batched[i : i + 1], alone) < RTOL, (kind, i)
 
 

@@ -1,0 +1,122 @@
+"""Measure the tiny model on held-out standard-library files; prints one JSON object.
+
+`python -m tools.tiny_model.evaluate [--checkpoint DIR] [--snippets 200]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from service.engine.api import Request
+from service.engine.torch_engine import TorchEngine
+from service.sampler import ops
+from service.sampler.params import GenerationParams, Pins
+from tools.tiny_model.corpus import read_texts
+
+GAP, CONTEXT = 16, 48
+
+
+def held_out_snippets(tokenizer, n: int, seed: int = 0) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prefix, gap, suffix) id triples from held-out files, at fixed random offsets."""
+    rng = random.Random(seed)
+    docs = [tokenizer.encode(t, add_bos=False) for t in read_texts(held_out=True)]
+    docs = [d for d in docs if len(d) >= 2 * CONTEXT + GAP + 1]
+    out = []
+    for _ in range(n):
+        d = rng.choice(docs)
+        s = rng.randrange(0, len(d) - (2 * CONTEXT + GAP))
+        out.append((d[s : s + CONTEXT], d[s + CONTEXT : s + CONTEXT + GAP], d[s + CONTEXT + GAP : s + 2 * CONTEXT + GAP]))
+    return out
+
+
+def infill(engine: TorchEngine, prefix: list[int], suffix: list[int], seed: int) -> tuple[list[int], int]:
+    """Prefix as the prompt, suffix pinned at the canvas's end; returns the gap ids and steps used."""
+    length = engine.config.canvas_length
+    gap = length - len(suffix)
+    pins = Pins.from_lists([0] * gap + suffix, [False] * gap + [True] * len(suffix))
+    req = Request(prefix, GenerationParams(max_new_tokens=length), seed=seed, pins=pins)
+    final = list(engine.generate(req))[-1]
+    return final.token_ids[:gap], final.stats.steps_per_canvas[0]
+
+
+def infill_accuracy(engine: TorchEngine, snippets) -> tuple[float, float]:
+    hits = total = steps = 0
+    for i, (prefix, gap, suffix) in enumerate(snippets):
+        pred, n = infill(engine, prefix, suffix, seed=i)
+        hits += sum(p == t for p, t in zip(pred, gap))
+        total += len(gap)
+        steps += n
+    return hits / total, steps / len(snippets)
+
+
+@torch.no_grad()
+def one_shot_accuracy(engine: TorchEngine, snippets) -> float:
+    """One decoder pass: random gap tokens, clean suffix; argmax at the gap."""
+    model, cfg = engine.model, engine.config
+    hits = total = 0
+    g = torch.Generator().manual_seed(0)
+    for prefix, gap, suffix in snippets:
+        cache = [model.new_cache(len(prefix) + cfg.canvas_length)]
+        model.encode(torch.tensor([prefix]), [len(prefix)], cache)
+        free = cfg.canvas_length - len(suffix)
+        canvas = torch.cat([ops.init_canvas(free, cfg.vocab_size, g), torch.tensor(suffix)])
+        pred = model.logits(model.decode(canvas[None], None, cache))[0, :GAP].argmax(-1).tolist()
+        hits += sum(p == t for p, t in zip(pred, gap))
+        total += len(gap)
+    return hits / total
+
+
+def unigram_baseline(tokenizer, snippets) -> float:
+    counts: Counter[int] = Counter()
+    for text in read_texts(held_out=False):
+        counts.update(tokenizer.encode(text, add_bos=False))
+    top = counts.most_common(1)[0][0]
+    gaps = [t for _, gap, _ in snippets for t in gap]
+    return sum(t == top for t in gaps) / len(gaps)
+
+
+def untrained_engine(checkpoint: Path) -> TorchEngine:
+    from tools.tiny_model.train import init_weights
+
+    engine = TorchEngine(checkpoint, dtype="float32")
+    init_weights(engine.model, seed=0)
+    engine.model.reset_buffers()
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.tiny_model.train import DEFAULT_OUT
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--snippets", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    engine = TorchEngine(a.checkpoint, dtype="float32")
+    snippets = held_out_snippets(engine.tokenizer, a.snippets)
+    acc, steps = infill_accuracy(engine, snippets)
+    untrained_acc, _ = infill_accuracy(untrained_engine(a.checkpoint), snippets)
+    result = {
+        "snippets": len(snippets),
+        "gap_tokens": GAP,
+        "context_tokens_each_side": CONTEXT,
+        "infill_token_accuracy": round(acc, 4),
+        "untrained_infill_token_accuracy": round(untrained_acc, 4),
+        "unigram_baseline_accuracy": round(unigram_baseline(engine.tokenizer, snippets), 4),
+        "one_shot_accuracy": round(one_shot_accuracy(engine, snippets), 4),
+        "mean_steps_per_canvas": round(steps, 2),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
