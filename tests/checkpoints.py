@@ -57,11 +57,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.7 + 0.6 * torch.rand(b.shape, generator=g))
 
 
-def build_reference(kind: str, seed: int = 0):
+def build_reference(kind: str, seed: int = 0, **text_overrides):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     spec = CONFIGS[kind]
-    cfg = DiffusionGemmaConfig(text_config=dict(spec["text"]), vision_config=dict(VISION),
+    cfg = DiffusionGemmaConfig(text_config={**spec["text"], **text_overrides}, vision_config=dict(VISION),
                                canvas_length=spec["canvas_length"])
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()

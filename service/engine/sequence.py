@@ -48,6 +48,11 @@ class Sequence:
     def denoising(self) -> bool:
         return self.canvas is not None
 
+    def state_nbytes(self) -> int:
+        """Bytes this request keeps between steps (canvas, argmax, history, self-conditioning input)."""
+        tensors = [self.canvas, self.soft, getattr(self, "argmax", None), *getattr(self, "history", [])]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def begin_canvas(self) -> None:
         """Start a canvas after its prefix is encoded: uniform noise, pins on the first canvas."""
         self.to_encode = None
@@ -72,9 +77,13 @@ class Sequence:
         logits = model.logits(hidden)  # [L, V] float32, this canvas only
         processed = logits / ops.temperature(self.step, p.max_denoising_steps, p.t_min, p.t_max)
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        sampled = ops.sample_tokens(probs, self.generator)
+        if p.sampler == "fast":
+            sampled = ops.fast_sample_tokens(probs, self.generator)
+            entropy = ops.fast_token_entropy(processed, probs)
+        else:
+            sampled = ops.sample_tokens(probs, self.generator)
+            entropy = ops.token_entropy(processed)
         argmax = ops.apply_pins(processed.argmax(dim=-1), self.pin_ids, self.pin_mask)
-        entropy = ops.token_entropy(processed)
         accepted = ops.accept_mask(entropy, p.entropy_bound, self.pin_mask)
         accepted_canvas = torch.where(accepted, sampled, self.canvas)
         self.canvas = ops.apply_pins(

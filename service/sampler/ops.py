@@ -23,16 +23,36 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> Tensor
 
 
 def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position: [L, V] -> [L] (Categorical(logits=...).entropy())."""
+    """Entropy of softmax(logits) per position: [L, V] -> [L], bit for bit Categorical(logits=...).entropy().
+
+    (Categorical also clamps the normalised logits to the dtype's minimum: a no-op on finite logits.)
+    """
     norm = logits - logits.logsumexp(dim=-1, keepdim=True)
-    probs = torch.softmax(norm, dim=-1)
-    p_log_p = torch.clamp(norm, min=torch.finfo(norm.dtype).min) * probs
-    return -p_log_p.sum(-1)
+    return -(norm * torch.softmax(norm, dim=-1)).sum(-1)
+
+
+def fast_token_entropy(logits: Tensor, probs: Tensor) -> Tensor:
+    """The same entropy from probs = softmax(logits) in one pass: H = logsumexp(x) - sum(p * x)."""
+    return logits.logsumexp(dim=-1) - (probs * logits).sum(-1)
 
 
 def sample_tokens(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One categorical draw per position: probs [L, V] -> [L]."""
+    """One categorical draw per position, the reference's way: probs [L, V] -> [L].
+
+    torch.multinomial draws V exponentials per position; that stream is what makes our ids equal the
+    reference's for a seed, and it is the costliest part of a CPU step.
+    """
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def fast_sample_tokens(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One categorical draw per position from one uniform each (inverse CDF): probs [L, V] -> [L].
+
+    The same distribution as `sample_tokens`, a different random stream: ids differ from the reference's.
+    """
+    cdf = probs.cumsum(dim=-1)  # [L, V]
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def accept_mask(entropy: Tensor, bound: float, pinned: Tensor | None = None) -> Tensor:

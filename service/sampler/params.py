@@ -20,6 +20,7 @@ DEFAULTS = {
     "confidence_threshold": 0.005,
 }
 
+SAMPLERS = ("reference", "fast")
 MAX_DENOISING_STEPS = 1024
 MAX_NEW_TOKENS = 1 << 16
 
@@ -46,6 +47,9 @@ class GenerationParams:
     stability_threshold: int = DEFAULTS["stability_threshold"]
     # 0 disables early stopping (the reference refuses 0; we accept it).
     confidence_threshold: float = DEFAULTS["confidence_threshold"]
+    # "reference": the reference's random stream, ids equal to transformers' for a seed.
+    # "fast": one uniform per position (inverse CDF): the same distribution, other ids, far less RNG work.
+    sampler: str = "reference"
 
     def validate(self) -> "GenerationParams":
         n = _integer("max_new_tokens", self.max_new_tokens)
@@ -66,6 +70,8 @@ class GenerationParams:
             raise InvalidArgument("stability_threshold", f"must be >= 0, got {self.stability_threshold}")
         if _number("confidence_threshold", self.confidence_threshold) < 0:
             raise InvalidArgument("confidence_threshold", f"must be >= 0, got {self.confidence_threshold}")
+        if self.sampler not in SAMPLERS:
+            raise InvalidArgument("sampler", f"must be one of {SAMPLERS}, got {self.sampler!r}")
         return self
 
 

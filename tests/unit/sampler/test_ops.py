@@ -69,3 +69,17 @@ def test_pins_override(mask, seed):
     m = torch.tensor(mask)
     out = ops.apply_pins(c, pin_ids, m)
     assert bool((out[m] == 7).all()) and torch.equal(out[~m], c[~m])
+
+
+def test_fast_entropy_equals_reference_entropy_numerically():
+    logits = 5 * torch.randn(9, 300, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.allclose(ops.fast_token_entropy(logits, probs), ops.token_entropy(logits), atol=1e-4)
+
+
+def test_fast_sampler_follows_the_distribution():
+    probs = torch.tensor([[0.7, 0.2, 0.1, 0.0]]).repeat(4000, 1)
+    ids = ops.fast_sample_tokens(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    assert torch.allclose(freq, probs[0], atol=0.03)
+    assert int(freq[3]) == 0

@@ -1,0 +1,267 @@
+"""In-flight batching at denoising-step granularity.
+
+Every iteration: drop cancelled and expired requests, admit waiting ones within the budget, run one
+batched encoder pass for every sequence that needs one (new prompts and just-committed canvases), then
+one batched decoder pass over every live canvas, whatever its settings. Requests join and leave at
+these step boundaries. Events go to each request's stream as they happen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from service.engine.api import Event, FinalEvent, Request
+from service.engine.sequence import Sequence
+from service.engine.torch_engine import TorchEngine
+from service.errors import Cancelled, DeadlineExceeded, DGemmaError, InvalidArgument, Overloaded, Unavailable
+from service.model.cache import KVCache
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_live_canvases: int = 16  # canvases denoised in one decoder pass
+    max_queue: int = 64  # requests waiting for a slot; past this, Overloaded
+    max_cache_bytes: int = 2 << 30  # KV cache held by live requests
+    max_prompt_tokens: int = 8192
+
+
+class Stream:
+    """A request's events, in order. Iterate it; `cancel()` stops the work within one step."""
+
+    def __init__(self, request: Request, deadline: float | None) -> None:
+        self.request = request
+        self.deadline = deadline
+        self.cancelled = threading.Event()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def put(self, item: object) -> None:
+        self._events.put(item)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            item = self._events.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, FinalEvent):
+                return
+
+    def next_event(self, timeout: float | None = None) -> Event | BaseException | None:
+        """One event (or the error that ended the stream); None on timeout or after the end."""
+        try:
+            item = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return None if item is _DONE else item
+
+
+@dataclass
+class _Live:
+    stream: Stream
+    seq: Sequence
+    cache: KVCache | None = None
+    joined_at: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    """Owns the batch. `start()` runs it on a thread; tests may call `step()` directly instead."""
+
+    def __init__(self, engine: TorchEngine, limits: Limits | None = None) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.cfg = engine.config
+        self.limits = limits or Limits()
+        self._waiting: deque[Stream] = deque()
+        self._live: list[_Live] = []
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps_run = 0
+        self.decoder_passes = 0
+        self.canvases_in_last_pass = 0
+        self._kv_bytes_per_token = sum(
+            2 * spec.num_kv_heads * spec.head_dim for spec in self.cfg.layers
+        ) * torch.tensor([], dtype=self.model.dtype).element_size()
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def submit(self, request: Request, deadline: float | None = None) -> Stream:
+        """Validate and queue a request. Raises InvalidArgument, Overloaded or Unavailable at once."""
+        request.validate(self.cfg)
+        if len(request.prompt_ids) > self.limits.max_prompt_tokens:
+            raise InvalidArgument("prompt_ids", f"longer than the limit of {self.limits.max_prompt_tokens} tokens")
+        if self._cache_bytes(request) > self.limits.max_cache_bytes:
+            raise InvalidArgument("max_new_tokens", "prompt plus output exceed this server's KV cache budget")
+        stream = Stream(request, deadline)
+        with self._lock:
+            if self._stopping:
+                raise Unavailable("the engine is shutting down")
+            if len(self._waiting) >= self.limits.max_queue:
+                raise Overloaded(f"engine overloaded: {len(self._waiting)} requests already waiting")
+            self._waiting.append(stream)
+            self._lock.notify_all()
+        return stream
+
+    def generate(self, request: Request) -> Iterator[Event]:
+        """The Engine protocol: submit and iterate; closing the iterator early cancels the request."""
+        stream = self.submit(request)
+        try:
+            yield from stream
+        finally:
+            stream.cancel()
+
+    def _cache_bytes(self, request: Request) -> int:
+        canvases = -(-request.params.max_new_tokens // self.cfg.canvas_length)
+        tokens = len(request.prompt_ids) + canvases * self.cfg.canvas_length
+        return tokens * self._kv_bytes_per_token
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def live_canvases(self) -> int:
+        return len(self._live)
+
+    def live_cache_bytes(self) -> int:
+        return sum(item.cache.nbytes() for item in self._live if item.cache is not None)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One iteration at a step boundary. Returns whether there was any work."""
+        now = time.monotonic()
+        self._drop_finished(now)
+        self._admit()
+        if not self._live:
+            return False
+        try:
+            self._encode_pending()
+            self._decode_live()
+        except DGemmaError as e:
+            self._fail_all(e)
+        except Exception:  # never leave streams hanging on an unexpected fault
+            self._fail_all(Unavailable("internal engine error"))
+            raise
+        self.steps_run += 1
+        return True
+
+    def _drop_finished(self, now: float) -> None:
+        keep = []
+        for item in self._live:
+            s = item.stream
+            if s.cancelled.is_set():
+                s.put(Cancelled("request cancelled"))
+            elif s.deadline is not None and now >= s.deadline:
+                s.put(DeadlineExceeded("deadline exceeded"))
+            else:
+                keep.append(item)
+        self._live = keep
+        with self._lock:
+            waiting = deque()
+            for s in self._waiting:
+                if s.cancelled.is_set():
+                    s.put(Cancelled("request cancelled"))
+                elif s.deadline is not None and now >= s.deadline:
+                    s.put(DeadlineExceeded("deadline exceeded while queued"))
+                else:
+                    waiting.append(s)
+            self._waiting = waiting
+
+    def _admit(self) -> None:
+        with self._lock:
+            used = sum(self._cache_bytes(item.stream.request) for item in self._live)
+            while self._waiting and len(self._live) < self.limits.max_live_canvases:
+                nxt = self._waiting[0]
+                need = self._cache_bytes(nxt.request)
+                if self._live and used + need > self.limits.max_cache_bytes:
+                    break
+                self._waiting.popleft()
+                seq = self.engine.new_sequence(nxt.request)
+                self._live.append(_Live(nxt, seq))
+                used += need
+
+    def _encode_pending(self) -> None:
+        """One batched encoder pass: new prompts (prefill) and committed canvases (commit)."""
+        pending = [item for item in self._live if item.seq.to_encode is not None]
+        if not pending:
+            return
+        for item in pending:
+            if item.cache is None:
+                item.cache = self.model.new_cache(self._cache_bytes(item.stream.request) // self._kv_bytes_per_token)
+        rows = [item.seq.to_encode for item in pending]
+        counts = [r.numel() for r in rows]
+        ids = torch.zeros(len(rows), max(counts), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : r.numel()] = r
+        self.model.encode(ids.to(self.model.device), counts, [item.cache for item in pending])
+        for item in pending:
+            item.seq.begin_canvas()
+
+    def _decode_live(self) -> None:
+        live = [item for item in self._live if item.seq.denoising]
+        if not live:
+            return
+        canvas = torch.stack([item.seq.canvas for item in live]).to(self.model.device)  # [B, L]
+        softs = [item.seq.soft for item in live]
+        soft = None
+        if any(s is not None for s in softs):
+            zero = torch.zeros(self.cfg.canvas_length, self.cfg.hidden_size, dtype=self.model.dtype)
+            soft = torch.stack([s if s is not None else zero for s in softs]).to(self.model.device)  # [B, L, H]
+        hidden = self.model.decode(canvas, soft, [item.cache for item in live])  # [B, L, H]
+        self.decoder_passes += 1
+        self.canvases_in_last_pass = len(live)
+        shared = len(live) > 1
+        for item, h in zip(live, hidden):
+            for ev in item.seq.after_decode(self.model, h, shared=shared):
+                item.stream.put(ev)
+        self._live = [item for item in self._live if not item.seq.done]
+
+    def _fail_all(self, error: DGemmaError) -> None:
+        for item in self._live:
+            item.stream.put(error)
+        self._live = []
+
+    # ---- thread ------------------------------------------------------------------------------
+
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dgemma-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._live:
+                    self._lock.wait(timeout=0.5)
+                if self._stopping and not self._live and not self._waiting:
+                    return
+            self.step()
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop accepting; finish (drain) or cancel what is in flight; join the thread."""
+        with self._lock:
+            self._stopping = True
+            if not drain:
+                for s in itertools.chain(self._waiting, (item.stream for item in self._live)):
+                    s.cancel()
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
