@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,9 @@ class Scheduler:
         self.steps_run = 0
         self.decoder_passes = 0
         self.canvases_in_last_pass = 0
+        # Per-canvas sampling runs on these threads: the reference's exponential draws are a serial
+        # kernel, so canvases sample in parallel across cores. Each has its own generator: same ids.
+        self._samplers = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sample")
         self._kv_bytes_per_token = sum(
             2 * spec.num_kv_heads * spec.head_dim for spec in self.cfg.layers
         ) * torch.tensor([], dtype=self.model.dtype).element_size()
@@ -227,8 +231,10 @@ class Scheduler:
         self.decoder_passes += 1
         self.canvases_in_last_pass = len(live)
         shared = len(live) > 1
-        for item, h in zip(live, hidden):
-            for ev in item.seq.after_decode(self.model, h, shared=shared):
+        results = self._samplers.map(lambda pair: pair[0].seq.after_decode(self.model, pair[1], shared=shared),
+                                     zip(live, hidden))
+        for item, events in zip(live, results):
+            for ev in events:
                 item.stream.put(ev)
         self._live = [item for item in self._live if not item.seq.done]
 
@@ -265,3 +271,4 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._samplers.shutdown(wait=False)
