@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,53 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be an integer, got {raw!r}") from None
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """Serve the model repository on Triton (its own KServe v2 gRPC port) until SIGTERM/SIGINT."""
+    import signal
+    import tempfile
+    import threading
+
+    from service.triton.launcher import TritonPorts, TritonServer, free_port
+    from service.triton.repository import MODEL_NAME, RepositorySettings, build_repository
+
+    if not a.triton_only:
+        raise InvalidArgument("triton_only", "the public gRPC front is not built yet; run with --triton-only")
+    ckpt = Path(a.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        raise InvalidArgument("checkpoint", f"no checkpoint at {ckpt}")
+    cache = Path(os.environ.get("NIM_CACHE_PATH") or Path(tempfile.gettempdir()) / "dgemma")
+    repo = build_repository(
+        cache / "model_repository",
+        RepositorySettings(checkpoint_dir=str(ckpt.resolve()), device=a.device, dtype=a.dtype or "",
+                           instance_kind="KIND_GPU" if a.device.startswith("cuda") else "KIND_CPU",
+                           threads=a.threads or 0),
+    )
+    ports = TritonPorts(a.grpc_port, a.http_port or free_port(), a.metrics_port)
+    server = TritonServer(repo, ports=ports, cache_dir=cache, trace_url=os.environ.get("NIM_TRITON_TRACE_URL"))
+    server.start(timeout=a.startup_timeout, wait_model=MODEL_NAME)
+    print(f"dgemma: serving {MODEL_NAME} from {ckpt} on Triton gRPC 127.0.0.1:{ports.grpc} "
+          f"(metrics :{ports.metrics}); Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        if not server.alive():
+            print("dgemma: error: tritonserver exited", file=sys.stderr)
+            return 1
+    rc = server.stop()
+    return 0 if rc in (0, None) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma inference microservice")
     parser.add_argument("--log-level", default="WARNING")
@@ -100,18 +148,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--visual", action="store_true", help="show the canvas converging on stderr")
     _add_generation_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve the model (Triton Inference Server)")
+    s.add_argument("--triton-only", action="store_true", help="serve on Triton's own gRPC port (no front yet)")
+    s.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default=None)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--grpc-port", type=int, default=None, help="Triton gRPC port (env NIM_TRITON_GRPC_PORT, 8001)")
+    s.add_argument("--http-port", type=int, default=None)
+    s.add_argument("--metrics-port", type=int, default=None, help="env NIM_TRITON_METRICS_PORT, 8002")
+    s.add_argument("--startup-timeout", type=float, default=300.0)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("NIM_LOG_LEVEL", a.log_level).upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(a, "prompt_flag", None) is not None:
         if a.prompt is not None:
             parser.error("give the prompt once, positionally or with --prompt")
         a.prompt = a.prompt_flag
     try:
+        if a.command == "serve":
+            a.grpc_port = a.grpc_port or _env_int("NIM_TRITON_GRPC_PORT", 8001)
+            a.metrics_port = a.metrics_port or _env_int("NIM_TRITON_METRICS_PORT", 8002)
         return a.func(a)
     except DGemmaError as e:
         print(f"dgemma: error: {e.message}", file=sys.stderr)

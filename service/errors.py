@@ -17,6 +17,11 @@ class InvalidArgument(DGemmaError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
+
+    def renamed(self, field: str) -> "InvalidArgument":
+        """The same error under the name the caller's interface uses for the field."""
+        return InvalidArgument(field, self.detail)
 
 
 class CheckpointError(DGemmaError):

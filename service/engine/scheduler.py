@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -37,19 +37,36 @@ class Limits:
 
 
 class Stream:
-    """A request's events, in order. Iterate it; `cancel()` stops the work within one step."""
+    """A request's events, in order. Iterate it, or pass `on_event` to receive them on the scheduler's
+    thread instead; `cancel()` (or a true `cancel_check()`) stops the work within one step."""
 
-    def __init__(self, request: Request, deadline: float | None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        deadline: float | None,
+        on_event: Callable[[object], None] | None = None,
+        cancel_check: Callable[[], bool] | None = None,
+    ) -> None:
         self.request = request
         self.deadline = deadline
         self.cancelled = threading.Event()
+        self._on_event = on_event
+        self._cancel_check = cancel_check
         self._events: queue.SimpleQueue = queue.SimpleQueue()
 
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def is_cancelled(self) -> bool:
+        if not self.cancelled.is_set() and self._cancel_check is not None and self._cancel_check():
+            self.cancelled.set()
+        return self.cancelled.is_set()
+
     def put(self, item: object) -> None:
-        self._events.put(item)
+        if self._on_event is not None:
+            self._on_event(item)
+        else:
+            self._events.put(item)
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -104,14 +121,20 @@ class Scheduler:
 
     # ---- admission ---------------------------------------------------------------------------
 
-    def submit(self, request: Request, deadline: float | None = None) -> Stream:
+    def submit(
+        self,
+        request: Request,
+        deadline: float | None = None,
+        on_event: Callable[[object], None] | None = None,
+        cancel_check: Callable[[], bool] | None = None,
+    ) -> Stream:
         """Validate and queue a request. Raises InvalidArgument, Overloaded or Unavailable at once."""
         request.validate(self.cfg)
         if len(request.prompt_ids) > self.limits.max_prompt_tokens:
             raise InvalidArgument("prompt_ids", f"longer than the limit of {self.limits.max_prompt_tokens} tokens")
         if self._cache_bytes(request) > self.limits.max_cache_bytes:
             raise InvalidArgument("max_new_tokens", "prompt plus output exceed this server's KV cache budget")
-        stream = Stream(request, deadline)
+        stream = Stream(request, deadline, on_event, cancel_check)
         with self._lock:
             if self._stopping:
                 raise Unavailable("the engine is shutting down")
@@ -166,26 +189,35 @@ class Scheduler:
         return True
 
     def _drop_finished(self, now: float) -> None:
+        """Free cancelled and expired requests first, then tell their streams."""
+        dropped: list[tuple[Stream, DGemmaError]] = []
         keep = []
         for item in self._live:
-            s = item.stream
-            if s.cancelled.is_set():
-                s.put(Cancelled("request cancelled"))
-            elif s.deadline is not None and now >= s.deadline:
-                s.put(DeadlineExceeded("deadline exceeded"))
-            else:
+            err = self._ended(item.stream, now)
+            if err is None:
                 keep.append(item)
+            else:
+                dropped.append((item.stream, err))
         self._live = keep
         with self._lock:
             waiting = deque()
             for s in self._waiting:
-                if s.cancelled.is_set():
-                    s.put(Cancelled("request cancelled"))
-                elif s.deadline is not None and now >= s.deadline:
-                    s.put(DeadlineExceeded("deadline exceeded while queued"))
-                else:
+                err = self._ended(s, now)
+                if err is None:
                     waiting.append(s)
+                else:
+                    dropped.append((s, err))
             self._waiting = waiting
+        for s, err in dropped:
+            s.put(err)
+
+    @staticmethod
+    def _ended(s: Stream, now: float) -> DGemmaError | None:
+        if s.is_cancelled():
+            return Cancelled("request cancelled")
+        if s.deadline is not None and now >= s.deadline:
+            return DeadlineExceeded("deadline exceeded")
+        return None
 
     def _admit(self) -> None:
         with self._lock:

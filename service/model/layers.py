@@ -199,11 +199,17 @@ class Layer(nn.Module):
         self.register_buffer("decoder_layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
+    def moe(self, x: Tensor) -> Tensor:
+        """Routed experts over one sequence's tokens x [T, H] (routing reads the raw residual)."""
+        w, idx = self.router(x)
+        return self.experts(self.pre_feedforward_layernorm_2(x), w, idx)
+
     def feed_forward(self, x: Tensor) -> Tensor:
-        """The residual block after attention: dense MLP in parallel with the MoE. x [B, T, H]."""
+        """The residual block after attention: dense MLP in parallel with the MoE. x [B, T, H].
+
+        The experts run one sequence at a time: grouped GEMMs over a batch's tokens would round
+        differently with its make-up, and a request's ids must not depend on its batch.
+        """
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        flat = x.reshape(-1, x.shape[-1])
-        w, idx = self.router(flat)
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(x.shape)
-        moe = self.post_feedforward_layernorm_2(moe)
+        moe = self.post_feedforward_layernorm_2(torch.stack([self.moe(row) for row in x]))
         return x + self.post_feedforward_layernorm(dense + moe)

@@ -66,41 +66,41 @@ class DiffusionGemma(nn.Module):
 
     @torch.no_grad()
     def encode(self, ids: Tensor, counts: list[int], caches: list[KVCache]) -> None:
-        """Encoder mode: a causal pass over ids [B, T]; row b's first counts[b] ids extend caches[b].
+        """Encoder mode: row b's first counts[b] ids of ids [B, T] extend caches[b] (causal pass).
 
-        Projections and feed-forward run batched; attention runs per row, exactly as for a batch of one,
-        so a sequence's cache does not depend on what it was batched with.
+        Rows run one after another, each exactly as a batch of one, so a cache never depends on
+        what its request was batched with (prompt lengths vary too much for batch-invariant GEMMs).
         """
-        b, t = ids.shape
-        w = self.cfg.sliding_window
-        starts = [c.length for c in caches]
-        for c, start, n in zip(caches, starts, counts):
-            c.reserve(start + n)
-        positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(t, device=ids.device)  # [B, T]
-        x = self.embed(ids)  # [B, T, H]
+        for r, (cache, n) in enumerate(zip(caches, counts)):
+            if n:
+                self._encode_one(ids[r : r + 1, :n], cache)
+
+    def _encode_one(self, ids: Tensor, cache: KVCache) -> None:
+        """ids [1, T] appended to one sequence's cache."""
+        t, w = ids.shape[1], self.cfg.sliding_window
+        start, end = cache.length, cache.length + t
+        cache.reserve(end)
+        positions = torch.arange(start, end, device=ids.device)[None]  # [1, T]
+        x = self.embed(ids)  # [1, T, H]
         for i, layer in enumerate(self.layers):
             sliding = layer.spec.sliding
             cos, sin = self._rope(i, positions)
-            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)  # [B, Hq|Hkv, T, D]
-            rows = []
-            for r, (c, start, n) in enumerate(zip(caches, starts, counts)):
-                c.k[i][:, start : start + n] = k[r, :, :n]
-                c.v[i][:, start : start + n] = v[r, :, :n]
-                lo, end = self._first_visible(sliding, start), start + n
-                if start == 0 and (not sliding or end < w):
-                    mask, causal = None, True  # a plain causal prefill, as the reference runs it
-                else:
-                    qpos = torch.arange(start, end, device=ids.device)[:, None]
-                    kpos = torch.arange(lo, end, device=ids.device)[None, :]
-                    mask = (kpos <= qpos) & ((kpos > qpos - w) if sliding else True)
-                    mask, causal = mask[None, None], False  # [1, 1, n, Tk]
-                keys, values = c.view(i, lo, end)
-                out = layer.self_attn.attend(q[r : r + 1, :, :n], keys, values, mask, causal)  # [1, n, Hq*D]
-                rows.append(torch.nn.functional.pad(out, (0, 0, 0, t - n)))
-            x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(torch.cat(rows)))
+            q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)  # [1, H*, T, D]
+            cache.k[i][:, start:end] = k[0]
+            cache.v[i][:, start:end] = v[0]
+            lo = self._first_visible(sliding, start)
+            if start == 0 and (not sliding or end < w):
+                mask, causal = None, True  # a plain causal prefill, as the reference runs it
+            else:
+                qpos = positions[0, :, None]
+                kpos = torch.arange(lo, end, device=ids.device)[None, :]
+                mask = (kpos <= qpos) & ((kpos > qpos - w) if sliding else True)
+                mask, causal = mask[None, None], False  # [1, 1, T, Tk]
+            keys, values = cache.view(i, lo, end)
+            h = layer.self_attn.o_proj(layer.self_attn.attend(q, keys, values, mask, causal))
+            x = x + layer.post_attention_layernorm(h)
             x = layer.feed_forward(x) * layer.encoder_layer_scalar
-        for c, n in zip(caches, counts):
-            c.length += n
+        cache.length = end
 
     @torch.no_grad()
     def decode(self, canvas: Tensor, soft: Tensor | None, caches: list[KVCache]) -> Tensor:

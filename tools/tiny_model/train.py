@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -153,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = lambda: {"steps": step, "tokens_seen": seen, "train_minutes": round(elapsed / 60, 1),
                     "device": str(device), "torch_threads": a.threads, "batch": a.batch, "shape": SHAPE,
                     "canvas_length": CANVAS}
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # save and export, then exit
     if not a.export_only:
         t0 = time.time()
         log = (a.workdir / "log.jsonl").open("a")
         model.train()
         while step < a.steps:
-            if a.minutes is not None and (time.time() - t0) / 60 >= a.minutes:
+            if stop["now"] or (a.minutes is not None and (time.time() - t0) / 60 >= a.minutes):
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, a.steps, a.lr)

@@ -1,0 +1,125 @@
+"""Triton Python backend for DiffusionGemma: a thin adapter over service.triton.adapter and the scheduler.
+
+Decoupled: `execute` hands each request to the scheduler and returns at once; the scheduler's thread
+sends every response through the request's response sender and always ends with the FINAL flag.
+Errors go out as TritonError with a code from the adapter's table, never a traceback.
+"""
+
+import json
+import logging
+import os
+import site
+import sys
+
+# The backend's stub interpreter ignores PYTHONPATH; the launcher passes the serving environment's
+# import path here instead (site dirs first, so their packages win over the system's).
+for _p in reversed([p for p in os.environ.get("DGEMMA_PYTHONPATH", "").split(os.pathsep) if p]):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+        site.addsitedir(_p)
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from service.engine.api import CanvasEvent, FinalEvent  # noqa: E402
+from service.engine.registry import create_engine  # noqa: E402
+from service.engine.scheduler import Limits, Scheduler  # noqa: E402
+from service.errors import DGemmaError  # noqa: E402
+from service.triton.adapter import INPUT_NAMES, error_code, outputs_for_event, request_from_inputs  # noqa: E402
+
+log = logging.getLogger("dgemma.triton")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _triton_error(err: BaseException):
+    # Streamed errors reach clients as a message only, so the code also leads the message.
+    name = error_code(err)
+    code = getattr(pb_utils.TritonError, name, pb_utils.TritonError.INTERNAL)
+    message = err.message if isinstance(err, DGemmaError) else "internal error"
+    return pb_utils.TritonError(f"{name}: {message}", code)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        threads = int(params.get("threads") or 0) or None
+        self.engine = create_engine(
+            params.get("engine_backend", "torch"), checkpoint_dir=params["checkpoint_dir"],
+            device=params.get("device", "cpu"), dtype=params.get("dtype") or None, threads=threads,
+        )
+        limits = Limits(
+            max_live_canvases=int(params.get("max_live_canvases", 16)),
+            max_queue=int(params.get("max_engine_queue", 64)),
+            max_cache_bytes=int(params.get("max_cache_bytes", 2 << 30)),
+        )
+        self.scheduler = Scheduler(self.engine, limits).start()
+        self.tokenizer = self.engine.tokenizer
+        self.outputs = [o["name"] for o in cfg["output"]]
+        labels = {"model": cfg["name"]}
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        # Families must outlive their metrics: keep both.
+        self.families = {
+            name: pb_utils.MetricFamily(name, text, kind)
+            for name, text, kind in [
+                ("dgemma_live_canvases", "Canvases in the running batch", gauge),
+                ("dgemma_queue_depth", "Requests waiting for a slot in the engine", gauge),
+                ("dgemma_denoising_steps_total", "Denoising steps run over committed canvases", counter),
+                ("dgemma_canvases_total", "Canvases committed", counter),
+                ("dgemma_generated_tokens_total", "Generated tokens, pad excluded", counter),
+                ("dgemma_decoder_passes_total", "Decoder passes summed over requests", counter),
+            ]
+        }
+        m = {name: fam.Metric(labels) for name, fam in self.families.items()}
+        self.m_live, self.m_queue = m["dgemma_live_canvases"], m["dgemma_queue_depth"]
+        self.m_steps, self.m_canvases = m["dgemma_denoising_steps_total"], m["dgemma_canvases_total"]
+        self.m_tokens, self.m_passes = m["dgemma_generated_tokens_total"], m["dgemma_decoder_passes_total"]
+        self.metrics = m
+
+    def _detok(self, ids):
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _sink(self, sender):
+        def on_event(item):
+            try:
+                if isinstance(item, BaseException):
+                    sender.send(pb_utils.InferenceResponse(error=_triton_error(item)), flags=FINAL)
+                    return
+                tensors = outputs_for_event(item, self._detok)
+                out = [pb_utils.Tensor(name, tensors[name]) for name in self.outputs]
+                if isinstance(item, CanvasEvent):
+                    self.m_canvases.increment(1)
+                    self.m_steps.increment(item.steps)
+                if isinstance(item, FinalEvent):
+                    self.m_tokens.increment(item.stats.generated_tokens)
+                    self.m_passes.increment(item.stats.decoder_passes)
+                    sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=FINAL)
+                else:
+                    sender.send(pb_utils.InferenceResponse(output_tensors=out))
+            except Exception:  # the client went away: nothing more to send
+                log.warning("could not send a response", exc_info=True)
+            finally:
+                self.m_live.set(self.scheduler.live_canvases)
+                self.m_queue.set(self.scheduler.queue_depth)
+
+        return on_event
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = {}
+                for name in INPUT_NAMES:
+                    t = pb_utils.get_input_tensor_by_name(request, name)
+                    inputs[name] = None if t is None else t.as_numpy()
+                req = request_from_inputs(inputs, self.engine.config, self.tokenizer)
+                self.scheduler.submit(req, on_event=self._sink(sender), cancel_check=sender.is_cancelled)
+            except DGemmaError as e:
+                sender.send(pb_utils.InferenceResponse(error=_triton_error(e)), flags=FINAL)
+            except Exception:
+                log.exception("request failed")
+                sender.send(pb_utils.InferenceResponse(error=_triton_error(RuntimeError())), flags=FINAL)
+        self.m_queue.set(self.scheduler.queue_depth)
+        return None
+
+    def finalize(self):
+        self.scheduler.stop(drain=False, timeout=10)

@@ -1,0 +1,141 @@
+"""Pure translation between Triton tensors (numpy) and engine requests/events. No Triton import here.
+
+The model's interface is documented in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Request
+from service.errors import (
+    Cancelled,
+    CheckpointError,
+    DeadlineExceeded,
+    DGemmaError,
+    InvalidArgument,
+    Overloaded,
+    Unavailable,
+)
+from service.model.config import ModelConfig
+from service.model.tokenizer import Tokenizer
+from service.sampler.params import DEFAULTS, GenerationParams, Pins
+
+# One table: domain error -> Triton error code name (pb_utils.TritonError.<NAME>).
+TRITON_ERROR_CODES: dict[type[DGemmaError], str] = {
+    InvalidArgument: "INVALID_ARG",
+    Overloaded: "UNAVAILABLE",
+    Unavailable: "UNAVAILABLE",
+    DeadlineExceeded: "UNAVAILABLE",
+    Cancelled: "CANCELLED",
+    CheckpointError: "INTERNAL",
+}
+
+INT_PARAMS = ("max_new_tokens", "max_denoising_steps", "stability_threshold")
+FLOAT_PARAMS = ("entropy_bound", "t_min", "t_max", "confidence_threshold")
+INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "seed", "return_drafts", "request_id",
+               "sampler", "apply_chat_template", *INT_PARAMS, *FLOAT_PARAMS)
+
+
+def error_code(err: BaseException) -> str:
+    for cls in type(err).__mro__:
+        if cls in TRITON_ERROR_CODES:
+            return TRITON_ERROR_CODES[cls]
+    return "INTERNAL"
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str):
+    arr = inputs.get(name)
+    if arr is None:
+        return None
+    flat = np.asarray(arr).reshape(-1)
+    if flat.size != 1:
+        raise InvalidArgument(name, f"expects one value, got {flat.size}")
+    v = flat[0]
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+
+
+def _ids(inputs: Mapping[str, np.ndarray | None], name: str) -> list[int] | None:
+    arr = inputs.get(name)
+    return None if arr is None else [int(x) for x in np.asarray(arr).reshape(-1)]
+
+
+def request_from_inputs(
+    inputs: Mapping[str, np.ndarray | None], cfg: ModelConfig, tokenizer: Tokenizer | None
+) -> Request:
+    """Build and validate an engine Request; errors name the offending input."""
+    unknown = [k for k, v in inputs.items() if v is not None and k not in INPUT_NAMES]
+    if unknown:
+        raise InvalidArgument(unknown[0], "is not an input of this model")
+    text = _scalar(inputs, "text_input")
+    ids = _ids(inputs, "input_ids")
+    if (text is None) == (ids is None):
+        raise InvalidArgument("text_input", "give exactly one of text_input or input_ids")
+    if text is not None:
+        if not text:
+            raise InvalidArgument("text_input", "the prompt is empty")
+        if tokenizer is None:
+            raise InvalidArgument("text_input", "this model has no tokenizer; send input_ids")
+        chat = bool(_scalar(inputs, "apply_chat_template") or False)
+        ids = tokenizer.chat_prompt([("user", text)]) if chat else tokenizer.encode(text)
+    elif not ids:
+        raise InvalidArgument("input_ids", "the prompt is empty")
+    kwargs: dict = {}
+    for name in INT_PARAMS:
+        v = _scalar(inputs, name)
+        kwargs[name] = int(v) if v is not None else DEFAULTS[name]
+    for name in FLOAT_PARAMS:
+        v = _scalar(inputs, name)
+        kwargs[name] = float(v) if v is not None else DEFAULTS[name]
+    sampler = _scalar(inputs, "sampler")
+    if sampler is not None:
+        kwargs["sampler"] = str(sampler)
+    pins = None
+    pin_ids = _ids(inputs, "pin_ids")
+    if pin_ids is not None:
+        mask_arr = inputs.get("pin_mask")
+        mask = None if mask_arr is None else [bool(x) for x in np.asarray(mask_arr).reshape(-1)]
+        pins = Pins.from_lists(pin_ids, mask)
+    elif inputs.get("pin_mask") is not None:
+        raise InvalidArgument("pin_mask", "given without pin_ids")
+    seed = _scalar(inputs, "seed")
+    req = Request(
+        prompt_ids=ids,
+        params=GenerationParams(**kwargs),
+        seed=int(seed) if seed is not None else 0,
+        pins=pins,
+        return_drafts=bool(_scalar(inputs, "return_drafts") or False),
+        request_id=str(_scalar(inputs, "request_id") or ""),
+    )
+    try:
+        return req.validate(cfg)
+    except InvalidArgument as e:
+        if e.field == "prompt_ids":  # the engine's name for what this interface calls input_ids
+            raise e.renamed("input_ids" if text is None else "text_input") from None
+        raise
+
+
+def outputs_for_event(event: Event, detokenize: Callable[[list[int]], str] | None) -> dict[str, np.ndarray]:
+    """One response's output tensors for an engine event."""
+    if isinstance(event, DraftEvent):
+        kind, ids, index, step, stats, reason = "draft", event.tokens, event.canvas_index, event.step, {}, ""
+    elif isinstance(event, CanvasEvent):
+        kind, ids, index, step, stats, reason = "canvas", event.tokens, event.canvas_index, event.steps, {}, ""
+    elif isinstance(event, FinalEvent):
+        kind, ids, index, step = "final", event.token_ids, -1, 0
+        stats, reason = event.stats.as_dict(), event.finish_reason
+    else:
+        raise TypeError(f"not an engine event: {type(event).__name__}")
+    text = detokenize(ids) if detokenize is not None else ""
+    return {
+        "event": np.array([kind.encode()], dtype=np.object_),
+        "output_ids": np.asarray(ids, dtype=np.int32),
+        "text_output": np.array([text.encode()], dtype=np.object_),
+        "canvas_index": np.array([index], dtype=np.int32),
+        "step": np.array([step], dtype=np.int32),
+        "stats": np.array([json.dumps(stats).encode()], dtype=np.object_),
+        "finish_reason": np.array([reason.encode()], dtype=np.object_),
+    }

@@ -1,0 +1,53 @@
+"""Render the Triton model repository (config.pbtxt from its template, model.py copied) into a directory."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from string import Template
+
+from service.errors import InvalidArgument
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "diffusiongemma"
+MODEL_NAME = "diffusiongemma"
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    checkpoint_dir: str
+    engine_backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = ""
+    instance_kind: str = "KIND_CPU"  # KIND_GPU on GPUs
+    max_queue_size: int = 64
+    queue_timeout_us: int = 0  # 0: no queue timeout
+    max_live_canvases: int = 16
+    max_engine_queue: int = 64
+    max_cache_bytes: int = 2 << 30
+    threads: int = 0
+    model_name: str = MODEL_NAME
+
+    def validate(self) -> "RepositorySettings":
+        if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
+            raise InvalidArgument("instance_kind", "must be KIND_CPU or KIND_GPU")
+        for name in ("max_queue_size", "max_live_canvases", "max_engine_queue", "max_cache_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidArgument(name, "must be >= 1")
+        if '"' in self.checkpoint_dir or "\n" in self.checkpoint_dir:
+            raise InvalidArgument("checkpoint_dir", "must not contain quotes or newlines")
+        return self
+
+
+def render_config(settings: RepositorySettings) -> str:
+    template = Template((TEMPLATE_DIR / "config.pbtxt.template").read_text())
+    return template.substitute({k: str(v) for k, v in asdict(settings.validate()).items()})
+
+
+def build_repository(dst: Path, settings: RepositorySettings) -> Path:
+    """Write <dst>/<model>/config.pbtxt and <dst>/<model>/1/model.py; returns dst."""
+    model_dir = Path(dst) / settings.model_name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(render_config(settings))
+    shutil.copy2(TEMPLATE_DIR / "1" / "model.py", model_dir / "1" / "model.py")
+    return Path(dst)

@@ -1,0 +1,42 @@
+"""`dgemma serve --triton-only` as a user runs it: a real Triton on 127.0.0.1, stopped by SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import tritonclient.grpc as grpcclient
+
+from service.triton.launcher import free_port
+from service.triton.repository import MODEL_NAME
+
+
+def test_serve_triton_only_then_sigterm(small_ckpt, tmp_path):
+    grpc, http, metrics = free_port(), free_port(), free_port()
+    env = {**os.environ, "NIM_CACHE_PATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--triton-only", "--checkpoint", str(small_ckpt),
+         "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics), "--threads", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # printed once Triton and the model are ready
+        assert "serving diffusiongemma" in line, line
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        assert client.is_model_ready(MODEL_NAME)
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_without_a_checkpoint_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--triton-only", "--checkpoint",
+                          str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "checkpoint" in out.stderr and "Traceback" not in out.stderr
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "service.cli", "serve"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--triton-only" in out.stderr and time.monotonic() - t0 < 60
