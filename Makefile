@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+# Serves the embedded tiny model on Triton's gRPC port (127.0.0.1:8001) until Ctrl-C / SIGTERM.
+serve: $(STAMP)
+	$(BIN)/dgemma serve --triton-only
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -49,6 +49,17 @@ def real_config() -> ModelConfig:
                        canvas_length=256, layers=layers, dtype="bfloat16")
 
 
+def toy_config() -> ModelConfig:
+    small = LayerSpec(sliding=True, head_dim=16, num_kv_heads=2, rope_theta=1e4, rope_type="default",
+                      partial_rotary_factor=1.0, rope_factor=1.0)
+    big = LayerSpec(sliding=False, head_dim=32, num_kv_heads=1, rope_theta=1e6, rope_type="proportional",
+                    partial_rotary_factor=0.25, rope_factor=1.0)
+    return ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                       num_experts=8, top_k_experts=2, moe_intermediate_size=32, sliding_window=16,
+                       rms_norm_eps=1e-6, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+                       canvas_length=32, layers=(small, big), dtype="bfloat16")
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., out, in] -> float8 weights and float32 scales [..., out]."""
     scale = w.abs().amax(dim=-1).float().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
@@ -88,12 +99,17 @@ def main() -> int:
     ap.add_argument("--batches", default="1,4,16,32")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--smoke-cpu", action="store_true",
+                    help="run the same code on the CPU at a toy shape (bf16, no graphs, no FP8): a check, not a number")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
+    if a.smoke_cpu:
+        dev, cfg = torch.device("cpu"), toy_config()
+        a.precision, a.prompt = "bf16", 8
+    elif not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device: this benchmark needs a GPU (H100 or newer)"}))
         return 2
-    dev = torch.device("cuda")
-    cfg = real_config()
+    else:
+        dev, cfg = torch.device("cuda"), real_config()
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     model = model.to_empty(device=dev).to(torch.bfloat16)
@@ -107,7 +123,8 @@ def main() -> int:
     model.eval()
     if a.precision == "fp8":
         to_fp8(model)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
     results = []
     for batch in [int(x) for x in a.batches.split(",")]:
         caches = [model.new_cache(a.prompt + cfg.canvas_length) for _ in range(batch)]
@@ -125,29 +142,34 @@ def main() -> int:
 
         for _ in range(2):
             step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                step()
-            run = graph.replay
-            graphed = True
-        except Exception as e:  # a capture failure is reported, not hidden
-            run, graphed = step, f"eager ({type(e).__name__}: {e})"
-        torch.cuda.synchronize()
+        sync()
+        run, graphed = step, "no (CPU smoke run)"
+        if dev.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    step()
+                run, graphed = graph.replay, True
+            except Exception as e:  # a capture failure is reported, not hidden
+                run, graphed = step, f"eager ({type(e).__name__}: {e})"
+        sync()
         t = time.perf_counter()
         for _ in range(a.steps):
             run()
-        torch.cuda.synchronize()
+        sync()
         ms = (time.perf_counter() - t) / a.steps * 1000
         results.append({"canvases": batch, "ms_per_step": round(ms, 2),
                         "tokens_per_s": round(batch * cfg.canvas_length / (a.steps * ms / 1000), 1),
                         "cuda_graph": graphed})
         del caches
     experts = "bf16 (grouped)"  # FP8 grouped experts (_scaled_grouped_mm) are not wired yet
-    print(json.dumps({"precision": a.precision, "experts_precision": experts, "steps": a.steps, "device": torch.cuda.get_device_name(),
-                      "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                      "results": results}))
+    on_gpu = dev.type == "cuda"
+    print(json.dumps({
+        "precision": a.precision, "experts_precision": experts, "steps": a.steps,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu (smoke run, not a measurement)",
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+        "results": results,
+    }))
     return 0
 
 

@@ -73,11 +73,15 @@ def one_shot_accuracy(engine: TorchEngine, snippets) -> float:
     return hits / total
 
 
-def unigram_baseline(tokenizer, snippets) -> float:
+def unigram_token(tokenizer) -> int:
+    """The most frequent token of the training files."""
     counts: Counter[int] = Counter()
     for text in read_texts(held_out=False):
         counts.update(tokenizer.encode(text, add_bos=False))
-    top = counts.most_common(1)[0][0]
+    return counts.most_common(1)[0][0]
+
+
+def unigram_baseline(top: int, snippets) -> float:
     gaps = [t for _, gap, _ in snippets for t in gap]
     return sum(t == top for t in gaps) / len(gaps)
 
@@ -98,10 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--snippets", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write-test-snippets", type=Path, default=None,
+                    help="also write N held-out snippets (ids) and the unigram token for the quick test")
+    ap.add_argument("--test-snippets", type=int, default=8)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     engine = TorchEngine(a.checkpoint, dtype="float32")
     snippets = held_out_snippets(engine.tokenizer, a.snippets)
+    top = unigram_token(engine.tokenizer)
+    if a.write_test_snippets is not None:
+        test = held_out_snippets(engine.tokenizer, a.test_snippets, seed=1)
+        a.write_test_snippets.parent.mkdir(parents=True, exist_ok=True)
+        a.write_test_snippets.write_text(json.dumps({
+            "unigram_token": top,
+            "snippets": [{"prefix": p, "gap": g, "suffix": s} for p, g, s in test],
+        }))
     acc, steps = infill_accuracy(engine, snippets)
     untrained_acc, _ = infill_accuracy(untrained_engine(a.checkpoint), snippets)
     result = {
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "context_tokens_each_side": CONTEXT,
         "infill_token_accuracy": round(acc, 4),
         "untrained_infill_token_accuracy": round(untrained_acc, 4),
-        "unigram_baseline_accuracy": round(unigram_baseline(engine.tokenizer, snippets), 4),
+        "unigram_baseline_accuracy": round(unigram_baseline(top, snippets), 4),
         "one_shot_accuracy": round(one_shot_accuracy(engine, snippets), 4),
         "mean_steps_per_canvas": round(steps, 2),
     }

@@ -90,14 +90,18 @@ def export_checkpoint(model: DiffusionGemma, tokenizer_json: str, out: Path, met
     (out / "training_meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def prepare_data(work: Path, vocab: int) -> tuple[str, torch.Tensor]:
+def prepare_data(work: Path, vocab: int, tokenizer_json: str | None = None) -> tuple[str, torch.Tensor]:
+    """The tokenizer (trained here unless given) and the training files as one id stream, cached in work."""
     tok_path, ids_path = work / "tokenizer.json", work / "train_ids.pt"
     if tok_path.is_file() and ids_path.is_file():
         return tok_path.read_text(), torch.load(ids_path)
     texts = read_texts(held_out=False)
-    rng = random.Random(0)
-    sample = rng.sample(texts, min(len(texts), 600))
-    tok = train_tokenizer(sample, vocab)
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(tokenizer_json)
+    else:
+        tok = train_tokenizer(random.Random(0).sample(texts, min(len(texts), 600)), vocab)
     ids: list[int] = []
     for enc in tok.encode_batch(texts, add_special_tokens=False):
         ids.extend([2, *enc.ids, 1])  # <bos> file <eos>
@@ -134,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from an exported checkpoint (e.g. the shipped one) when --workdir has no state")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    tok_json, data = prepare_data(a.workdir, SHAPE["vocab_size"])
+    shipped_tok = None
+    if a.init_from is not None and not (a.workdir / "state.pt").is_file():
+        shipped_tok = (a.init_from / "tokenizer.json").read_text()
+    tok_json, data = prepare_data(a.workdir, SHAPE["vocab_size"], shipped_tok)
     model = DiffusionGemma(parse_config(hf_config("float32"))).to(device)
     init_weights(model, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -151,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         step, seen, elapsed = st["step"], st["tokens_seen"], st.get("elapsed_s", 0.0)
         gen.set_state(st["gen"])
         print(f"resumed at step {step} ({seen:,} tokens, {elapsed / 60:.1f} min)", flush=True)
+    elif a.init_from is not None:
+        # A fresh machine resumes from the committed checkpoint: weights and counters (not Adam's moments).
+        from service.model.loading import load_model
+
+        _, shipped = load_model(a.init_from, dtype="float32")
+        model.load_state_dict(shipped.state_dict())
+        meta0 = json.loads((a.init_from / "training_meta.json").read_text())
+        step, seen, elapsed = meta0["steps"], meta0["tokens_seen"], meta0["train_minutes"] * 60
+        print(f"initialised from {a.init_from} at step {step}", flush=True)
     meta = lambda: {"steps": step, "tokens_seen": seen, "train_minutes": round(elapsed / 60, 1),
                     "device": str(device), "torch_threads": a.threads, "batch": a.batch, "shape": SHAPE,
                     "canvas_length": CANVAS}
