@@ -204,12 +204,17 @@ class Layer(nn.Module):
         w, idx = self.router(x)
         return self.experts(self.pre_feedforward_layernorm_2(x), w, idx)
 
-    def feed_forward(self, x: Tensor) -> Tensor:
+    def feed_forward(self, x: Tensor, batch_invariant: bool = True) -> Tensor:
         """The residual block after attention: dense MLP in parallel with the MoE. x [B, T, H].
 
-        The experts run one sequence at a time: grouped GEMMs over a batch's tokens would round
-        differently with its make-up, and a request's ids must not depend on its batch.
+        Serving runs the experts one sequence at a time: grouped GEMMs over a batch's tokens would
+        round differently with its make-up, and a request's ids must not depend on its batch.
+        Training passes batch_invariant=False for one grouped GEMM over the whole batch.
         """
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        moe = self.post_feedforward_layernorm_2(torch.stack([self.moe(row) for row in x]))
+        if batch_invariant:
+            moe = torch.stack([self.moe(row) for row in x])
+        else:
+            moe = self.moe(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
         return x + self.post_feedforward_layernorm(dense + moe)

@@ -42,11 +42,12 @@ def forward_train(model: DiffusionGemma, prefix: Tensor, canvas: Tensor, soft: T
         )
         xd = xd + layer.post_attention_layernorm(ad)
         if i == len(model.layers) - 1:  # the last encoder layer's output feeds nothing
-            xd = layer.feed_forward(xd) * layer.decoder_layer_scalar
+            xd = layer.feed_forward(xd, batch_invariant=False) * layer.decoder_layer_scalar
             break
         ae = layer.self_attn.o_proj(layer.self_attn.attend(qe, ke, ve, enc[sl][None, None]))
         xe = xe + layer.post_attention_layernorm(ae)
-        both = layer.feed_forward(torch.cat([xe, xd], dim=1))  # per-token blocks: one call for both modes
+        # per-token blocks: one call serves both modes
+        both = layer.feed_forward(torch.cat([xe, xd], dim=1), batch_invariant=False)
         xe = both[:, :p] * layer.encoder_layer_scalar
         xd = both[:, p:] * layer.decoder_layer_scalar
     return model.logits(model.norm(xd))
@@ -85,4 +86,4 @@ def loss_step(model: DiffusionGemma, prefix: Tensor, clean: Tensor, gen: torch.G
     loss = ce.mean()
     with torch.no_grad():
         acc = (logits.argmax(-1) == clean)[noised].float().mean() if noised.any() else torch.tensor(0.0)
-    return loss, {"loss": float(loss), "noised_acc": float(acc), "self_cond": soft is not None}
+    return loss, {"loss": float(loss.detach()), "noised_acc": float(acc), "self_cond": soft is not None}
