@@ -74,8 +74,8 @@ class Sequence:
         self.decoder_passes += 1
         self.shared_passes += int(shared)
         self.steps += 1
-        logits = model.logits(hidden)  # [L, V] float32, this canvas only
-        processed = logits / ops.temperature(self.step, p.max_denoising_steps, p.t_min, p.t_max)
+        # [L, V] float32, this canvas only; divided in place (the same bits as logits / T)
+        processed = model.logits(hidden).div_(ops.temperature(self.step, p.max_denoising_steps, p.t_min, p.t_max))
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         if p.sampler == "fast":
             sampled = ops.fast_sample_tokens(probs, self.generator)

@@ -130,7 +130,7 @@ class DiffusionGemma(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied unembedding with the final soft-cap: hidden [..., H] -> float32 logits [..., V]."""
         cap = self.cfg.final_logit_softcapping
-        return torch.tanh(F.linear(hidden, self.embed_tokens.weight).float() / cap) * cap
+        return F.linear(hidden, self.embed_tokens.weight).float().div_(cap).tanh_().mul_(cap)  # in place
 
     def soft_embedding(self, probs: Tensor) -> Tensor:
         """probs [..., V] (float32) -> the self-conditioning input [..., H]."""

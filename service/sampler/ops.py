@@ -28,7 +28,7 @@ def token_entropy(logits: Tensor) -> Tensor:
     (Categorical also clamps the normalised logits to the dtype's minimum: a no-op on finite logits.)
     """
     norm = logits - logits.logsumexp(dim=-1, keepdim=True)
-    return -(norm * torch.softmax(norm, dim=-1)).sum(-1)
+    return -torch.softmax(norm, dim=-1).mul_(norm).sum(-1)
 
 
 def fast_token_entropy(logits: Tensor, probs: Tensor) -> Tensor:

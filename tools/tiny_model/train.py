@@ -2,7 +2,7 @@
 
 Resumable: state is saved to --workdir every --save-every steps and picked up on the next start.
 Runs on the CPU, or unchanged on a CUDA GPU (--device cuda). Ends by exporting the checkpoint
-(Hugging Face layout, bf16 weights) to --out.
+(Hugging Face layout, float32 weights, under 16 MB) to --out.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ SHAPE = dict(
 CANVAS = 64
 
 
-def hf_config(dtype: str = "bfloat16") -> dict:
+def hf_config(dtype: str = "float32") -> dict:
     """config.json in the layout `transformers` writes for DiffusionGemmaForBlockDiffusion."""
     text = dict(SHAPE)
     global_layer = {"head_dim": text.pop("global_head_dim"), "num_key_value_heads": text.pop("num_global_key_value_heads")}
@@ -70,11 +70,11 @@ def init_weights(model: DiffusionGemma, seed: int) -> None:
 
 
 def export_checkpoint(model: DiffusionGemma, tokenizer_json: str, out: Path, meta: dict) -> None:
-    """Write config.json, generation_config.json, model.safetensors (HF keys, bf16) and tokenizer.json."""
+    """Write config.json, generation_config.json, model.safetensors (HF keys, float32) and tokenizer.json."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
-        t = t.detach().to(torch.bfloat16).contiguous()
+        t = t.detach().to(torch.float32).contiguous()
         if name.endswith("encoder_layer_scalar"):
             tensors["model.encoder.language_model." + name.replace("encoder_layer_scalar", "layer_scalar")] = t
         elif name.endswith("decoder_layer_scalar"):
