@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from service.errors import CheckpointError
@@ -13,13 +16,14 @@ TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"
 
 
 class Tokenizer:
-    def __init__(self, path: Path, bos_id: int) -> None:
+    def __init__(self, path: Path, bos_id: int, chat_template: str | None = None) -> None:
         try:
             self._tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # the library raises plain Exception subclasses
             raise CheckpointError(f"tokenizer.json cannot be loaded: {e}") from None
         self.bos_id = bos_id
         self.vocab_size = self._tok.get_vocab_size()
+        self.chat_template = chat_template
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -32,11 +36,38 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def chat_prompt(self, messages: list[tuple[str, str]]) -> list[int]:
-        """Gemma turn format over (role, content) pairs, ending with an open model turn."""
-        text = "".join(f"{TURN_OPEN}{role}\n{content}{TURN_CLOSE}\n" for role, content in messages)
-        return self.encode(text + f"{TURN_OPEN}model\n")
+        """The checkpoint's chat template when it has one, else the Gemma turn format; ends with an open
+        model turn. (role, content) pairs in order."""
+        if self.chat_template is None:
+            text = "".join(f"{TURN_OPEN}{role}\n{content}{TURN_CLOSE}\n" for role, content in messages)
+            return self.encode(text + f"{TURN_OPEN}model\n")
+        bos = self._tok.id_to_token(self.bos_id) or ""
+        try:
+            text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+                self.chat_template
+            ).render(messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=True,
+                     bos_token=bos)
+        except TemplateError as e:
+            raise CheckpointError(f"the checkpoint's chat template failed: {e}") from None
+        ids = self.encode(text, add_bos=False)
+        return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
+
+
+def load_chat_template(checkpoint_dir: Path) -> str | None:
+    """chat_template.jinja, or tokenizer_config.json's "chat_template", as transformers saves them."""
+    jinja = Path(checkpoint_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = Path(checkpoint_dir) / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            template = json.loads(cfg.read_text()).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            raise CheckpointError("tokenizer_config.json is not valid JSON") from None
+        return template if isinstance(template, str) else None
+    return None
 
 
 def load_tokenizer(checkpoint_dir: Path, bos_id: int = 2) -> Tokenizer | None:
     path = Path(checkpoint_dir) / "tokenizer.json"
-    return Tokenizer(path, bos_id) if path.is_file() else None
+    return Tokenizer(path, bos_id, load_chat_template(checkpoint_dir)) if path.is_file() else None
