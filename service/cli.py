@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,26 +24,18 @@ def _ids(text: str) -> list[int]:
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
-    p.add_argument("--max-denoising-steps", type=int, default=DEFAULTS["max_denoising_steps"])
-    p.add_argument("--entropy-bound", type=float, default=DEFAULTS["entropy_bound"])
-    p.add_argument("--t-min", type=float, default=DEFAULTS["t_min"])
-    p.add_argument("--t-max", type=float, default=DEFAULTS["t_max"])
-    p.add_argument("--stability-threshold", type=int, default=DEFAULTS["stability_threshold"])
-    p.add_argument("--confidence-threshold", type=float, default=DEFAULTS["confidence_threshold"])
+    # Unset flags take the checkpoint's generation_config.json, else the reference's defaults.
+    for name, kind in (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
+                       ("t_min", float), ("t_max", float), ("stability_threshold", int),
+                       ("confidence_threshold", float)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"(reference: {DEFAULTS[name]})")
+    p.add_argument("--sampler", choices=["reference", "fast"], default=None)
     p.add_argument("--seed", type=int, default=0)
 
 
-def _params(a: argparse.Namespace) -> GenerationParams:
-    return GenerationParams(
-        max_new_tokens=a.max_new_tokens,
-        max_denoising_steps=a.max_denoising_steps,
-        entropy_bound=a.entropy_bound,
-        t_min=a.t_min,
-        t_max=a.t_max,
-        stability_threshold=a.stability_threshold,
-        confidence_threshold=a.confidence_threshold,
-    )
+def _params(a: argparse.Namespace, defaults: GenerationParams) -> GenerationParams:
+    given = {f: getattr(a, f) for f in (*DEFAULTS, "sampler") if getattr(a, f, None) is not None}
+    return dataclasses.replace(defaults, **given)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -51,8 +44,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if (a.prompt is None) == (a.prompt_ids is None):
         raise InvalidArgument("prompt", "give exactly one of --prompt or --prompt-ids")
-    params = _params(a).validate()
     engine = create_engine(a.backend, checkpoint_dir=a.checkpoint, device=a.device, dtype=a.dtype, threads=a.threads)
+    params = _params(a, engine.default_params).validate()
     tok = engine.tokenizer
     if a.prompt is not None:
         if tok is None:

@@ -13,6 +13,7 @@ from service.engine.api import Event, Request
 from service.engine.sequence import Sequence
 from service.model.loading import load_model
 from service.model.tokenizer import Tokenizer, load_tokenizer
+from service.sampler.params import GenerationParams, params_from_generation_config
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class TorchEngine:
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else self.config.eos_token_ids
         pad = gen.get("pad_token_id")
         self.pad_id = int(pad) if isinstance(pad, int) else self.config.pad_token_id
+        # What a request that sets nothing gets: the checkpoint's generation config over the reference's defaults.
+        self.default_params: GenerationParams = params_from_generation_config(gen)
         self.tokenizer: Tokenizer | None = load_tokenizer(self.checkpoint_dir)
 
     def new_sequence(self, request: Request) -> Sequence:

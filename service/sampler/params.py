@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.errors import InvalidArgument
+from service.errors import CheckpointError, InvalidArgument
 
 # The reference's defaults (transformers DiffusionGemmaGenerationConfig._get_default_generation_params).
 DEFAULTS = {
@@ -73,6 +73,18 @@ class GenerationParams:
         if self.sampler not in SAMPLERS:
             raise InvalidArgument("sampler", f"must be one of {SAMPLERS}, got {self.sampler!r}")
         return self
+
+
+def params_from_generation_config(gen: dict) -> GenerationParams:
+    """A checkpoint's generation_config.json values over the reference's defaults, as its generate does."""
+    values = {k: gen[k] for k in DEFAULTS if k != "entropy_bound" and gen.get(k) is not None}
+    sampler_config = gen.get("sampler_config")
+    if isinstance(sampler_config, dict) and sampler_config.get("entropy_bound") is not None:
+        values["entropy_bound"] = sampler_config["entropy_bound"]
+    try:
+        return GenerationParams(**values).validate()
+    except InvalidArgument as e:
+        raise CheckpointError(f"generation_config.json: {e.field}: {e.detail}") from None
 
 
 @dataclass(frozen=True)

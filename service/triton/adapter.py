@@ -22,7 +22,7 @@ from service.errors import (
 )
 from service.model.config import ModelConfig
 from service.model.tokenizer import Tokenizer
-from service.sampler.params import DEFAULTS, GenerationParams, Pins
+from service.sampler.params import GenerationParams, Pins
 
 # One table: domain error -> Triton error code name (pb_utils.TritonError.<NAME>).
 TRITON_ERROR_CODES: dict[type[DGemmaError], str] = {
@@ -64,9 +64,13 @@ def _ids(inputs: Mapping[str, np.ndarray | None], name: str) -> list[int] | None
 
 
 def request_from_inputs(
-    inputs: Mapping[str, np.ndarray | None], cfg: ModelConfig, tokenizer: Tokenizer | None
+    inputs: Mapping[str, np.ndarray | None],
+    cfg: ModelConfig,
+    tokenizer: Tokenizer | None,
+    defaults: GenerationParams | None = None,
 ) -> Request:
-    """Build and validate an engine Request; errors name the offending input."""
+    """Build and validate an engine Request; unset parameters take `defaults`; errors name the input."""
+    defaults = defaults or GenerationParams()
     unknown = [k for k, v in inputs.items() if v is not None and k not in INPUT_NAMES]
     if unknown:
         raise InvalidArgument(unknown[0], "is not an input of this model")
@@ -86,13 +90,12 @@ def request_from_inputs(
     kwargs: dict = {}
     for name in INT_PARAMS:
         v = _scalar(inputs, name)
-        kwargs[name] = int(v) if v is not None else DEFAULTS[name]
+        kwargs[name] = int(v) if v is not None else getattr(defaults, name)
     for name in FLOAT_PARAMS:
         v = _scalar(inputs, name)
-        kwargs[name] = float(v) if v is not None else DEFAULTS[name]
+        kwargs[name] = float(v) if v is not None else getattr(defaults, name)
     sampler = _scalar(inputs, "sampler")
-    if sampler is not None:
-        kwargs["sampler"] = str(sampler)
+    kwargs["sampler"] = str(sampler) if sampler is not None else defaults.sampler
     pins = None
     pin_ids = _ids(inputs, "pin_ids")
     if pin_ids is not None:

@@ -104,3 +104,19 @@ def test_unknown_and_unverified_backends(small_ckpt):
         create_engine("nope", checkpoint_dir=small_ckpt)
     with pytest.raises(Unavailable, match="tensorrt_llm"):
         create_engine("tensorrt_llm", checkpoint_dir=small_ckpt)
+
+
+def test_generation_config_supplies_defaults(small_ckpt, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(small_ckpt, d)
+    gen = json.loads((d / "generation_config.json").read_text())
+    gen.update(max_denoising_steps=7, t_max=1.1, sampler_config={"entropy_bound": 0.4, "_cls_name": "x"})
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    eng = TorchEngine(d)
+    assert (eng.default_params.max_denoising_steps, eng.default_params.t_max, eng.default_params.entropy_bound) == (
+        7, 1.1, 0.4)
+    assert eng.default_params.t_min == 0.4  # unset there: the reference's default
+    gen["max_denoising_steps"] = 0
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(CheckpointError, match="generation_config.json: max_denoising_steps"):
+        TorchEngine(d)

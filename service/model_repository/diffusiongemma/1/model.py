@@ -111,7 +111,7 @@ class TritonPythonModel:
                 for name in INPUT_NAMES:
                     t = pb_utils.get_input_tensor_by_name(request, name)
                     inputs[name] = None if t is None else t.as_numpy()
-                req = request_from_inputs(inputs, self.engine.config, self.tokenizer)
+                req = request_from_inputs(inputs, self.engine.config, self.tokenizer, self.engine.default_params)
                 self.scheduler.submit(req, on_event=self._sink(sender), cancel_check=sender.is_cancelled)
             except DGemmaError as e:
                 sender.send(pb_utils.InferenceResponse(error=_triton_error(e)), flags=FINAL)
