@@ -9,6 +9,7 @@ these step boundaries. Events go to each request's stream as they happen.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from service.errors import Cancelled, DeadlineExceeded, DGemmaError, InvalidArgu
 from service.model.cache import KVCache
 
 _DONE = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -182,9 +184,9 @@ class Scheduler:
             self._decode_live()
         except DGemmaError as e:
             self._fail_all(e)
-        except Exception:  # never leave streams hanging on an unexpected fault
+        except Exception:  # never leave streams hanging, nor the loop dead, on an unexpected fault
+            log.exception("engine step failed; failing the requests in flight")
             self._fail_all(Unavailable("internal engine error"))
-            raise
         self.steps_run += 1
         return True
 

@@ -142,3 +142,19 @@ def test_per_canvas_state_does_not_grow_with_the_vocabulary(tmp_path):
         assert item.seq.soft is not None
         sizes[vocab] = item.seq.state_nbytes()
     assert sizes[384] == sizes[6144]
+
+
+def test_an_engine_fault_fails_requests_in_flight_but_not_the_loop(engine, monkeypatch):
+    from service.errors import Unavailable
+
+    sched = Scheduler(engine).start()
+    try:
+        p = GenerationParams(max_new_tokens=16, max_denoising_steps=3)
+        real = sched.model.decode
+        monkeypatch.setattr(sched.model, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(Unavailable, match="internal engine error"):
+            list(sched.submit(Request([2, 3], p, seed=1)))
+        monkeypatch.setattr(sched.model, "decode", real)
+        assert isinstance(list(sched.submit(Request([2, 3], p, seed=1)))[-1], FinalEvent)  # still serving
+    finally:
+        sched.stop()
