@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -161,7 +160,6 @@ def main() -> int:
         results.append({"canvases": batch, "ms_per_step": round(ms, 2),
                         "tokens_per_s": round(batch * cfg.canvas_length / (a.steps * ms / 1000), 1),
                         "cuda_graph": graphed})
-        del caches
     experts = "bf16 (grouped)"  # FP8 grouped experts (_scaled_grouped_mm) are not wired yet
     on_gpu = dev.type == "cuda"
     print(json.dumps({

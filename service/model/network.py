@@ -130,7 +130,10 @@ class DiffusionGemma(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied unembedding with the final soft-cap: hidden [..., H] -> float32 logits [..., V]."""
         cap = self.cfg.final_logit_softcapping
-        return F.linear(hidden, self.embed_tokens.weight).float().div_(cap).tanh_().mul_(cap)  # in place
+        x = F.linear(hidden, self.embed_tokens.weight).float()
+        if torch.is_grad_enabled():  # training: autograd needs the intermediate values
+            return torch.tanh(x / cap) * cap
+        return x.div_(cap).tanh_().mul_(cap)  # serving: the same bits, no extra [L, V] buffers
 
     def soft_embedding(self, probs: Tensor) -> Tensor:
         """probs [..., V] (float32) -> the self-conditioning input [..., H]."""

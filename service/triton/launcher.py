@@ -121,9 +121,9 @@ class TritonServer:
         cmd = [
             str(self.install.binary), f"--model-repository={self.repo}",
             f"--backend-directory={self.install.backend_dir}",
-            f"--grpc-address=127.0.0.1", f"--grpc-port={p.grpc}",
-            f"--http-address=127.0.0.1", f"--http-port={p.http}",
-            f"--metrics-address=127.0.0.1", f"--metrics-port={p.metrics}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={p.grpc}",
+            "--http-address=127.0.0.1", f"--http-port={p.http}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={p.metrics}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
             "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
             "--strict-readiness=true",

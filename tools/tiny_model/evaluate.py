@@ -32,7 +32,9 @@ def held_out_snippets(tokenizer, n: int, seed: int = 0) -> list[tuple[list[int],
     for _ in range(n):
         d = rng.choice(docs)
         s = rng.randrange(0, len(d) - (2 * CONTEXT + GAP))
-        out.append((d[s : s + CONTEXT], d[s + CONTEXT : s + CONTEXT + GAP], d[s + CONTEXT + GAP : s + 2 * CONTEXT + GAP]))
+        out.append(
+            (d[s : s + CONTEXT], d[s + CONTEXT : s + CONTEXT + GAP], d[s + CONTEXT + GAP : s + 2 * CONTEXT + GAP])
+        )
     return out
 
 
@@ -102,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--snippets", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--write-test-snippets", type=Path, default=None,
-                    help="also write N held-out snippets (ids) and the unigram token for the quick test")
+    ap.add_argument(
+        "--write-test-snippets",
+        type=Path,
+        default=None,
+        help="also write N held-out snippets (ids) and the unigram token for the quick test",
+    )
     ap.add_argument("--test-snippets", type=int, default=8)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -113,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.write_test_snippets is not None:
         test = held_out_snippets(engine.tokenizer, a.test_snippets, seed=1)
         a.write_test_snippets.parent.mkdir(parents=True, exist_ok=True)
-        a.write_test_snippets.write_text(json.dumps({
-            "unigram_token": top,
-            "snippets": [{"prefix": p, "gap": g, "suffix": s} for p, g, s in test],
-        }))
+        a.write_test_snippets.write_text(
+            json.dumps(
+                {
+                    "unigram_token": top,
+                    "snippets": [{"prefix": p, "gap": g, "suffix": s} for p, g, s in test],
+                }
+            )
+        )
     acc, steps = infill_accuracy(engine, snippets)
     untrained_acc, _ = infill_accuracy(untrained_engine(a.checkpoint), snippets)
     result = {

@@ -41,7 +41,10 @@ CANVAS = 64
 def hf_config(dtype: str = "float32") -> dict:
     """config.json in the layout `transformers` writes for DiffusionGemmaForBlockDiffusion."""
     text = dict(SHAPE)
-    global_layer = {"head_dim": text.pop("global_head_dim"), "num_key_value_heads": text.pop("num_global_key_value_heads")}
+    global_layer = {
+        "head_dim": text.pop("global_head_dim"),
+        "num_key_value_heads": text.pop("num_global_key_value_heads"),
+    }
     per_layer = {str(i): global_layer for i, t in enumerate(SHAPE["layer_types"]) if t == "full_attention"}
     text.update(
         model_type="diffusion_gemma_text", per_layer_config=per_layer, hidden_activation="gelu_pytorch_tanh",

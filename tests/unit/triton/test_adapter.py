@@ -27,26 +27,37 @@ def ids(*v):
 
 
 def test_request_from_inputs_defaults_and_overrides(cfg):
-    req = request_from_inputs({"input_ids": ids(2, 3, 4), "max_denoising_steps": ids(5),
-                               "entropy_bound": np.array([0.3], np.float32), "seed": np.array([9], np.uint64),
-                               "return_drafts": np.array([True])}, cfg, None)
+    req = request_from_inputs(
+        {
+            "input_ids": ids(2, 3, 4),
+            "max_denoising_steps": ids(5),
+            "entropy_bound": np.array([0.3], np.float32),
+            "seed": np.array([9], np.uint64),
+            "return_drafts": np.array([True]),
+        },
+        cfg,
+        None,
+    )
     assert req.prompt_ids == [2, 3, 4] and req.seed == 9 and req.return_drafts
     assert req.params.max_denoising_steps == 5 and abs(req.params.entropy_bound - 0.3) < 1e-6
     assert req.params.t_min == 0.4 and req.params.max_new_tokens == 256
 
 
-@pytest.mark.parametrize("inputs, field", [
-    ({"text_input": np.array([b""], dtype=object)}, "text_input"),
-    ({"text_input": np.array([b"hi"], dtype=object), "input_ids": ids(2)}, "text_input"),
-    ({}, "text_input"),
-    ({"input_ids": ids(2, 10**6)}, "input_ids"),
-    ({"input_ids": ids(2), "max_denoising_steps": ids(0)}, "max_denoising_steps"),
-    ({"input_ids": ids(2), "t_min": np.array([-1.0], np.float32)}, "t_min"),
-    ({"input_ids": ids(2), "pin_ids": ids(*range(17))}, "pin_ids"),
-    ({"input_ids": ids(2), "pin_mask": np.array([True])}, "pin_mask"),
-    ({"input_ids": ids(2), "max_new_tokens": ids(1, 2)}, "max_new_tokens"),
-    ({"input_ids": ids(2), "bogus": ids(1)}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "inputs, field",
+    [
+        ({"text_input": np.array([b""], dtype=object)}, "text_input"),
+        ({"text_input": np.array([b"hi"], dtype=object), "input_ids": ids(2)}, "text_input"),
+        ({}, "text_input"),
+        ({"input_ids": ids(2, 10**6)}, "input_ids"),
+        ({"input_ids": ids(2), "max_denoising_steps": ids(0)}, "max_denoising_steps"),
+        ({"input_ids": ids(2), "t_min": np.array([-1.0], np.float32)}, "t_min"),
+        ({"input_ids": ids(2), "pin_ids": ids(*range(17))}, "pin_ids"),
+        ({"input_ids": ids(2), "pin_mask": np.array([True])}, "pin_mask"),
+        ({"input_ids": ids(2), "max_new_tokens": ids(1, 2)}, "max_new_tokens"),
+        ({"input_ids": ids(2), "bogus": ids(1)}, "bogus"),
+    ],
+)
 def test_bad_inputs_name_the_input(cfg, inputs, field):
     with pytest.raises(InvalidArgument) as e:
         request_from_inputs(inputs, cfg, None)
@@ -70,8 +81,7 @@ def test_outputs_for_events():
 
 
 def test_render_config(small_ckpt):
-    text = render_config(RepositorySettings(checkpoint_dir=str(small_ckpt), instance_kind="KIND_GPU",
-                                            max_queue_size=7))
+    text = render_config(RepositorySettings(checkpoint_dir=str(small_ckpt), instance_kind="KIND_GPU", max_queue_size=7))
     assert 'backend: "python"' in text and "decoupled: true" in text and "KIND_GPU" in text
     assert "max_queue_size: 7" in text and str(small_ckpt) in text and "${" not in text
     with pytest.raises(InvalidArgument, match="instance_kind"):
@@ -87,6 +97,7 @@ def test_launcher_names_what_is_missing(monkeypatch, tmp_path):
 
 
 # ---- model.py with a stub triton_python_backend_utils -------------------------------------------
+
 
 def make_stub():
     pb = types.ModuleType("triton_python_backend_utils")
@@ -131,7 +142,12 @@ def make_stub():
         def Metric(self, labels):  # noqa: N802 (Triton's name)
             return Metric()
 
-    pb.TritonError, pb.Tensor, pb.InferenceResponse, pb.MetricFamily = TritonError, Tensor, InferenceResponse, MetricFamily
+    pb.TritonError, pb.Tensor, pb.InferenceResponse, pb.MetricFamily = (
+        TritonError,
+        Tensor,
+        InferenceResponse,
+        MetricFamily,
+    )
     pb.get_input_tensor_by_name = lambda req, name: req.inputs.get(name)
     return pb
 
@@ -165,15 +181,18 @@ def test_model_py_streams_events_and_errors(small_ckpt, monkeypatch):
     spec.loader.exec_module(mod)
     model = mod.TritonPythonModel()
     outputs = ["event", "output_ids", "text_output", "canvas_index", "step", "stats", "finish_reason"]
-    config = {"name": "diffusiongemma", "output": [{"name": n} for n in outputs],
-              "parameters": {"checkpoint_dir": {"string_value": str(small_ckpt)}, "threads": {"string_value": "1"}}}
+    config = {
+        "name": "diffusiongemma",
+        "output": [{"name": n} for n in outputs],
+        "parameters": {"checkpoint_dir": {"string_value": str(small_ckpt)}, "threads": {"string_value": "1"}},
+    }
     model.initialize({"model_config": json.dumps(config)})
     try:
         good = FakeRequest(input_ids=ids(2, 3), max_new_tokens=ids(16), max_denoising_steps=ids(2))
         bad = FakeRequest(input_ids=ids(2, 10**6))
         assert model.execute([good, bad]) is None  # decoupled: returns at once
         assert bad.sender.done.is_set()
-        (resp, flags), = bad.sender.sent
+        ((resp, flags),) = bad.sender.sent
         assert flags == 1 and resp.error.code == "INVALID_ARG" and "input_ids" in resp.error.msg
         assert good.sender.done.wait(30)
         kinds = [r.outputs[0].arr[0] for r, _ in good.sender.sent]
