@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +26,6 @@ from service.engine.torch_engine import TorchEngine
 from service.errors import Cancelled, DeadlineExceeded, DGemmaError, InvalidArgument, Overloaded, Unavailable
 from service.model.cache import KVCache
 
-_DONE = object()
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +72,6 @@ class Stream:
     def __iter__(self) -> Iterator[Event]:
         while True:
             item = self._events.get()
-            if item is _DONE:
-                return
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -82,12 +79,11 @@ class Stream:
                 return
 
     def next_event(self, timeout: float | None = None) -> Event | BaseException | None:
-        """One event (or the error that ended the stream); None on timeout or after the end."""
+        """One event (or the error that ended the stream); None on timeout."""
         try:
-            item = self._events.get(timeout=timeout)
+            return self._events.get(timeout=timeout)
         except queue.Empty:
             return None
-        return None if item is _DONE else item
 
 
 @dataclass
@@ -95,7 +91,6 @@ class _Live:
     stream: Stream
     seq: Sequence
     cache: KVCache | None = None
-    joined_at: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:
@@ -111,7 +106,6 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.steps_run = 0
         self.decoder_passes = 0
         self.canvases_in_last_pass = 0
         # Per-canvas sampling runs on these threads: the reference's exponential draws are a serial
@@ -155,9 +149,7 @@ class Scheduler:
             stream.cancel()
 
     def _cache_bytes(self, request: Request) -> int:
-        canvases = -(-request.params.max_new_tokens // self.cfg.canvas_length)
-        tokens = len(request.prompt_ids) + canvases * self.cfg.canvas_length
-        return tokens * self._kv_bytes_per_token
+        return Sequence.max_tokens(request, self.cfg.canvas_length) * self._kv_bytes_per_token
 
     @property
     def queue_depth(self) -> int:
@@ -187,7 +179,6 @@ class Scheduler:
         except Exception:  # never leave streams hanging, nor the loop dead, on an unexpected fault
             log.exception("engine step failed; failing the requests in flight")
             self._fail_all(Unavailable("internal engine error"))
-        self.steps_run += 1
         return True
 
     def _drop_finished(self, now: float) -> None:
@@ -241,7 +232,7 @@ class Scheduler:
             return
         for item in pending:
             if item.cache is None:
-                item.cache = self.model.new_cache(self._cache_bytes(item.stream.request) // self._kv_bytes_per_token)
+                item.cache = self.model.new_cache(Sequence.max_tokens(item.stream.request, self.cfg.canvas_length))
         rows = [item.seq.to_encode for item in pending]
         counts = [r.numel() for r in rows]
         ids = torch.zeros(len(rows), max(counts), dtype=torch.long)

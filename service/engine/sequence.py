@@ -27,7 +27,7 @@ class Sequence:
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
         self.pad_id = pad_id
         self.generator = torch.Generator().manual_seed(request.seed)
-        self.max_canvases = math.ceil(self.params.max_new_tokens / self.length)
+        self.max_canvases = math.ceil(self.params.max_new_tokens / self.length)  # the reference's count
         self.pins = request.pins.full(self.length) if request.pins is not None else (None, None)
         self.committed: list[Tensor] = []
         self.steps_per_canvas: list[int] = []
@@ -39,6 +39,11 @@ class Sequence:
         self.finish_reason = "length"
         self.canvas: Tensor | None = None  # [L]
         self.soft: Tensor | None = None  # [L, H]
+
+    @staticmethod
+    def max_tokens(request: Request, canvas_length: int) -> int:
+        """Prompt plus every canvas the request may generate: the most its KV cache can hold."""
+        return len(request.prompt_ids) + math.ceil(request.params.max_new_tokens / canvas_length) * canvas_length
 
     @property
     def canvas_index(self) -> int:

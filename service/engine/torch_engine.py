@@ -64,7 +64,7 @@ class TorchEngine:
     def generate(self, request: Request) -> Iterator[Event]:
         seq = self.new_sequence(request)
         model = self.model
-        cache = model.new_cache(len(request.prompt_ids) + seq.max_canvases * self.config.canvas_length)
+        cache = model.new_cache(Sequence.max_tokens(request, self.config.canvas_length))
         while not seq.done:
             ids = seq.to_encode.to(self.device)
             model.encode(ids[None], [ids.numel()], [cache])
