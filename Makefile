@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve clean
+.PHONY: install test serve proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(STAMP)
 # Serves the embedded tiny model on Triton's gRPC port (127.0.0.1:8001) until Ctrl-C / SIGTERM.
 serve: $(STAMP)
 	$(BIN)/dgemma serve --triton-only
+
+# Regenerates service/api/ from proto/ (the stubs are committed; a test checks they are current).
+proto: $(STAMP)
+	$(BIN)/python tools/gen_proto.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
