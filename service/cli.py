@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from service import DEFAULT_CHECKPOINT
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
+from service.client import DEFAULT_TARGET, Client, ClientError
 from service.errors import DGemmaError, InvalidArgument
 from service.sampler.params import DEFAULTS, GenerationParams
-
-DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-diffusiongemma"
+from service.telemetry.logs import configure_logging, jsonl_from_env
 
 
 def _ids(text: str) -> list[int]:
@@ -23,11 +28,13 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError("expected comma-separated integers, e.g. 2,105,10") from None
 
 
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: bool = True) -> None:
     # Unset flags take the checkpoint's generation_config.json, else the reference's defaults.
     for name, kind in (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
                        ("t_min", float), ("t_max", float), ("stability_threshold", int),
                        ("confidence_threshold", float)):
+        if name == "max_new_tokens" and not max_new_tokens:
+            continue
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"(reference: {DEFAULTS[name]})")
     p.add_argument("--sampler", choices=["reference", "fast"], default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -44,6 +51,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if (a.prompt is None) == (a.prompt_ids is None):
         raise InvalidArgument("prompt", "give exactly one of --prompt or --prompt-ids")
+    if a.server or os.environ.get("DGEMMA_SERVER"):
+        return _generate_remote(a)
     engine = create_engine(a.backend, checkpoint_dir=a.checkpoint, device=a.device, dtype=a.dtype, threads=a.threads)
     params = _params(a, engine.default_params).validate()
     tok = engine.tokenizer
@@ -57,23 +66,216 @@ def cmd_generate(a: argparse.Namespace) -> int:
     final = None
     for ev in engine.generate(request):
         if isinstance(ev, DraftEvent) and a.visual and tok is not None:
-            text = tok.decode(ev.tokens).replace("\n", "⏎")
-            sys.stderr.write(f"\r\x1b[2K[canvas {ev.canvas_index} step {ev.step:>3}] {text[:200]}")
-            sys.stderr.flush()
+            _show_draft(tok.decode(ev.tokens), ev.canvas_index, ev.step)
         elif isinstance(ev, CanvasEvent) and a.visual:
-            sys.stderr.write("\n")
+            _end_canvas()
         elif isinstance(ev, FinalEvent):
             final = ev
     assert final is not None
     text = tok.decode(final.token_ids) if tok is not None else None
+    _print_generation(a, text, final.token_ids, final.finish_reason, final.stats.as_dict())
+    return 0
+
+
+def _show_draft(text: str, canvas_index: int, step: int, variation: int | None = None) -> None:
+    """The live --visual line on stderr: the canvas after one denoising step, overwritten by the next."""
+    label = "" if variation is None else f"var {variation} "
+    sys.stderr.write(f"\r\x1b[2K[{label}canvas {canvas_index} step {step:>3}] {text.replace(chr(10), '⏎')[:200]}")
+    sys.stderr.flush()
+
+
+def _end_canvas() -> None:
+    sys.stderr.write("\n")
+
+
+def _print_generation(a: argparse.Namespace, text: str | None, token_ids: list[int], finish_reason: str,
+                      stats: dict) -> None:
     if a.json:
-        out = {"token_ids": final.token_ids, "finish_reason": final.finish_reason, "stats": final.stats.as_dict()}
+        out = {"token_ids": token_ids, "finish_reason": finish_reason, "stats": stats}
         if text is not None:
             out["text"] = text
         print(json.dumps(out))
     else:
-        print(text if text is not None else " ".join(map(str, final.token_ids)))
+        print(text if text is not None else " ".join(map(str, token_ids)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subcommands that talk to a running server (service.client)
+
+def _add_client_flags(p: argparse.ArgumentParser, generating: bool = True, json_flag: bool = True,
+                      server_default: str = "") -> None:
+    p.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help=f"the server (env DGEMMA_SERVER{server_default})")
+    p.add_argument("--api-key", default=None, help="bearer token (env DGEMMA_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    p.add_argument("--tls-ca", default=None, metavar="FILE", help="TLS with this CA bundle (PEM)")
+    p.add_argument("--tls-cert", default=None, metavar="FILE", help="client certificate for mutual TLS (PEM)")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="the client certificate's key (PEM)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of the call")
+    if generating:
+        p.add_argument("--num-variations", type=int, default=None, help="independent outputs, 1 to 16")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the response as JSON")
+
+
+def _read_file(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidArgument(flag, f"cannot read {path}: {e.strerror}") from None
+
+
+def _client(a: argparse.Namespace) -> Client:
+    a.server = a.server or os.environ.get("DGEMMA_SERVER") or DEFAULT_TARGET
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise InvalidArgument("--tls-cert", "give --tls-cert and --tls-key together")
+    return Client(a.server, api_key=a.api_key or os.environ.get("DGEMMA_API_KEY") or None,
+                  root_certificates=_read_file(a.tls_ca, "--tls-ca"),
+                  client_certificate=_read_file(a.tls_cert, "--tls-cert"),
+                  client_key=_read_file(a.tls_key, "--tls-key"), tls=a.tls, timeout=a.timeout)
+
+
+def _generation_kwargs(a: argparse.Namespace) -> dict:
+    """Diffusion flags, seed and variations as client keywords (None: the server's default)."""
+    names = [n for n in DEFAULTS if n != "max_new_tokens"] + ["sampler", "seed", "num_variations"]
+    return {n: getattr(a, n) for n in names}
+
+
+def _print_json(message: Message) -> None:
+    print(json.dumps(MessageToDict(message, preserving_proto_field_name=True)))
+
+
+def _print_choices(a: argparse.Namespace, response: Message) -> None:
+    """--json: the whole response; else each variation's text (headed when there are several)."""
+    if a.json:
+        _print_json(response)
+        return
+    for c in response.choices:
+        if len(response.choices) > 1:
+            print(f"--- variation {c.index} ---")
+        print(c.text)
+
+
+def _finish_reason(value: int) -> str:
+    return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+
+
+def _generate_remote(a: argparse.Namespace) -> int:
+    kw = dict(_generation_kwargs(a), max_new_tokens=a.max_new_tokens)
+    if a.prompt is not None:
+        kw["text"] = a.prompt
+    else:
+        kw["token_ids"] = a.prompt_ids
+    with _client(a) as client:
+        response = _stream_visual(client, kw, several=(a.num_variations or 1) > 1) if a.visual \
+            else client.generate(**kw)
+    for c in response.choices:
+        if len(response.choices) > 1 and not a.json:
+            print(f"--- variation {c.index} ---")
+        stats = _choice_stats(c, response.usage, len(response.choices))
+        _print_generation(a, c.text, list(c.token_ids), _finish_reason(c.finish_reason), stats)
     return 0
+
+
+def _stream_visual(client: Client, kw: dict, several: bool) -> pb.GenerateResponse:
+    """GenerateStream with drafts, shown live on stderr; returns the final response."""
+    final = None
+    for ev in client.generate_stream(return_drafts=True, **kw):  # read to the end: no cancel after the final
+        kind = ev.WhichOneof("event")
+        if kind == "draft":
+            d = ev.draft
+            _show_draft(d.text, d.canvas_index, d.step, d.variation if several else None)
+        elif kind == "canvas":
+            _end_canvas()
+        elif kind == "final":
+            final = ev.final
+    if final is None:
+        raise ClientError(grpc.StatusCode.UNKNOWN, "the stream ended without a final event")
+    return final
+
+
+def _choice_stats(c: pb.Choice, usage: pb.Usage, n_choices: int) -> dict:
+    """The in-process --json stats shape from a Choice; usage counts tokens over all variations."""
+    s = c.stats
+    generated = usage.completion_tokens if n_choices == 1 else round(s.tokens_per_forward * s.decoder_passes)
+    return {"prompt_tokens": usage.prompt_tokens, "generated_tokens": generated, "decoder_passes": s.decoder_passes,
+            "steps_per_canvas": list(s.steps_per_canvas), "tokens_per_forward": s.tokens_per_forward,
+            "shared_decoder_passes": s.shared_decoder_passes}
+
+
+def cmd_infill(a: argparse.Namespace) -> int:
+    with _client(a) as client:
+        response = client.infill(a.prefix, a.suffix, a.gap_tokens, **_generation_kwargs(a))
+    _print_choices(a, response)
+    return 0
+
+
+def cmd_template(a: argparse.Namespace) -> int:
+    if a.file == "-":
+        skeleton = sys.stdin.read()
+    else:
+        skeleton = _read_file(a.file, "FILE").decode()
+    with _client(a) as client:
+        response = client.template(skeleton, instruction=a.instruction, **_generation_kwargs(a))
+    _print_choices(a, response)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    with _client(a) as client:
+        response = client.list_models()
+    if a.json:
+        _print_json(response)
+        return 0
+    for m in response.models:
+        print(f"{m.id}\tcanvas_length={m.canvas_length}\tvocab_size={m.vocab_size}\tprofile={m.profile}")
+    return 0
+
+
+def cmd_tokenize(a: argparse.Namespace) -> int:
+    with _client(a) as client:
+        response = client.tokenize(a.text)
+    if a.json:
+        _print_json(response)
+    else:
+        print(",".join(map(str, response.token_ids)))
+    return 0
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    server = ", else " + DEFAULT_TARGET
+    p = sub.add_parser("infill", help="fill a gap between a prefix and a suffix (on a server)")
+    p.add_argument("--prefix", default="", help="text before the gap")
+    p.add_argument("--suffix", default="", help="text after the gap")
+    p.add_argument("--gap-tokens", type=int, required=True, help="length of the gap in tokens")
+    _add_generation_flags(p, max_new_tokens=False)
+    _add_client_flags(p, server_default=server)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("template", help="fill the typed holes of a skeleton (on a server)")
+    p.add_argument("file", metavar="FILE", help="skeleton with {{name:type:length}} holes; - reads stdin")
+    p.add_argument("--instruction", default="", help="given to the model as a user turn before the skeleton")
+    _add_generation_flags(p, max_new_tokens=False)
+    _add_client_flags(p, server_default=server)
+    p.set_defaults(func=cmd_template)
+
+    p = sub.add_parser("models", help="list the models a server hosts")
+    _add_client_flags(p, generating=False, server_default=server)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("tokenize", help="token ids of a text, as the server computes them")
+    p.add_argument("text", metavar="TEXT")
+    _add_client_flags(p, generating=False, server_default=server)
+    p.set_defaults(func=cmd_tokenize)
+
+
+def _client_error_line(e: ClientError, target: str | None) -> str:
+    if e.code.name == "UNAVAILABLE" and "connect" in e.message.lower():
+        reason = e.message.rsplit(": ", 1)[-1].strip()
+        return f"UNAVAILABLE: cannot connect to the server at {target} ({reason})"
+    return f"{e.code.name}: {' '.join(e.message.split())}"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -87,31 +289,36 @@ def _env_int(name: str, default: int) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    """Serve the model repository on Triton (its own KServe v2 gRPC port) until SIGTERM/SIGINT."""
+    """Serve until SIGTERM/SIGINT: Triton plus the public gRPC front, or Triton alone (--triton-only)."""
+    from service.front.config import serve_options
+
+    opts = serve_options(os.environ, checkpoint=a.checkpoint, profile=a.profile, port=a.port,
+                         metrics_port=None if a.triton_only else a.metrics_port, host=a.host, threads=a.threads,
+                         reflection=a.reflection)
+    if a.triton_only:
+        return _serve_triton_only(a, opts)
+    from service.telemetry.tracing import setup_tracing
+    from service.front.supervisor import serve
+
+    setup_tracing("dgemma-front")
+    return serve(opts)
+
+
+def _serve_triton_only(a: argparse.Namespace, opts) -> int:
+    """Triton alone on its own KServe v2 gRPC port (NIM_TRITON_GRPC_PORT, 8001)."""
     import signal
-    import tempfile
     import threading
 
     from service.triton.launcher import TritonPorts, TritonServer, free_port
-    from service.triton.repository import MODEL_NAME, RepositorySettings, build_repository
+    from service.triton.repository import build_repository
 
-    if not a.triton_only:
-        raise InvalidArgument("triton_only", "the public gRPC front is not built yet; run with --triton-only")
-    ckpt = Path(a.checkpoint)
-    if not (ckpt / "config.json").is_file():
-        raise InvalidArgument("checkpoint", f"no checkpoint at {ckpt}")
-    cache = Path(os.environ.get("NIM_CACHE_PATH") or Path(tempfile.gettempdir()) / "dgemma")
-    repo = build_repository(
-        cache / "model_repository",
-        RepositorySettings(checkpoint_dir=str(ckpt.resolve()), device=a.device, dtype=a.dtype or "",
-                           instance_kind="KIND_GPU" if a.device.startswith("cuda") else "KIND_CPU",
-                           threads=a.threads or 0),
-    )
-    ports = TritonPorts(a.grpc_port, a.http_port or free_port(), a.metrics_port)
-    server = TritonServer(repo, ports=ports, cache_dir=cache, trace_url=os.environ.get("NIM_TRITON_TRACE_URL"))
-    server.start(timeout=a.startup_timeout, wait_model=MODEL_NAME)
-    print(f"dgemma: serving {MODEL_NAME} from {ckpt} on Triton gRPC 127.0.0.1:{ports.grpc} "
-          f"(metrics :{ports.metrics}); Ctrl-C to stop", flush=True)
+    repo = build_repository(opts.cache_dir / "model_repository", opts.repository)
+    ports = TritonPorts(a.grpc_port or _env_int("NIM_TRITON_GRPC_PORT", 8001), a.http_port or free_port(),
+                        a.metrics_port or _env_int("NIM_TRITON_METRICS_PORT", 8002))
+    server = TritonServer(repo, ports=ports, cache_dir=opts.cache_dir, trace_url=os.environ.get("NIM_TRITON_TRACE_URL"))
+    server.start(timeout=opts.startup_timeout_s, wait_model=opts.repository.model_name)
+    print(f"dgemma: serving {opts.repository.model_name} from {opts.front.checkpoint} on Triton gRPC "
+          f"127.0.0.1:{ports.grpc} (metrics :{ports.metrics}); Ctrl-C to stop", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -128,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate in process from a checkpoint")
+    g = sub.add_parser("generate", help="generate in process from a checkpoint, or on a server (--server)")
     g.add_argument("prompt", nargs="?", default=None, help="prompt text (needs a tokenizer)")
     g.add_argument("--prompt", dest="prompt_flag", default=None, help="prompt text (same as the positional)")
     g.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated prompt token ids")
@@ -140,18 +347,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--visual", action="store_true", help="show the canvas converging on stderr")
     _add_generation_flags(g)
+    _add_client_flags(g, json_flag=False, server_default="; without it, generate in process")
     g.set_defaults(func=cmd_generate)
+    _add_client_commands(sub)
 
-    s = sub.add_parser("serve", help="serve the model (Triton Inference Server)")
-    s.add_argument("--triton-only", action="store_true", help="serve on Triton's own gRPC port (no front yet)")
-    s.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default=None)
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--grpc-port", type=int, default=None, help="Triton gRPC port (env NIM_TRITON_GRPC_PORT, 8001)")
-    s.add_argument("--http-port", type=int, default=None)
-    s.add_argument("--metrics-port", type=int, default=None, help="env NIM_TRITON_METRICS_PORT, 8002")
-    s.add_argument("--startup-timeout", type=float, default=300.0)
+    s = sub.add_parser("serve", help="serve the model: Triton plus the public gRPC front (docs/operations.md)")
+    s.add_argument("--checkpoint", type=Path, default=None,
+                   help="model directory (env NIM_MODEL_PATH; default: the embedded tiny model)")
+    s.add_argument("--profile", default=None, help="<backend>-<precision>-<target> (env NIM_MODEL_PROFILE, "
+                                                   "torch-float32-cpu)")
+    s.add_argument("--host", default=None, help="listen address (env NIM_SERVER_HOST, 0.0.0.0)")
+    s.add_argument("--port", type=int, default=None, help="public gRPC port (env NIM_SERVER_PORT, 8000)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port (env NIM_METRICS_PORT, 8002); with --triton-only, Triton's "
+                        "(env NIM_TRITON_METRICS_PORT, 8002)")
+    s.add_argument("--reflection", action="store_true", default=None, help="enable gRPC reflection "
+                                                                           "(env NIM_GRPC_REFLECTION)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads of the engine")
+    s.add_argument("--triton-only", action="store_true", help="serve only Triton's KServe v2 gRPC, no front")
+    s.add_argument("--grpc-port", type=int, default=None,
+                   help="with --triton-only: Triton's gRPC port (env NIM_TRITON_GRPC_PORT, 8001)")
+    s.add_argument("--http-port", type=int, default=None, help="with --triton-only: Triton's HTTP port")
     s.set_defaults(func=cmd_serve)
     return parser
 
@@ -160,18 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     level = os.environ.get("NIM_LOG_LEVEL", a.log_level).upper()
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(level, jsonl_from_env())  # JSON lines when NIM_JSONL_LOGGING is set
     if getattr(a, "prompt_flag", None) is not None:
         if a.prompt is not None:
             parser.error("give the prompt once, positionally or with --prompt")
         a.prompt = a.prompt_flag
     try:
-        if a.command == "serve":
-            a.grpc_port = a.grpc_port or _env_int("NIM_TRITON_GRPC_PORT", 8001)
-            a.metrics_port = a.metrics_port or _env_int("NIM_TRITON_METRICS_PORT", 8002)
         return a.func(a)
     except DGemmaError as e:
         print(f"dgemma: error: {e.message}", file=sys.stderr)
+        return 2
+    except ClientError as e:
+        print(f"dgemma: error: {_client_error_line(e, getattr(a, 'server', None))}", file=sys.stderr)
         return 2
 
 

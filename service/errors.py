@@ -42,3 +42,7 @@ class DeadlineExceeded(DGemmaError):
 
 class Unavailable(DGemmaError):
     """The engine is not ready or is shutting down."""
+
+
+class Unauthenticated(DGemmaError):
+    """The call carries no valid credentials."""

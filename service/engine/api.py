@@ -8,12 +8,13 @@ from typing import Protocol, Union
 
 from service.errors import InvalidArgument
 from service.model.config import ModelConfig
+from service.sampler.constraints import FREE, NUM_CLASSES
 from service.sampler.params import GenerationParams, Pins
 
 
 @dataclass
 class Request:
-    """One generation request: prompt ids, optional pins, parameters and seed."""
+    """One generation request: prompt ids, optional pins and constraints, parameters and seed."""
 
     prompt_ids: list[int]
     params: GenerationParams = field(default_factory=GenerationParams)
@@ -21,6 +22,9 @@ class Request:
     pins: Pins | None = None
     return_drafts: bool = False
     request_id: str = ""
+    # A token class id (service.sampler.constraints) per position of the first canvas, from position 0;
+    # at most canvas_length. Pinned positions keep their pin.
+    constraints: list[int] | None = None
 
     def validate(self, cfg: ModelConfig) -> "Request":
         if not isinstance(self.prompt_ids, (list, tuple)) or len(self.prompt_ids) == 0:
@@ -35,7 +39,24 @@ class Request:
         self.params.validate()
         if self.pins is not None:
             self.pins.validate(cfg.canvas_length, cfg.vocab_size)
+        if self.constraints is not None:
+            self._validate_constraints(cfg.canvas_length)
         return self
+
+    def _validate_constraints(self, canvas_length: int) -> None:
+        if not isinstance(self.constraints, (list, tuple)):
+            raise InvalidArgument("constraints", "must be a list of class ids")
+        n = len(self.constraints)
+        if n > canvas_length:
+            raise InvalidArgument("constraints", f"has {n} positions; the canvas holds {canvas_length}")
+        for c in self.constraints:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < NUM_CLASSES:
+                raise InvalidArgument("constraints", f"class id {c!r} is outside [0, {NUM_CLASSES})")
+
+    @property
+    def constrained(self) -> bool:
+        """Whether any position has a class other than FREE (0)."""
+        return any(c != FREE for c in self.constraints or ())
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,8 @@ class CanvasEvent:
     canvas_index: int
     tokens: list[int]
     steps: int
+    started_ns: int = 0  # wall clock (time.time_ns) when denoising began, after the prefix was encoded
+    committed_ns: int = 0  # wall clock when it was committed
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class Scheduler:
         cancel_check: Callable[[], bool] | None = None,
     ) -> Stream:
         """Validate and queue a request. Raises InvalidArgument, Overloaded or Unavailable at once."""
-        request.validate(self.cfg)
+        self.engine.validate(request)
         if len(request.prompt_ids) > self.limits.max_prompt_tokens:
             raise InvalidArgument("prompt_ids", f"longer than the limit of {self.limits.max_prompt_tokens} tokens")
         if self._cache_bytes(request) > self.limits.max_cache_bytes:

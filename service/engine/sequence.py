@@ -7,6 +7,7 @@ argmax history and counters. Full-vocabulary logits exist only inside `after_dec
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 
 import torch
@@ -16,10 +17,19 @@ from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Reque
 from service.model.config import ModelConfig
 from service.model.network import DiffusionGemma
 from service.sampler import ops
+from service.sampler.constraints import FREE, canvas_classes, constrain_logits_
 
 
 class Sequence:
-    def __init__(self, request: Request, cfg: ModelConfig, eos_ids: tuple[int, ...], pad_id: int) -> None:
+    def __init__(
+        self,
+        request: Request,
+        cfg: ModelConfig,
+        eos_ids: tuple[int, ...],
+        pad_id: int,
+        class_masks: Tensor | None = None,
+    ) -> None:
+        """class_masks: bool [C, V] from the engine's tokenizer; needed when the request has constraints."""
         self.request = request
         self.params = request.params
         self.cfg = cfg
@@ -29,6 +39,13 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(request.seed)
         self.max_canvases = math.ceil(self.params.max_new_tokens / self.length)  # the reference's count
         self.pins = request.pins.full(self.length) if request.pins is not None else (None, None)
+        # Class ids of the first canvas [L] (pins win), or None when nothing is constrained.
+        self.first_classes: Tensor | None = None
+        if request.constrained:
+            if class_masks is None:
+                raise ValueError("a request with constraints needs class_masks")
+            self.first_classes = canvas_classes(request.constraints, self.length, self.pins[1])
+        self.class_masks = class_masks
         self.committed: list[Tensor] = []
         self.steps_per_canvas: list[int] = []
         self.decoder_passes = 0
@@ -61,9 +78,16 @@ class Sequence:
     def begin_canvas(self) -> None:
         """Start a canvas after its prefix is encoded: uniform noise, pins on the first canvas."""
         self.to_encode = None
+        self.started_ns = time.time_ns()
         canvas = ops.init_canvas(self.length, self.cfg.vocab_size, self.generator)
         pin_ids, pin_mask = self.pins if self.canvas_index == 0 else (None, None)
         self.pin_ids, self.pin_mask = pin_ids, pin_mask
+        self.class_ids = self.first_classes if self.canvas_index == 0 else None
+        # Positions EOS does not pad over: pinned ones, and constrained ones (they hold their class).
+        self.keep_mask = pin_mask
+        if self.class_ids is not None:
+            constrained = self.class_ids != FREE
+            self.keep_mask = constrained if pin_mask is None else pin_mask | constrained
         self.canvas = ops.apply_pins(canvas, pin_ids, pin_mask)
         self.argmax = self.canvas
         self.soft = None
@@ -81,6 +105,9 @@ class Sequence:
         self.steps += 1
         # [L, V] float32, this canvas only; divided in place (the same bits as logits / T)
         processed = model.logits(hidden).div_(ops.temperature(self.step, p.max_denoising_steps, p.t_min, p.t_max))
+        if self.class_ids is not None:  # before sampling, entropy, argmax and self-conditioning see them
+            self.class_ids = self.class_ids.to(processed.device)
+            constrain_logits_(processed, self.class_ids, self.class_masks.to(processed.device))
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         if p.sampler == "fast":
             sampled = ops.fast_sample_tokens(probs, self.generator)
@@ -110,12 +137,12 @@ class Sequence:
         return events
 
     def _commit(self) -> list[Event]:
-        tokens, hit_eos = ops.finalize_canvas(self.argmax, self.eos, self.pad_id, self.pin_mask)
+        tokens, hit_eos = ops.finalize_canvas(self.argmax, self.eos, self.pad_id, self.keep_mask)
         index = self.canvas_index
         self.committed.append(tokens)
         self.steps_per_canvas.append(self.steps)
         self.canvas, self.soft = None, None
-        events: list[Event] = [CanvasEvent(index, tokens.tolist(), self.steps)]
+        events: list[Event] = [CanvasEvent(index, tokens.tolist(), self.steps, self.started_ns, time.time_ns())]
         if hit_eos or len(self.committed) >= self.max_canvases:
             self.finish_reason = "eos" if hit_eos else "length"
             events.append(self.finish())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,24 +11,14 @@ import torch
 
 from service.engine.api import Event, Request
 from service.engine.sequence import Sequence
+from service.errors import InvalidArgument
+from service.model.config import read_generation_config as generation_defaults
 from service.model.loading import load_model
 from service.model.tokenizer import Tokenizer, load_tokenizer
+from service.sampler.constraints import build_class_masks, check_classes
 from service.sampler.params import GenerationParams, params_from_generation_config
 
 log = logging.getLogger(__name__)
-
-
-def generation_defaults(checkpoint_dir: Path) -> dict:
-    """The checkpoint's generation_config.json (eos/pad ids and sampler defaults), or {}."""
-    path = Path(checkpoint_dir) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("ignoring unreadable generation_config.json")
-        return {}
-    return raw if isinstance(raw, dict) else {}
 
 
 class TorchEngine:
@@ -56,10 +46,31 @@ class TorchEngine:
         # What a request that sets nothing gets: the checkpoint's generation config over the reference's defaults.
         self.default_params: GenerationParams = params_from_generation_config(gen)
         self.tokenizer: Tokenizer | None = load_tokenizer(self.checkpoint_dir)
+        self._class_masks: torch.Tensor | None = None
+        self._class_masks_lock = threading.Lock()
+
+    def class_masks(self) -> torch.Tensor:
+        """Allowed ids per token class, bool [C, V] on the model's device; built once from the tokenizer."""
+        if self.tokenizer is None:
+            raise InvalidArgument("constraints", "this model has no tokenizer; token classes need one")
+        with self._class_masks_lock:
+            if self._class_masks is None:
+                special = {*self.eos_ids, self.pad_id, self.tokenizer.bos_id}
+                masks = build_class_masks(self.tokenizer, self.config.vocab_size, special)
+                self._class_masks = masks.to(self.device)
+        return self._class_masks
+
+    def validate(self, request: Request) -> Request:
+        """The request's own checks, plus what needs this engine: a tokenizer and non-empty classes."""
+        request.validate(self.config)
+        if request.constrained:
+            check_classes(self.class_masks(), request.constraints)
+        return request
 
     def new_sequence(self, request: Request) -> Sequence:
-        request.validate(self.config)
-        return Sequence(request, self.config, self.eos_ids, self.pad_id)
+        self.validate(request)
+        masks = self.class_masks() if request.constrained else None
+        return Sequence(request, self.config, self.eos_ids, self.pad_id, masks)
 
     def generate(self, request: Request) -> Iterator[Event]:
         seq = self.new_sequence(request)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 MODEL_TYPE = "diffusion_gemma"
@@ -167,3 +170,16 @@ def read_config(checkpoint_dir: Path) -> ModelConfig:
     if not isinstance(raw, dict):
         raise CheckpointError("config.json is not a JSON object")
     return parse_config(raw)
+
+
+def read_generation_config(checkpoint_dir: Path) -> dict:
+    """The checkpoint's generation_config.json (eos/pad ids and sampler defaults), or {}."""
+    path = Path(checkpoint_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable generation_config.json")
+        return {}
+    return raw if isinstance(raw, dict) else {}

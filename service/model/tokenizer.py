@@ -32,8 +32,19 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def special_ids(self) -> set[int]:
+        """Ids of the added tokens marked special (pad, eos, bos, `<|turn>`, ...)."""
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def token_texts(self) -> list[str]:
+        """Every id decoded on its own, special tokens kept: entry i is id i's text."""
+        return self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
 
     def chat_prompt(self, messages: list[tuple[str, str]]) -> list[int]:
         """The checkpoint's chat template when it has one, else the Gemma turn format; ends with an open

@@ -22,6 +22,7 @@ from service.errors import (
 )
 from service.model.config import ModelConfig
 from service.model.tokenizer import Tokenizer
+from service.sampler.constraints import FREE
 from service.sampler.params import GenerationParams, Pins
 
 # One table: domain error -> Triton error code name (pb_utils.TritonError.<NAME>).
@@ -36,8 +37,8 @@ TRITON_ERROR_CODES: dict[type[DGemmaError], str] = {
 
 INT_PARAMS = ("max_new_tokens", "max_denoising_steps", "stability_threshold")
 FLOAT_PARAMS = ("entropy_bound", "t_min", "t_max", "confidence_threshold")
-INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "seed", "return_drafts", "request_id",
-               "sampler", "apply_chat_template", *INT_PARAMS, *FLOAT_PARAMS)
+INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "seed", "return_drafts",
+               "request_id", "sampler", "apply_chat_template", *INT_PARAMS, *FLOAT_PARAMS)
 
 
 def error_code(err: BaseException) -> str:
@@ -104,6 +105,9 @@ def request_from_inputs(
         pins = Pins.from_lists(pin_ids, mask)
     elif inputs.get("pin_mask") is not None:
         raise InvalidArgument("pin_mask", "given without pin_ids")
+    constraints = _ids(inputs, "constraint_ids")
+    if tokenizer is None and any(c != FREE for c in constraints or ()):
+        raise InvalidArgument("constraint_ids", "this model has no tokenizer; token classes need one")
     seed = _scalar(inputs, "seed")
     req = Request(
         prompt_ids=ids,
@@ -112,12 +116,15 @@ def request_from_inputs(
         pins=pins,
         return_drafts=bool(_scalar(inputs, "return_drafts") or False),
         request_id=str(_scalar(inputs, "request_id") or ""),
+        constraints=constraints,
     )
     try:
         return req.validate(cfg)
     except InvalidArgument as e:
         if e.field == "prompt_ids":  # the engine's name for what this interface calls input_ids
             raise e.renamed("input_ids" if text is None else "text_input") from None
+        if e.field == "constraints":
+            raise e.renamed("constraint_ids") from None
         raise
 
 
@@ -142,3 +149,18 @@ def outputs_for_event(event: Event, detokenize: Callable[[list[int]], str] | Non
         "stats": np.array([json.dumps(stats).encode()], dtype=np.object_),
         "finish_reason": np.array([reason.encode()], dtype=np.object_),
     }
+
+
+def backend_spans(submitted_ns: int, ended_ns: int, canvases: list[CanvasEvent]) -> list[tuple[str, int, int, dict]]:
+    """The denoising work of one request as (name, start_ns, end_ns, attributes), children of its
+    `dgemma.generate` span: the prefill, each canvas's steps, and each commit pass that followed a canvas."""
+    spans = []
+    first = canvases[0].started_ns if canvases else ended_ns
+    spans.append(("dgemma.prefill", submitted_ns, first, {}))
+    for i, c in enumerate(canvases):
+        spans.append(("dgemma.canvas", c.started_ns, c.committed_ns,
+                      {"dgemma.canvas_index": c.canvas_index, "dgemma.steps": c.steps}))
+        if i + 1 < len(canvases):
+            spans.append(("dgemma.commit", c.committed_ns, canvases[i + 1].started_ns,
+                          {"dgemma.canvas_index": c.canvas_index}))
+    return spans

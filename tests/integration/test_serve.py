@@ -37,6 +37,10 @@ def test_serve_without_a_checkpoint_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--triton-only", "--checkpoint",
                           str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "checkpoint" in out.stderr and "Traceback" not in out.stderr
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--triton-only" in out.stderr and time.monotonic() - t0 < 60
+    for name, value in (("NIM_MODEL_PROFILE", "torch-int3-cpu"), ("NIM_SERVER_PORT", "eighty"),
+                        ("NIM_SSL_MODE", "MTLS"), ("NIM_API_KEYS_FILE", str(tmp_path / "missing"))):
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "service.cli", "serve"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, name: value, "NIM_CACHE_PATH": str(tmp_path)})
+        assert out.returncode == 2 and name in out.stderr and time.monotonic() - t0 < 60, (name, out.stderr)
+        assert "Traceback" not in out.stderr

@@ -10,6 +10,7 @@ import logging
 import os
 import site
 import sys
+import time
 
 # The backend's stub interpreter ignores PYTHONPATH; the launcher passes the serving environment's
 # import path here instead (site dirs first, so their packages win over the system's).
@@ -24,7 +25,14 @@ from service.engine.api import CanvasEvent, FinalEvent  # noqa: E402
 from service.engine.registry import create_engine  # noqa: E402
 from service.engine.scheduler import Limits, Scheduler  # noqa: E402
 from service.errors import DGemmaError  # noqa: E402
-from service.triton.adapter import INPUT_NAMES, error_code, outputs_for_event, request_from_inputs  # noqa: E402
+from service.telemetry.tracing import emit_span, setup_tracing  # noqa: E402
+from service.triton.adapter import (  # noqa: E402
+    INPUT_NAMES,
+    backend_spans,
+    error_code,
+    outputs_for_event,
+    request_from_inputs,
+)
 
 log = logging.getLogger("dgemma.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -53,6 +61,8 @@ class TritonPythonModel:
             max_cache_bytes=int(params.get("max_cache_bytes", 2 << 30)),
         )
         self.scheduler = Scheduler(self.engine, limits).start()
+        # Spans of the denoising work, under Triton's own request span (OTEL_* from `dgemma serve`).
+        self.tracing = setup_tracing("dgemma-backend")
         self.tokenizer = self.engine.tokenizer
         self.outputs = [o["name"] for o in cfg["output"]]
         labels = {"model": cfg["name"]}
@@ -78,20 +88,46 @@ class TritonPythonModel:
     def _detok(self, ids):
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _sink(self, sender):
+    def _trace_context(self, request):
+        if not self.tracing:
+            return None
+        try:
+            return request.trace().get_context()  # {"traceparent": ...} while Triton traces this request
+        except Exception:
+            return None
+
+    def _emit_spans(self, parent, submitted_ns, canvases, request_id, error=None):
+        if parent is None:
+            return
+        try:
+            end = time.time_ns()
+            attrs = {"dgemma.request_id": request_id, "dgemma.canvases": len(canvases),
+                     "dgemma.steps_per_canvas": [c.steps for c in canvases]}
+            ctx = emit_span("dgemma.generate", submitted_ns, end, attrs, parent, error=error)
+            for name, start, stop, a in backend_spans(submitted_ns, end, canvases):
+                emit_span(name, start, stop, a, ctx)
+        except Exception:  # tracing never fails a request
+            log.warning("could not record spans", exc_info=True)
+
+    def _sink(self, sender, trace_parent=None, request_id=""):
+        submitted_ns, canvases = time.time_ns(), []
+
         def on_event(item):
             try:
                 if isinstance(item, BaseException):
+                    self._emit_spans(trace_parent, submitted_ns, canvases, request_id, error=error_code(item))
                     sender.send(pb_utils.InferenceResponse(error=_triton_error(item)), flags=FINAL)
                     return
                 tensors = outputs_for_event(item, self._detok)
                 out = [pb_utils.Tensor(name, tensors[name]) for name in self.outputs]
                 if isinstance(item, CanvasEvent):
+                    canvases.append(item)
                     self.m_canvases.increment(1)
                     self.m_steps.increment(item.steps)
                 if isinstance(item, FinalEvent):
                     self.m_tokens.increment(item.stats.generated_tokens)
                     self.m_passes.increment(item.stats.decoder_passes)
+                    self._emit_spans(trace_parent, submitted_ns, canvases, request_id)
                     sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=FINAL)
                 else:
                     sender.send(pb_utils.InferenceResponse(output_tensors=out))
@@ -112,7 +148,8 @@ class TritonPythonModel:
                     t = pb_utils.get_input_tensor_by_name(request, name)
                     inputs[name] = None if t is None else t.as_numpy()
                 req = request_from_inputs(inputs, self.engine.config, self.tokenizer, self.engine.default_params)
-                self.scheduler.submit(req, on_event=self._sink(sender), cancel_check=sender.is_cancelled)
+                sink = self._sink(sender, self._trace_context(request), req.request_id)
+                self.scheduler.submit(req, on_event=sink, cancel_check=sender.is_cancelled)
             except DGemmaError as e:
                 sender.send(pb_utils.InferenceResponse(error=_triton_error(e)), flags=FINAL)
             except Exception:

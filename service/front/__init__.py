@@ -1,0 +1,1 @@
+"""The public gRPC front: a grpc.aio server in front of Triton."""

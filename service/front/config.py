@@ -1,0 +1,148 @@
+"""`dgemma serve` configuration: NIM-style environment variables, overridden by command-line flags.
+
+Every variable is documented in docs/operations.md. Errors name the variable (or flag) at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from service import DEFAULT_CHECKPOINT
+from service.errors import InvalidArgument
+from service.front.server import FrontSettings, TLSConfig
+from service.front.supervisor import ServeOptions
+from service.triton.launcher import TritonPorts, free_port
+from service.triton.repository import RepositorySettings
+
+BACKENDS = ("torch", "tensorrt_llm")
+PRECISIONS = ("float32", "bfloat16", "float16", "fp8", "nvfp4")
+TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """`<backend>-<precision>-<target>`, e.g. torch-float32-cpu, torch-bfloat16-h100, tensorrt_llm-fp8-h100."""
+
+    backend: str
+    precision: str
+    target: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}-{self.precision}-{self.target}"
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.target == "cpu" else "cuda"
+
+    @staticmethod
+    def parse(name: str, field: str = "NIM_MODEL_PROFILE") -> "Profile":
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] not in BACKENDS or parts[1] not in PRECISIONS or not parts[2]:
+            raise InvalidArgument(field, f"expected <backend>-<precision>-<target> with backend in {BACKENDS} and "
+                                         f"precision in {PRECISIONS} (e.g. torch-float32-cpu), got {name!r}")
+        p = Profile(*parts)
+        if p.backend == "torch" and p.precision in ("fp8", "nvfp4"):
+            raise InvalidArgument(field, f"{p.precision} weights come from `dgemma build` engines, which this "
+                                         "build does not serve yet (unverified: needs a GPU); use a float profile")
+        if p.device == "cpu" and p.precision != "float32" and p.precision != "bfloat16":
+            raise InvalidArgument(field, "on cpu use float32 or bfloat16")
+        return p
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be an integer, got {raw!r}") from None
+    if v < minimum:
+        raise InvalidArgument(name, f"must be >= {minimum}, got {v}")
+    return v
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise InvalidArgument(name, f"must be a number, got {raw!r}") from None
+
+
+def api_keys(env: Mapping[str, str]) -> list[str]:
+    """NIM_API_KEYS (comma-separated) and NIM_API_KEYS_FILE (one key per line, # comments)."""
+    keys = [k.strip() for k in env.get("NIM_API_KEYS", "").split(",") if k.strip()]
+    path = env.get("NIM_API_KEYS_FILE", "")
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise InvalidArgument("NIM_API_KEYS_FILE", f"cannot read the key file: {e.strerror}") from None
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not keys:
+            raise InvalidArgument("NIM_API_KEYS_FILE", "the key file holds no key")
+    return keys
+
+
+def tls_config(env: Mapping[str, str]) -> TLSConfig | None:
+    mode = env.get("NIM_SSL_MODE", "DISABLED").upper()
+    if mode == "DISABLED":
+        return None
+    if mode not in ("TLS", "MTLS"):
+        raise InvalidArgument("NIM_SSL_MODE", f"must be DISABLED, TLS or MTLS, got {mode!r}")
+    need = ["NIM_SSL_CERT_PATH", "NIM_SSL_KEY_PATH"] + (["NIM_SSL_CA_CERT_PATH"] if mode == "MTLS" else [])
+    for name in need:
+        if not env.get(name) or not Path(env[name]).is_file():
+            raise InvalidArgument(name, f"NIM_SSL_MODE={mode} needs this file")
+    ca = Path(env["NIM_SSL_CA_CERT_PATH"]) if mode == "MTLS" else None
+    return TLSConfig(Path(env["NIM_SSL_CERT_PATH"]), Path(env["NIM_SSL_KEY_PATH"]), ca)
+
+
+def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, profile: str | None = None,
+                  port: int | None = None, metrics_port: int | None = None, host: str | None = None,
+                  threads: int | None = None, reflection: bool | None = None) -> ServeOptions:
+    """Flags (keyword arguments, None when unset) override the environment, which overrides defaults."""
+    ckpt = Path(checkpoint or env.get("NIM_MODEL_PATH") or DEFAULT_CHECKPOINT)
+    if not (ckpt / "config.json").is_file():
+        raise InvalidArgument("checkpoint", f"no checkpoint (config.json) at {ckpt}")
+    prof = Profile.parse(profile or env.get("NIM_MODEL_PROFILE") or "torch-float32-cpu",
+                         "--profile" if profile else "NIM_MODEL_PROFILE")
+    cache = Path(env.get("NIM_CACHE_PATH") or Path(tempfile.gettempdir()) / "dgemma")
+    name = env.get("NIM_SERVED_MODEL_NAME") or "diffusiongemma"
+    repo = RepositorySettings(
+        checkpoint_dir=str(ckpt.resolve()), engine_backend=prof.backend, device=prof.device, dtype=prof.precision,
+        instance_kind="KIND_CPU" if prof.device == "cpu" else "KIND_GPU",
+        max_live_canvases=_int(env, "NIM_MAX_LIVE_CANVASES", 16, 1), threads=threads or 0,
+    ).validate()
+    front = FrontSettings(
+        checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=prof.name,
+        host=host or env.get("NIM_SERVER_HOST") or "0.0.0.0",
+        port=port if port is not None else _int(env, "NIM_SERVER_PORT", 8000),
+        api_keys=api_keys(env), tls=tls_config(env),
+        reflection=reflection if reflection is not None else env.get("NIM_GRPC_REFLECTION", "").lower() in TRUE,
+        max_inflight=_int(env, "NIM_MAX_CONCURRENT_REQUESTS", 64, 1),
+    )
+    # Triton is internal to the pod: its ports are free ones unless pinned.
+    tports = TritonPorts(_int(env, "NIM_TRITON_GRPC_PORT", 0) or free_port(), free_port(),
+                         _int(env, "NIM_TRITON_METRICS_PORT", 0) or free_port())
+    front.triton_target = f"127.0.0.1:{tports.grpc}"
+    log_path = env.get("NIM_TRITON_LOG_FILE")
+    return ServeOptions(
+        front=front, repository=repo, cache_dir=cache, triton_ports=tports,
+        metrics_host=host or env.get("NIM_SERVER_HOST") or "0.0.0.0",
+        metrics_port=metrics_port if metrics_port is not None else _int(env, "NIM_METRICS_PORT", 8002),
+        startup_timeout_s=_float(env, "NIM_STARTUP_TIMEOUT", 300.0),
+        shutdown_grace_s=_float(env, "NIM_SHUTDOWN_GRACE_PERIOD", 30.0),
+        drain_delay_s=_float(env, "NIM_SHUTDOWN_DRAIN_DELAY", 2.0),
+        triton_log=Path(log_path) if log_path else None,
+    )
+
+
+def from_environ(**flags) -> ServeOptions:
+    return serve_options(os.environ, **flags)

@@ -1,0 +1,136 @@
+"""A public request, validated and reduced to what the model runs: a `Job` of one or more variations.
+
+Protobuf stays at the edge: the servicer turns messages into these plain values and back.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from service.errors import InvalidArgument
+from service.front.catalog import ServedModel
+from service.front.triton_client import Tensor
+
+MAX_VARIATIONS = 16
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+ROLES = {"system": "system", "user": "user", "model": "model", "assistant": "model"}
+SAMPLERS = {0: None, 1: "reference", 2: "fast"}  # proto enum Sampler -> the backend's name
+PARAM_FIELDS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                "confidence_threshold")
+_INT_PARAMS = ("max_denoising_steps", "stability_threshold")
+
+
+@dataclass
+class Options:
+    """Diffusion parameters that were set (others take the model's defaults), seed and variations."""
+
+    params: dict[str, int | float | str] = field(default_factory=dict)
+    seed: int = 0
+    num_variations: int = 1
+
+
+@dataclass
+class Job:
+    request_id: str
+    prompt_ids: list[int]
+    options: Options
+    max_new_tokens: int | None = None
+    return_drafts: bool = False
+    pin_ids: list[int] | None = None
+    pin_mask: list[bool] | None = None
+    constraint_ids: list[int] | None = None
+    # the backend's input names -> this request's field paths, for errors the backend finds
+    field_names: dict[str, str] = field(default_factory=dict)
+
+    def seed(self, variation: int) -> int:
+        return self.options.seed + variation
+
+    def inputs(self, variation: int) -> dict[str, Tensor]:
+        """The model's inputs (docs/api.md) for one variation."""
+        t: dict[str, Tensor] = {
+            "input_ids": Tensor("INT32", self.prompt_ids),
+            "seed": Tensor("UINT64", [self.seed(variation)]),
+            "request_id": Tensor("BYTES", [f"{self.request_id}/{variation}"]),
+        }
+        if self.max_new_tokens is not None:
+            t["max_new_tokens"] = Tensor("INT32", [self.max_new_tokens])
+        for name, v in self.options.params.items():
+            kind = "BYTES" if name == "sampler" else "INT32" if name in _INT_PARAMS else "FP32"
+            t[name] = Tensor(kind, [v])
+        if self.return_drafts:
+            t["return_drafts"] = Tensor("BOOL", [True])
+        if self.pin_ids is not None:
+            t["pin_ids"] = Tensor("INT32", self.pin_ids)
+            t["pin_mask"] = Tensor("BOOL", self.pin_mask if self.pin_mask is not None else [True] * len(self.pin_ids))
+        if self.constraint_ids is not None:
+            t["constraint_ids"] = Tensor("INT32", self.constraint_ids)
+        return t
+
+
+def request_id_of(given: str) -> str:
+    if not given:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.match(given):
+        raise InvalidArgument("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+    return given
+
+
+def options_of(params: dict[str, object], sampler: int, seed: int | None, num_variations: int) -> Options:
+    """Validate the options a client can set; the backend validates parameter values and names them."""
+    if not 0 <= num_variations <= MAX_VARIATIONS:
+        raise InvalidArgument("options.num_variations", f"must be in [1, {MAX_VARIATIONS}], got {num_variations}")
+    n = num_variations or 1
+    seed = seed or 0
+    if seed + n > 2**63:
+        raise InvalidArgument("options.seed", "seed + num_variations must stay below 2^63")
+    if sampler not in SAMPLERS:
+        raise InvalidArgument("options.parameters.sampler", f"unknown sampler {sampler}")
+    values = {k: v for k, v in params.items() if v is not None}
+    if SAMPLERS[sampler] is not None:
+        values["sampler"] = SAMPLERS[sampler]
+    return Options(values, seed, n)
+
+
+def field_names(prompt_field: str) -> dict[str, str]:
+    names = {name: f"options.parameters.{name}" for name in (*PARAM_FIELDS, "sampler")}
+    names.update(seed="options.seed", input_ids=prompt_field, text_input=prompt_field, max_new_tokens="max_new_tokens")
+    return names
+
+
+def prompt_ids(model: ServedModel, text: str | None, chat: list[tuple[str, str]] | None,
+               token_ids: list[int] | None) -> tuple[list[int], str]:
+    """The prompt's ids and the field it came from."""
+    if text is not None:
+        if not text:
+            raise InvalidArgument("text", "the prompt is empty")
+        return tokenizer_of(model, "text").encode(text), "text"
+    if chat is not None:
+        return chat_ids(model, chat, "chat"), "chat"
+    if token_ids is not None:
+        if not token_ids:
+            raise InvalidArgument("token_ids.ids", "the prompt is empty")
+        vocab = model.config.vocab_size
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < vocab:
+                raise InvalidArgument(f"token_ids.ids[{i}]", f"id {t} is outside the vocabulary [0, {vocab})")
+        return list(token_ids), "token_ids.ids"
+    raise InvalidArgument("prompt", "give one of text, chat or token_ids")
+
+
+def chat_ids(model: ServedModel, chat: list[tuple[str, str]], name: str) -> list[int]:
+    if not chat:
+        raise InvalidArgument(f"{name}.messages", "the conversation is empty")
+    turns = []
+    for i, (role, content) in enumerate(chat):
+        if role not in ROLES:
+            raise InvalidArgument(f"{name}.messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
+        turns.append((ROLES[role], content))
+    return tokenizer_of(model, name).chat_prompt(turns)
+
+
+def tokenizer_of(model: ServedModel, name: str):
+    if model.tokenizer is None:
+        raise InvalidArgument(name, "this model has no tokenizer; send token_ids")
+    return model.tokenizer

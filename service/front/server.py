@@ -1,0 +1,131 @@
+"""The grpc.aio front server: the public API, health, optional reflection, auth and TLS, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
+from service.errors import InvalidArgument
+from service.front.catalog import ServedModel
+from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor
+from service.front.servicer import DiffusionGemmaServicer
+from service.front.triton_client import TritonClient
+from service.telemetry.metrics import FrontMetrics
+
+log = logging.getLogger("dgemma.front")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionGemma"].full_name
+
+
+@dataclass
+class TLSConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: mutual TLS, clients must present a certificate it signed
+
+    def credentials(self) -> grpc.ServerCredentials:
+        try:
+            pair = (self.key.read_bytes(), self.cert.read_bytes())
+            ca = self.client_ca.read_bytes() if self.client_ca else None
+        except OSError as e:
+            raise InvalidArgument("tls", f"cannot read a TLS file: {e.strerror}") from None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass
+class FrontSettings:
+    checkpoint: Path
+    triton_target: str  # host:port of Triton's gRPC endpoint
+    model_id: str = "diffusiongemma"
+    triton_model: str = "diffusiongemma"
+    profile: str = "torch-float32-cpu"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    tls: TLSConfig | None = None
+    reflection: bool = False
+    max_inflight: int = 64
+    ready_poll_s: float = 1.0
+
+
+class FrontServer:
+    """Serves until `stop()`. Health is SERVING only while Triton and the model are ready and
+    `backend_alive()` holds (the supervisor's view of the Triton process)."""
+
+    def __init__(self, settings: FrontSettings, metrics: FrontMetrics,
+                 backend_alive: Callable[[], bool] = lambda: True) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.backend_alive = backend_alive
+        self.model = ServedModel.load(settings.checkpoint, settings.model_id, settings.profile)
+        self.triton = TritonClient(settings.triton_target, settings.triton_model)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task | None = None
+        self._serving: bool | None = None
+        self._stopping = False
+
+    async def start(self) -> int:
+        s = self.settings
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if s.api_keys:
+            interceptors.append(AuthInterceptor(s.api_keys))
+        interceptors.append(ObservabilityInterceptor(self.metrics))
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        self.servicer = DiffusionGemmaServicer(self.model, self.triton, s.max_inflight)
+        pb_grpc.add_DiffusionGemmaServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if s.reflection:
+            reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{s.host}:{s.port}"
+        self.port = server.add_secure_port(address, s.tls.credentials()) if s.tls else server.add_insecure_port(address)
+        if not self.port:
+            raise InvalidArgument("port", f"cannot listen on {address}")
+        await self._set_serving(False)
+        await server.start()
+        self._server = server
+        self._watch = asyncio.create_task(self._watch_ready())
+        log.info("front listening on %s:%d (%s), model %s", s.host, self.port, "TLS" if s.tls else "plaintext",
+                 self.model.id)
+        return self.port
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving or self._stopping:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        self._serving = serving
+        log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+
+    async def _watch_ready(self) -> None:
+        while not self._stopping:
+            ok = self.backend_alive() and await self.triton.ready()
+            await self._set_serving(ok)
+            await asyncio.sleep(self.settings.ready_poll_s)
+
+    async def stop(self, grace: float = 30.0, drain_delay: float = 0.0) -> None:
+        """NOT_SERVING first (still serving for `drain_delay` seconds, so routing moves away), then refuse
+        new calls and let in-flight ones finish within `grace` seconds."""
+        await self._set_serving(False)
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(drain_delay)
+        if self._watch:
+            self._watch.cancel()
+        if self._server:
+            await self._server.stop(grace)
+        await self.triton.close()
+
+    async def wait(self) -> None:
+        if self._server:
+            await self._server.wait_for_termination()

@@ -1,0 +1,236 @@
+"""The `diffusiongemma.v1.DiffusionGemma` servicer: protobuf in, a Job to Triton, protobuf out.
+
+Errors are raised as domain errors; the interceptor (service/front/interceptors.py) maps them to status
+codes. Every RPC's variations run as concurrent Triton streams, so the engine batches them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
+from service.errors import InvalidArgument, Overloaded
+from service.front import jobs, layout
+from service.front.catalog import ServedModel
+from service.front.interceptors import current_request_metrics
+from service.front.jobs import Job
+from service.front.triton_client import BackendEvent, TritonClient
+from service.telemetry.tracing import traceparent_metadata
+
+FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
+
+
+def _stats(stats: dict) -> pb.DiffusionStats:
+    return pb.DiffusionStats(
+        decoder_passes=int(stats.get("decoder_passes", 0)), steps_per_canvas=stats.get("steps_per_canvas", []),
+        tokens_per_forward=float(stats.get("tokens_per_forward", 0.0)),
+        shared_decoder_passes=int(stats.get("shared_decoder_passes", 0)),
+    )
+
+
+def _usage(job: Job, finals: list[BackendEvent]) -> pb.Usage:
+    completion = sum(int(f.stats.get("generated_tokens", 0)) for f in finals)
+    prompt = len(job.prompt_ids)
+    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _options(o: pb.GenerationOptions) -> jobs.Options:
+    params = {name: getattr(o.parameters, name) if o.parameters.HasField(name) else None
+              for name in jobs.PARAM_FIELDS}
+    return jobs.options_of(params, o.parameters.sampler, o.seed if o.HasField("seed") else None, o.num_variations)
+
+
+def _chat(c: pb.Chat) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in c.messages]
+
+
+class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
+    def __init__(self, model: ServedModel, triton: TritonClient, max_inflight: int = 64) -> None:
+        self.model = model
+        self.triton = triton
+        self.max_inflight = max_inflight  # backend streams (variations) in flight at once
+        self.inflight = 0
+
+    # ---- running a job ---------------------------------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name and name != self.model.id:
+            raise InvalidArgument("model", f"unknown model {name!r}; this server serves {self.model.id!r}")
+
+    async def _run(self, job: Job, context: grpc.aio.ServicerContext, method: str
+                   ) -> AsyncIterator[tuple[int, BackendEvent]]:
+        """Every variation's events, interleaved, until each has its final event. Leaving early (error,
+        client cancel, deadline) cancels every Triton stream, which frees the engine's slots."""
+        n = job.options.num_variations
+        if self.inflight + n > self.max_inflight:
+            raise Overloaded(f"the server is at its limit of {self.max_inflight} concurrent generations; retry later")
+        self.inflight += n
+        rm = current_request_metrics()
+        timeout = context.time_remaining()
+        metadata = traceparent_metadata()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for ev in self.triton.stream(job.inputs(i), request_id=f"{job.request_id}/{i}", timeout=timeout,
+                                                   metadata=metadata, field_names=job.field_names):
+                    await queue.put((i, ev))
+            except Exception as e:  # noqa: BLE001 (re-raised by the reader)
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            finals = 0
+            while finals < n:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if rm is not None:
+                    rm.first_event()
+                    if item.kind == "canvas":
+                        rm.canvas(steps=item.step)
+                    elif item.kind == "final":
+                        rm.canvas(tokens=int(item.stats.get("generated_tokens", 0)))
+                finals += item.kind == "final"
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.inflight -= n
+
+    async def _finals(self, job: Job, context: grpc.aio.ServicerContext, method: str) -> list[BackendEvent]:
+        finals: list[BackendEvent | None] = [None] * job.options.num_variations
+        async for i, ev in self._run(job, context, method):
+            if ev.kind == "final":
+                finals[i] = ev
+        return finals  # type: ignore[return-value]
+
+    # ---- Generate ------------------------------------------------------------------------------
+
+    def _generate_job(self, r: pb.GenerateRequest) -> Job:
+        self._check_model(r.model)
+        kind = r.WhichOneof("prompt")
+        ids, prompt_field = jobs.prompt_ids(
+            self.model, r.text if kind == "text" else None, _chat(r.chat) if kind == "chat" else None,
+            list(r.token_ids.ids) if kind == "token_ids" else None)
+        return Job(request_id=jobs.request_id_of(r.request_id), prompt_ids=ids, options=_options(r.options),
+                   max_new_tokens=r.max_new_tokens if r.HasField("max_new_tokens") else None,
+                   return_drafts=r.return_drafts, field_names=jobs.field_names(prompt_field))
+
+    def _generate_response(self, job: Job, finals: list[BackendEvent]) -> pb.GenerateResponse:
+        choices = [pb.Choice(index=i, text=f.text, token_ids=f.ids, finish_reason=FINISH.get(f.finish_reason, 0),
+                             seed=job.seed(i), stats=_stats(f.stats)) for i, f in enumerate(finals)]
+        return pb.GenerateResponse(request_id=job.request_id, model=self.model.id, choices=choices,
+                                   usage=_usage(job, finals))
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        job = self._generate_job(request)
+        job.return_drafts = False
+        return self._generate_response(job, await self._finals(job, context, "Generate"))
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        job = self._generate_job(request)
+        finals: list[BackendEvent | None] = [None] * job.options.num_variations
+        rid = job.request_id
+        async for i, ev in self._run(job, context, "GenerateStream"):
+            if ev.kind == "draft":
+                yield pb.GenerateStreamResponse(request_id=rid, draft=pb.Draft(
+                    variation=i, canvas_index=ev.canvas_index, step=ev.step, text=ev.text, token_ids=ev.ids))
+            elif ev.kind == "canvas":
+                yield pb.GenerateStreamResponse(request_id=rid, canvas=pb.CommittedCanvas(
+                    variation=i, canvas_index=ev.canvas_index, steps=ev.step, text=ev.text, token_ids=ev.ids))
+            else:
+                finals[i] = ev
+        yield pb.GenerateStreamResponse(request_id=rid, final=self._generate_response(job, finals))
+
+    # ---- Infill, Edit, Template: pinned canvases -------------------------------------------------
+
+    def _layout_job(self, r, lay: layout.CanvasLayout) -> Job:
+        return Job(request_id=jobs.request_id_of(r.request_id), prompt_ids=lay.prompt_ids, options=_options(r.options),
+                   max_new_tokens=lay.max_new_tokens, pin_ids=lay.pin_ids, pin_mask=lay.pin_mask,
+                   constraint_ids=lay.constraint_ids, field_names=jobs.field_names("request"))
+
+    async def _filled(self, r, lay: layout.CanvasLayout, context, method: str):
+        job = self._layout_job(r, lay)
+        finals = await self._finals(job, context, method)
+        tok = jobs.tokenizer_of(self.model, "model")
+        return job, finals, [layout.assemble(lay, f.ids, tok) for f in finals]
+
+    async def Infill(self, request: pb.InfillRequest, context) -> pb.InfillResponse:
+        self._check_model(request.model)
+        tok = jobs.tokenizer_of(self.model, "prefix")
+        lay = layout.infill_layout(tok, self.model.config.canvas_length, request.prefix, request.suffix,
+                                   request.gap_tokens, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+        job, finals, filled = await self._filled(request, lay, context, "Infill")
+        choices = [pb.InfillChoice(index=i, infill=values[0], text=text, infill_token_ids=lay.slot_token_ids(f.ids)[0],
+                                   seed=job.seed(i), stats=_stats(f.stats))
+                   for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
+        return pb.InfillResponse(request_id=job.request_id, model=self.model.id, choices=choices,
+                                 usage=_usage(job, finals))
+
+    async def Edit(self, request: pb.EditRequest, context) -> pb.EditResponse:
+        self._check_model(request.model)
+        tok = jobs.tokenizer_of(self.model, "text")
+        spans = [(s.start, s.end, s.length_tokens) for s in request.editable]
+        lay = layout.edit_layout(tok, self.model.config.canvas_length, request.text, spans, request.instruction,
+                                 eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+        job, finals, filled = await self._filled(request, lay, context, "Edit")
+        choices = [pb.EditChoice(index=i, text=text, replacements=values, seed=job.seed(i), stats=_stats(f.stats))
+                   for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
+        return pb.EditResponse(request_id=job.request_id, model=self.model.id, choices=choices,
+                               usage=_usage(job, finals))
+
+    def _template_parts(self, r: pb.TemplateRequest) -> str | list:
+        if r.parts and r.skeleton:
+            raise InvalidArgument("skeleton", "give either parts or skeleton, not both")
+        if r.skeleton:
+            return r.skeleton
+        if not r.parts:
+            raise InvalidArgument("skeleton", "give a skeleton or parts")
+        parts: list = []
+        for i, p in enumerate(r.parts):
+            kind = p.WhichOneof("part")
+            if kind is None:
+                raise InvalidArgument(f"parts[{i}]", "set literal or hole")
+            parts.append(p.literal if kind == "literal" else
+                         layout.Hole(p.hole.name or None, p.hole.type, p.hole.length_tokens))
+        return parts
+
+    async def Template(self, request: pb.TemplateRequest, context) -> pb.TemplateResponse:
+        self._check_model(request.model)
+        tok = jobs.tokenizer_of(self.model, "skeleton")
+        lay = layout.template_layout(tok, self.model.config.canvas_length, self._template_parts(request),
+                                     request.instruction, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+        job, finals, filled = await self._filled(request, lay, context, "Template")
+        choices = [pb.TemplateChoice(index=i, text=text, values=values, named_values=named, seed=job.seed(i),
+                                     stats=_stats(f.stats))
+                   for i, (f, (text, values, named)) in enumerate(zip(finals, filled))]
+        return pb.TemplateResponse(request_id=job.request_id, model=self.model.id, choices=choices,
+                                   usage=_usage(job, finals))
+
+    # ---- Tokenize, ListModels ------------------------------------------------------------------
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        self._check_model(request.model)
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgument("text", "give text or chat")
+        ids, _ = jobs.prompt_ids(self.model, request.text if kind == "text" else None,
+                                 _chat(request.chat) if kind == "chat" else None, None)
+        tok = jobs.tokenizer_of(self.model, kind)
+        return pb.TokenizeResponse(token_ids=ids, tokens=[tok.id_to_token(i) or "" for i in ids])
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        m, d = self.model, self.model.defaults
+        params = pb.DiffusionParameters(
+            max_denoising_steps=d.max_denoising_steps, entropy_bound=d.entropy_bound, t_min=d.t_min, t_max=d.t_max,
+            stability_threshold=d.stability_threshold, confidence_threshold=d.confidence_threshold,
+            sampler=pb.SAMPLER_FAST if d.sampler == "fast" else pb.SAMPLER_REFERENCE)
+        info = pb.ModelInfo(id=m.id, canvas_length=m.config.canvas_length, vocab_size=m.config.vocab_size,
+                            profile=m.profile, default_parameters=params, default_max_new_tokens=d.max_new_tokens)
+        return pb.ListModelsResponse(models=[info])

@@ -1,0 +1,102 @@
+"""`dgemma serve`: Triton as a supervised child process, the front and the metrics endpoint, one lifecycle.
+
+Start: Triton (bound to 127.0.0.1, ports of its own), then the front (health NOT_SERVING until Triton and
+the model are ready). While running: a dead Triton turns health NOT_SERVING at once and is restarted with
+backoff. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within the grace period, Triton stops, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.front.server import FrontServer, FrontSettings
+from service.telemetry.metrics import FrontMetrics, start_metrics_server, stop_metrics_server
+from service.telemetry.tracing import shutdown_tracing, triton_trace_url
+from service.triton.launcher import TritonPorts, TritonServer
+from service.triton.repository import RepositorySettings, build_repository
+
+log = logging.getLogger("dgemma.serve")
+
+
+@dataclass
+class ServeOptions:
+    front: FrontSettings
+    repository: RepositorySettings
+    cache_dir: Path
+    triton_ports: TritonPorts
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8002
+    startup_timeout_s: float = 300.0
+    shutdown_grace_s: float = 30.0
+    # after SIGTERM, health reads NOT_SERVING (and calls are still served) this long before new calls are
+    # refused: load balancers and Kubernetes probes see it and stop routing here
+    drain_delay_s: float = 2.0
+    restart_backoff_s: float = 2.0
+    triton_log: Path | None = None
+
+
+class Supervisor:
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        repo = build_repository(opts.cache_dir / "model_repository", opts.repository)
+        self.triton = TritonServer(repo, ports=opts.triton_ports, cache_dir=opts.cache_dir,
+                                   trace_url=triton_trace_url(), log_file=opts.triton_log)
+        self.metrics = FrontMetrics()
+        self.restarting = False
+        self.restarts = 0
+        self.stop_requested = asyncio.Event()
+        self.front: FrontServer | None = None
+        self.metrics_port = 0
+
+    def backend_alive(self) -> bool:
+        return not self.restarting and self.triton.alive()
+
+    async def run(self) -> int:
+        o = self.opts
+        await asyncio.to_thread(self.triton.start, o.startup_timeout_s, o.repository.model_name)
+        self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port)
+        self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive)
+        port = await self.front.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port} "
+              f"(metrics :{self.metrics_port}/metrics, Triton 127.0.0.1:{o.triton_ports.grpc})", flush=True)
+        while not self.stop_requested.is_set():
+            try:
+                await asyncio.wait_for(self.stop_requested.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+            if not self.stop_requested.is_set() and not self.triton.alive():
+                await self._restart_triton()
+        log.info("shutting down: NOT_SERVING for %.1fs, then draining for up to %.0fs", o.drain_delay_s,
+                 o.shutdown_grace_s)
+        await self.front.stop(o.shutdown_grace_s, o.drain_delay_s)
+        rc = await asyncio.to_thread(self.triton.stop)
+        stop_metrics_server(self.metrics_port)
+        shutdown_tracing()
+        log.info("stopped (tritonserver exit code %s)", rc)
+        return 0
+
+    async def _restart_triton(self) -> None:
+        self.restarting = True  # health goes NOT_SERVING on the next readiness poll
+        code = self.triton.proc.returncode if self.triton.proc else None
+        log.error("tritonserver exited with code %s; restarting", code)
+        while not self.stop_requested.is_set():
+            await asyncio.sleep(self.opts.restart_backoff_s)
+            try:
+                await asyncio.to_thread(self.triton.start, self.opts.startup_timeout_s, self.opts.repository.model_name)
+                self.restarts += 1
+                log.info("tritonserver restarted (%d restarts)", self.restarts)
+                break
+            except Exception:
+                log.exception("tritonserver restart failed; retrying")
+        self.restarting = False
+
+
+def serve(opts: ServeOptions) -> int:
+    return asyncio.run(Supervisor(opts).run())

@@ -1,0 +1,98 @@
+"""Per-position token classes for structured output: which ids a canvas position may take.
+
+A request gives one class id per position of its first canvas; the engine masks the logits of every
+constrained position to its class before sampling, entropy, argmax and self-conditioning see them.
+Shapes: L = canvas length, V = vocabulary, C = NUM_CLASSES.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from service.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from service.model.tokenizer import Tokenizer
+
+# Class ids: part of the request interface (Request.constraints, Triton `constraint_ids`); do not renumber.
+FREE = 0  # no constraint
+TEXT = 1  # any token but special ones (pad, eos, bos, `<|turn>`, ...)
+JSON_STRING = 2  # non-empty text that may stand inside a JSON string as is: no `"`, `\`, control chars
+NUMBER_FIRST = 3  # digits not starting with 0: ^[1-9][0-9]*$
+NUMBER_REST = 4  # digits: ^[0-9]+$
+NUM_CLASSES = 5
+CLASS_NAMES = ("free", "text", "json_string", "number_first", "number_rest")
+
+# What a disallowed logit becomes: finite, so entropy (p * log p with p = 0) stays 0, never NaN.
+BLOCKED = torch.finfo(torch.float32).min
+
+_CONTROL = re.compile("[\u0000-\u001f\u007f]")
+_NUMBER_FIRST = re.compile("[1-9][0-9]*")
+_NUMBER_REST = re.compile("[0-9]+")
+
+
+def _json_string_ok(text: str) -> bool:
+    return bool(text) and '"' not in text and "\\" not in text and _CONTROL.search(text) is None
+
+
+def class_masks_from_texts(texts: list[str], special: Iterable[int], vocab_size: int) -> Tensor:
+    """Allowed ids per class: bool [C, V]. texts[i] is id i decoded alone; ids past len(texts) are FREE only.
+
+    Pieces that decode to partial UTF-8 (U+FFFD) are left out of JSON_STRING and the number classes.
+    """
+    masks = torch.zeros(NUM_CLASSES, vocab_size, dtype=torch.bool)
+    masks[FREE] = True
+    n = min(len(texts), vocab_size)
+    masks[TEXT, :n] = True
+    for i, text in enumerate(texts[:n]):
+        if "\ufffd" in text:
+            continue
+        masks[JSON_STRING, i] = _json_string_ok(text)
+        masks[NUMBER_FIRST, i] = _NUMBER_FIRST.fullmatch(text) is not None
+        masks[NUMBER_REST, i] = _NUMBER_REST.fullmatch(text) is not None
+    ids = torch.tensor([i for i in set(special) if 0 <= i < vocab_size], dtype=torch.long)
+    masks[FREE + 1 :, ids] = False  # special ids belong to no class but FREE
+    return masks
+
+
+def build_class_masks(tokenizer: "Tokenizer", vocab_size: int, special: Iterable[int] = ()) -> Tensor:
+    """The class masks of a checkpoint: bool [C, V]. `special` adds ids to exclude (the engine's eos/pad/bos)."""
+    return class_masks_from_texts(tokenizer.token_texts(), {*tokenizer.special_ids(), *special}, vocab_size)
+
+
+def check_classes(masks: Tensor, classes: Iterable[int]) -> None:
+    """InvalidArgument("constraints") when a requested class allows no id of this vocabulary."""
+    for c in sorted(set(classes)):
+        if not bool(masks[c].any()):
+            raise InvalidArgument("constraints", f"class {c} ({CLASS_NAMES[c]}) matches no token of this vocabulary")
+
+
+def canvas_classes(constraints: list[int], length: int, pin_mask: Tensor | None = None) -> Tensor:
+    """Class ids for a whole canvas: long [L]; FREE past the list's end and wherever a pin is (pins win)."""
+    class_ids = torch.full((length,), FREE, dtype=torch.long)
+    class_ids[: len(constraints)] = torch.tensor(constraints, dtype=torch.long)
+    if pin_mask is not None:
+        class_ids[pin_mask] = FREE
+    return class_ids
+
+
+def constrain_logits_(logits: Tensor, class_ids: Tensor, masks: Tensor) -> Tensor:
+    """In place: logits [L, V] get BLOCKED wherever masks[class_ids[l]] disallows the id; returns logits.
+
+    Only constrained rows are touched. class_ids: long [L] (on logits' device); masks: bool [C, V].
+    """
+    rows = (class_ids != FREE).nonzero().squeeze(-1)  # [R]
+    if rows.numel():
+        blocked = ~masks[class_ids[rows]]  # [R, V]
+        logits[rows] = logits[rows].masked_fill_(blocked, BLOCKED)
+    return logits
+
+
+def constrain_logits(logits: Tensor, class_ids: Tensor, masks: Tensor) -> Tensor:
+    """The same as `constrain_logits_` on a copy: logits [L, V] -> [L, V]."""
+    return constrain_logits_(logits.clone(), class_ids, masks)

@@ -1,0 +1,104 @@
+"""Process lifecycle of `dgemma serve`: Triton supervision, SIGTERM drain, TLS and mutual TLS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
+from tests.e2e.conftest import Serve
+from tests.e2e.test_operations import SHORT
+
+
+def triton_pid(serve_pid: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == serve_pid and b"tritonserver" in cmd:
+            return int(entry.name)
+    return None
+
+
+def test_dead_triton_is_not_serving_then_restarted_and_sigterm_drains_streams(tmp_path):
+    srv = Serve(tmp_path, api_key=None)
+    try:
+        pid = triton_pid(srv.proc.pid)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        srv.wait_health("NOT_SERVING", timeout=10)
+        srv.wait_health("SERVING", timeout=120)  # restarted by the supervisor
+        assert triton_pid(srv.proc.pid) not in (None, pid)
+        assert srv.stub().Generate(SHORT, timeout=60).choices
+
+        # A stream in flight when SIGTERM arrives still finishes; then the process exits 0.
+        req = pb.GenerateRequest(text="def ", max_new_tokens=64 * 3, return_drafts=True, options=pb.GenerationOptions(
+            parameters=pb.DiffusionParameters(max_denoising_steps=60, confidence_threshold=0.0)))
+        events, errors = [], []
+        started = threading.Event()
+
+        def consume():
+            try:
+                for ev in srv.stub().GenerateStream(req, timeout=120):
+                    events.append(ev)
+                    started.set()
+            except grpc.RpcError as e:
+                errors.append(e)
+                started.set()
+
+        t = threading.Thread(target=consume)
+        t.start()
+        assert started.wait(60) and not errors
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.wait_health("NOT_SERVING", timeout=10)
+        t.join(120)
+        assert not errors, errors
+        assert events[-1].HasField("final") and len(events[-1].final.choices[0].token_ids) == 64 * 3
+        assert srv.proc.wait(60) == 0
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+def test_mutual_tls(tmp_path, ca):
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    server_pem, key_pem, ca_pem = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(server_pem)
+    cert.private_key_pem.write_to_path(key_pem)
+    ca.cert_pem.write_to_path(ca_pem)
+    env = {"NIM_SSL_MODE": "MTLS", "NIM_SSL_CERT_PATH": str(server_pem), "NIM_SSL_KEY_PATH": str(key_pem),
+           "NIM_SSL_CA_CERT_PATH": str(ca_pem)}
+
+    client = ca.issue_cert("client@example.com")
+    good = grpc.ssl_channel_credentials(ca.cert_pem.bytes(), client.private_key_pem.bytes(),
+                                        client.cert_chain_pems[0].bytes())
+    no_cert = grpc.ssl_channel_credentials(ca.cert_pem.bytes())
+
+    srv = Serve(tmp_path, env, api_key=None, credentials=good)
+    try:
+        assert pb_grpc.DiffusionGemmaStub(srv.channel).ListModels(pb.ListModelsRequest(), timeout=10).models
+        with grpc.secure_channel(srv.target, no_cert) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.DiffusionGemmaStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake is refused
+        with grpc.insecure_channel(srv.target) as ch:
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.DiffusionGemmaStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+    finally:
+        assert srv.stop() == 0

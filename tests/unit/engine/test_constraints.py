@@ -1,0 +1,130 @@
+"""Token-class constraints on the first canvas, through the engine and the scheduler, on the shipped tiny model."""
+
+import json
+
+import pytest
+
+from service.cli import DEFAULT_CHECKPOINT
+from service.engine.api import CanvasEvent, DraftEvent, Request
+from service.engine.scheduler import Scheduler
+from service.engine.torch_engine import TorchEngine
+from service.errors import InvalidArgument
+from service.sampler.constraints import FREE, JSON_STRING, NUMBER_FIRST, NUMBER_REST, TEXT
+from service.sampler.params import GenerationParams, Pins
+
+NUMBER = [NUMBER_FIRST] + [NUMBER_REST] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return TorchEngine(DEFAULT_CHECKPOINT)
+
+
+def params(sampler="reference", steps=4):
+    return GenerationParams(max_new_tokens=64, max_denoising_steps=steps, sampler=sampler)
+
+
+def first_canvases(events):
+    """Every token list of canvas 0: drafts and the committed canvas."""
+    return [ev.tokens for ev in events if isinstance(ev, (DraftEvent, CanvasEvent)) and ev.canvas_index == 0]
+
+
+def assert_in_class(engine, tokens, constraints):
+    masks = engine.class_masks()
+    for i, c in enumerate(constraints):
+        assert bool(masks[c, tokens[i]]), (i, c, tokens[i])
+
+
+@pytest.mark.parametrize("sampler", ["reference", "fast"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_number_run_decodes_to_a_json_integer(tiny, sampler, seed):
+    tok = tiny.tokenizer
+    req = Request(tok.encode('{"count": '), params(sampler), seed=seed, constraints=NUMBER, return_drafts=True)
+    events = list(tiny.generate(req))
+    canvases = first_canvases(events)
+    assert len(canvases) >= 2
+    for tokens in canvases:
+        assert_in_class(tiny, tokens, NUMBER)
+        text = tok.decode(tokens[:4])
+        assert isinstance(json.loads(text), int) and not text.startswith("0"), text
+
+
+def test_a_json_string_hole_between_pinned_quotes(tiny):
+    tok = tiny.tokenizer
+    quote = tok.token_id('"')
+    constraints = [FREE] + [JSON_STRING] * 4 + [FREE]
+    pins = Pins.from_lists([quote, 0, 0, 0, 0, quote], [True, False, False, False, False, True])
+    for seed in range(3):
+        req = Request(tok.encode("name = "), params(), seed=seed, pins=pins, constraints=constraints)
+        tokens = list(tiny.generate(req))[-1].token_ids
+        assert_in_class(tiny, tokens, constraints)
+        assert isinstance(json.loads(tok.decode(tokens[:6])), str)
+
+
+def test_pins_win_over_constraints(tiny):
+    tok = tiny.tokenizer
+    letter = tok.token_id("a")
+    pins = Pins.from_lists([0, letter], [False, True])
+    req = Request(tok.encode("x = "), params(), seed=5, pins=pins, constraints=[NUMBER_REST] * 3, return_drafts=True)
+    for tokens in first_canvases(list(tiny.generate(req))):
+        assert tokens[1] == letter
+        assert_in_class(tiny, [tokens[0], 0, tokens[2]], [NUMBER_REST, FREE, NUMBER_REST])
+
+
+def test_an_eos_does_not_pad_over_constrained_positions(tiny):
+    tok = tiny.tokenizer
+    eos = tiny.eos_ids[0]
+    req = Request(tok.encode("x = "), params(), seed=2, pins=Pins.from_lists([eos]), constraints=[FREE, FREE, TEXT])
+    final = list(tiny.generate(req))[-1]
+    assert final.finish_reason == "eos"
+    tokens = final.token_ids
+    assert tokens[0] == eos and tokens[1] == tiny.pad_id and tokens[3:] == [tiny.pad_id] * (len(tokens) - 3)
+    assert_in_class(tiny, tokens, [FREE, FREE, TEXT])
+
+
+def test_free_constraints_change_nothing(tiny):
+    tok = tiny.tokenizer
+    outs = [
+        list(tiny.generate(Request(tok.encode("def f("), params(steps=3), seed=4, constraints=c)))[-1].token_ids
+        for c in (None, [], [FREE] * 10)
+    ]
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_constrained_request_batched_equals_solo(tiny):
+    tok = tiny.tokenizer
+    reqs = [
+        Request(tok.encode("a = "), params(), seed=1, constraints=NUMBER),
+        Request(tok.encode("b = "), params("fast"), seed=2),
+        Request(tok.encode("c = "), params("fast"), seed=3, constraints=[TEXT] * 8 + NUMBER),
+    ]
+    solo = [list(tiny.generate(r))[-1].token_ids for r in reqs]
+    sched = Scheduler(tiny)
+    streams = [sched.submit(r) for r in reqs]
+    for _ in range(200):
+        if not sched.step():
+            break
+    assert [list(s)[-1].token_ids for s in streams] == solo
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [[5], [-1], [True], [1.0], "1", [0] * 65],
+)
+def test_invalid_constraints_name_the_field(tiny, constraints):
+    with pytest.raises(InvalidArgument) as e:
+        list(tiny.generate(Request([2], params(), constraints=constraints)))
+    assert e.value.field == "constraints"
+
+
+def test_constraints_need_a_tokenizer(small_ckpt):
+    engine = TorchEngine(small_ckpt)
+    assert engine.tokenizer is None
+    req = Request([2, 3], params(), constraints=[TEXT])
+    with pytest.raises(InvalidArgument) as e:
+        list(engine.generate(req))
+    assert e.value.field == "constraints"
+    with pytest.raises(InvalidArgument) as e:  # refused at submit, not in the scheduler's loop
+        Scheduler(engine).submit(req)
+    assert e.value.field == "constraints"
+    list(engine.generate(Request([2, 3], params(), constraints=[FREE, FREE])))  # all free: no tokenizer needed

@@ -1,0 +1,53 @@
+"""The `constraint_ids` input: to Request.constraints, errors under the input's name, in the model config."""
+
+import re
+
+import numpy as np
+import pytest
+
+from service.cli import DEFAULT_CHECKPOINT
+from service.errors import InvalidArgument
+from service.model.config import read_config
+from service.model.tokenizer import load_tokenizer
+from service.sampler.constraints import JSON_STRING, NUMBER_FIRST, NUMBER_REST
+from service.triton.adapter import INPUT_NAMES, request_from_inputs
+from service.triton.repository import RepositorySettings, render_config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return read_config(DEFAULT_CHECKPOINT), load_tokenizer(DEFAULT_CHECKPOINT)
+
+
+def ids(*v):
+    return np.array(v, dtype=np.int32)
+
+
+def test_constraint_ids_become_request_constraints(tiny):
+    cfg, tok = tiny
+    req = request_from_inputs({"input_ids": ids(2, 3), "constraint_ids": ids(NUMBER_FIRST, NUMBER_REST)}, cfg, tok)
+    assert req.constraints == [NUMBER_FIRST, NUMBER_REST] and all(type(c) is int for c in req.constraints)
+    assert request_from_inputs({"input_ids": ids(2, 3)}, cfg, tok).constraints is None
+
+
+@pytest.mark.parametrize("values", [(5,), (-1,), (JSON_STRING,) * 65])
+def test_bad_constraint_ids_name_the_input(tiny, values):
+    cfg, tok = tiny
+    with pytest.raises(InvalidArgument) as e:
+        request_from_inputs({"input_ids": ids(2), "constraint_ids": ids(*values)}, cfg, tok)
+    assert e.value.field == "constraint_ids"
+
+
+def test_constraint_ids_need_a_tokenizer(small_ckpt):
+    cfg = read_config(small_ckpt)
+    with pytest.raises(InvalidArgument) as e:
+        request_from_inputs({"input_ids": ids(2), "constraint_ids": ids(0, NUMBER_REST)}, cfg, None)
+    assert e.value.field == "constraint_ids"
+    assert request_from_inputs({"input_ids": ids(2), "constraint_ids": ids(0, 0)}, cfg, None).constraints == [0, 0]
+
+
+def test_model_config_declares_every_input(small_ckpt):
+    text = render_config(RepositorySettings(checkpoint_dir=str(small_ckpt)))
+    declared = set(re.findall(r'\{ name: "(\w+)" data_type: \w+ dims: \[ [-0-9]+ \] optional: true', text))
+    assert "constraint_ids" in INPUT_NAMES and set(INPUT_NAMES) <= declared
+    assert '{ name: "constraint_ids" data_type: TYPE_INT32 dims: [ -1 ] optional: true }' in text
