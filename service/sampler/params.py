@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from service.errors import CheckpointError, InvalidArgument
+
+if TYPE_CHECKING:  # the front reads parameters without loading torch
+    import torch
 
 # The reference's defaults (transformers DiffusionGemmaGenerationConfig._get_default_generation_params).
 DEFAULTS = {
@@ -100,6 +102,8 @@ class Pins:
 
     @staticmethod
     def from_lists(ids: list[int], mask: list[bool] | None = None) -> "Pins":
+        import torch
+
         m = [True] * len(ids) if mask is None else list(mask)
         if len(m) != len(ids):
             raise InvalidArgument("pin_mask", f"has {len(m)} entries but pin_ids has {len(ids)}")
@@ -117,6 +121,8 @@ class Pins:
 
     def full(self, canvas_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded to the canvas: ids [L], mask [L]."""
+        import torch
+
         ids = torch.zeros(canvas_length, dtype=torch.long)
         mask = torch.zeros(canvas_length, dtype=torch.bool)
         ids[: self.ids.numel()] = torch.where(self.mask, self.ids, 0)

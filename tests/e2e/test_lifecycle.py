@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
@@ -32,9 +33,12 @@ def triton_pid(serve_pid: int) -> int | None:
     return None
 
 
-def test_dead_triton_is_not_serving_then_restarted_and_sigterm_drains_streams(tmp_path):
-    srv = Serve(tmp_path, api_key=None)
+def test_reflection_dead_triton_restarted_and_sigterm_drains_streams(tmp_path):
+    srv = Serve(tmp_path, {"NIM_GRPC_REFLECTION": "1"}, api_key=None)
     try:
+        listed = next(reflection_pb2_grpc.ServerReflectionStub(srv.channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        assert "diffusiongemma.v1.DiffusionGemma" in {s.name for s in listed.list_services_response.service}
         pid = triton_pid(srv.proc.pid)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)

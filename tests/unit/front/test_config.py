@@ -1,0 +1,72 @@
+"""`dgemma serve` configuration from NIM_* variables and flags."""
+
+from pathlib import Path
+
+import pytest
+
+from service import DEFAULT_CHECKPOINT
+from service.errors import InvalidArgument
+from service.front.config import Profile, api_keys, serve_options, tls_config
+
+
+def test_defaults_serve_the_embedded_model_on_8000():
+    o = serve_options({})
+    assert o.front.port == 8000 and o.front.host == "0.0.0.0" and o.metrics_port == 8002
+    assert o.front.checkpoint == DEFAULT_CHECKPOINT and o.front.profile == "torch-float32-cpu"
+    assert o.front.api_keys == [] and o.front.tls is None and o.front.reflection is False
+    assert o.repository.device == "cpu" and o.repository.instance_kind == "KIND_CPU"
+    assert o.front.triton_target == f"127.0.0.1:{o.triton_ports.grpc}"
+
+
+def test_flags_override_environment(tmp_path):
+    env = {"NIM_SERVER_PORT": "9000", "NIM_METRICS_PORT": "9001", "NIM_GRPC_REFLECTION": "true",
+           "NIM_MAX_CONCURRENT_REQUESTS": "7", "NIM_SERVED_MODEL_NAME": "dg", "NIM_CACHE_PATH": str(tmp_path)}
+    o = serve_options(env)
+    assert (o.front.port, o.metrics_port, o.front.reflection, o.front.max_inflight) == (9000, 9001, True, 7)
+    assert o.front.model_id == "dg" and o.cache_dir == tmp_path
+    o = serve_options(env, port=9100, metrics_port=9101, reflection=False, profile="torch-bfloat16-cpu")
+    assert (o.front.port, o.metrics_port, o.front.reflection) == (9100, 9101, False)
+    assert o.repository.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("env, field", [
+    ({"NIM_SERVER_PORT": "http"}, "NIM_SERVER_PORT"),
+    ({"NIM_MAX_CONCURRENT_REQUESTS": "0"}, "NIM_MAX_CONCURRENT_REQUESTS"),
+    ({"NIM_MODEL_PROFILE": "torch-fp8-h100"}, "NIM_MODEL_PROFILE"),
+    ({"NIM_MODEL_PROFILE": "onnx-float32-cpu"}, "NIM_MODEL_PROFILE"),
+    ({"NIM_MODEL_PATH": "/nonexistent"}, "checkpoint"),
+    ({"NIM_SSL_MODE": "TLS"}, "NIM_SSL_CERT_PATH"),
+    ({"NIM_SSL_MODE": "maybe"}, "NIM_SSL_MODE"),
+    ({"NIM_SHUTDOWN_GRACE_PERIOD": "soon"}, "NIM_SHUTDOWN_GRACE_PERIOD"),
+])
+def test_bad_settings_name_the_variable(env, field):
+    with pytest.raises(InvalidArgument) as e:
+        serve_options(env)
+    assert e.value.field == field
+
+
+def test_profiles():
+    p = Profile.parse("torch-bfloat16-h100")
+    assert (p.backend, p.precision, p.device) == ("torch", "bfloat16", "cuda")
+    assert Profile.parse("tensorrt_llm-fp8-h100").device == "cuda"  # served by the (unverified) TRT-LLM backend
+
+
+def test_api_keys_from_env_and_file(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# team keys\nk2\n\n  k3  \n")
+    assert api_keys({"NIM_API_KEYS": "k1, ,k0", "NIM_API_KEYS_FILE": str(f)}) == ["k1", "k0", "k2", "k3"]
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(InvalidArgument, match="no key"):
+        api_keys({"NIM_API_KEYS_FILE": str(tmp_path / "empty")})
+
+
+def test_mtls_needs_the_client_ca(tmp_path):
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("y")
+    env = {"NIM_SSL_MODE": "tls", "NIM_SSL_CERT_PATH": str(cert), "NIM_SSL_KEY_PATH": str(key)}
+    assert tls_config(env).client_ca is None
+    with pytest.raises(InvalidArgument) as e:
+        tls_config({**env, "NIM_SSL_MODE": "MTLS"})
+    assert e.value.field == "NIM_SSL_CA_CERT_PATH"
+    assert tls_config({**env, "NIM_SSL_MODE": "MTLS", "NIM_SSL_CA_CERT_PATH": str(cert)}).client_ca == Path(cert)

@@ -1,0 +1,86 @@
+"""The error table, Triton's streamed errors read back, and public requests reduced to jobs."""
+
+import grpc
+import pytest
+
+from service import DEFAULT_CHECKPOINT
+from service.errors import (
+    Cancelled,
+    CheckpointError,
+    DeadlineExceeded,
+    DGemmaError,
+    InvalidArgument,
+    Overloaded,
+    Unauthenticated,
+    Unavailable,
+)
+from service.front import jobs
+from service.front.catalog import ServedModel
+from service.front.errors import GRPC_STATUS, error_from_triton, public_message, status_for
+
+
+def test_every_domain_error_has_a_status_and_internal_is_generic():
+    for cls in (InvalidArgument, Overloaded, DeadlineExceeded, Cancelled, Unauthenticated, Unavailable,
+                CheckpointError):
+        assert cls in GRPC_STATUS
+    assert status_for(Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_for(KeyError("x")) == grpc.StatusCode.INTERNAL
+    assert public_message(CheckpointError("/secret/path broken"), "r1") == "internal error (request_id=r1)"
+    assert public_message(InvalidArgument("a", "b"), "r1") == "a: b"
+
+
+@pytest.mark.parametrize("text, cls, field", [
+    ("INVALID_ARG: max_denoising_steps: must be in [1, 1024], got 0", InvalidArgument,
+     "options.parameters.max_denoising_steps"),
+    ("INVALID_ARG: input_ids: id 9 is outside", InvalidArgument, "text"),
+    ("UNAVAILABLE: engine overloaded: 64 requests already waiting", Overloaded, None),
+    ("Exceeds maximum queue size", Overloaded, None),
+    ("UNAVAILABLE: deadline exceeded", DeadlineExceeded, None),
+    ("UNAVAILABLE: the engine is shutting down", Unavailable, None),
+    ("CANCELLED: request cancelled", Cancelled, None),
+    ("INTERNAL: internal error", DGemmaError, None),
+])
+def test_triton_errors_read_back_as_domain_errors(text, cls, field):
+    err = error_from_triton(text, jobs.field_names("text"))
+    assert type(err) is cls
+    if field:
+        assert err.field == field
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ServedModel.load(DEFAULT_CHECKPOINT, "diffusiongemma", "torch-float32-cpu")
+
+
+def test_job_inputs_carry_only_what_was_set(model):
+    opts = jobs.options_of({"t_min": 0.3, "entropy_bound": None}, 2, 7, 3)
+    ids, field = jobs.prompt_ids(model, "def ", None, None)
+    job = jobs.Job("rid", ids, opts, max_new_tokens=64, pin_ids=[5, 6], constraint_ids=[0, 3])
+    t = job.inputs(2)
+    assert t["seed"].values == [9] and t["request_id"].values == ["rid/2"] and t["input_ids"].values == ids
+    assert t["t_min"].datatype == "FP32" and t["sampler"].values == ["fast"] and "entropy_bound" not in t
+    assert t["pin_mask"].values == [True, True] and t["constraint_ids"].datatype == "INT32"
+    assert "return_drafts" not in t and field == "text"
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda m: jobs.options_of({}, 0, 0, 17), "options.num_variations"),
+    (lambda m: jobs.options_of({}, 9, 0, 1), "options.parameters.sampler"),
+    (lambda m: jobs.options_of({}, 0, 2**63 - 1, 2), "options.seed"),
+    (lambda m: jobs.request_id_of("x" * 129), "request_id"),
+    (lambda m: jobs.prompt_ids(m, "", None, None), "text"),
+    (lambda m: jobs.prompt_ids(m, None, [], None), "chat.messages"),
+    (lambda m: jobs.prompt_ids(m, None, [("user", "a"), ("bot", "b")], None), "chat.messages[1].role"),
+    (lambda m: jobs.prompt_ids(m, None, None, [1, -1]), "token_ids.ids[1]"),
+    (lambda m: jobs.prompt_ids(m, None, None, None), "prompt"),
+])
+def test_validation_names_the_field(model, call, field):
+    with pytest.raises(InvalidArgument) as e:
+        call(model)
+    assert e.value.field == field
+
+
+def test_chat_roles_and_defaults(model):
+    ids, field = jobs.prompt_ids(model, None, [("system", "s"), ("assistant", "a"), ("user", "u")], None)
+    assert field == "chat" and ids == model.tokenizer.chat_prompt([("system", "s"), ("model", "a"), ("user", "u")])
+    assert jobs.options_of({}, 0, None, 0) == jobs.Options({}, 0, 1)

@@ -1,0 +1,124 @@
+"""The front's interceptors on a real grpc.aio server with a stand-in servicer: error table, request ids,
+auth, metrics."""
+
+import asyncio
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
+from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
+from service.errors import InvalidArgument, Overloaded
+from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor, current_request_metrics
+from service.telemetry.metrics import FrontMetrics
+
+
+class Standin(pb_grpc.DiffusionGemmaServicer):
+    async def Generate(self, request, context):
+        if request.text == "bad":
+            raise InvalidArgument("text", "is bad")
+        if request.text == "busy":
+            raise Overloaded("the server is at its limit; retry later")
+        if request.text == "bug":
+            raise RuntimeError("secret internals at /srv/app/model.py line 3")
+        current_request_metrics().canvas(steps=3, tokens=5)
+        return pb.GenerateResponse(request_id=request.request_id)
+
+    async def GenerateStream(self, request, context):
+        yield pb.GenerateStreamResponse(request_id=request.request_id, draft=pb.Draft(step=1))
+        if request.text == "bug":
+            raise KeyError("internal")
+        yield pb.GenerateStreamResponse(request_id=request.request_id, final=pb.GenerateResponse())
+
+
+def run(keys, body):
+    async def main():
+        metrics = FrontMetrics()
+        interceptors = ([AuthInterceptor(keys)] if keys else []) + [ObservabilityInterceptor(metrics)]
+        server = grpc.aio.server(interceptors=interceptors)
+        pb_grpc.add_DiffusionGemmaServicer_to_server(Standin(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                return await body(pb_grpc.DiffusionGemmaStub(ch), health_pb2_grpc.HealthStub(ch), metrics)
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(main())
+
+
+async def error_of(coro):
+    try:
+        await coro
+    except grpc.aio.AioRpcError as e:
+        return e.code(), e.details()
+    return None
+
+
+def sample(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_domain_errors_map_through_the_table_and_internal_errors_hide_internals():
+    async def body(stub, _, metrics):
+        bad = await error_of(stub.Generate(pb.GenerateRequest(text="bad")))
+        busy = await error_of(stub.Generate(pb.GenerateRequest(text="busy")))
+        bug = await error_of(stub.Generate(pb.GenerateRequest(text="bug", request_id="r-42")))
+        ok = await stub.Generate(pb.GenerateRequest(text="fine"))
+        return bad, busy, bug, ok, metrics
+
+    bad, busy, bug, ok, metrics = run(None, body)
+    assert bad == (grpc.StatusCode.INVALID_ARGUMENT, "text: is bad")
+    assert busy[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert bug == (grpc.StatusCode.INTERNAL, "internal error (request_id=r-42)")
+    assert len(ok.request_id) == 32  # generated when the client sent none
+    assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="OK") == 1
+    assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="INTERNAL") == 1
+    assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert sample(metrics, "dgemma_front_generated_tokens_total", method="Generate") == 5
+    assert sample(metrics, "dgemma_front_inflight_requests") == 0
+
+
+def test_stream_error_after_events_is_internal_and_generic():
+    async def body(stub, _, metrics):
+        events = []
+        call = stub.GenerateStream(pb.GenerateRequest(text="bug", request_id="s-1"))
+        try:
+            async for ev in call:
+                events.append(ev)
+        except grpc.aio.AioRpcError as e:
+            return events, e.code(), e.details()
+
+    events, code, details = run(None, body)
+    assert len(events) == 1 and code == grpc.StatusCode.INTERNAL and details == "internal error (request_id=s-1)"
+
+
+@pytest.mark.parametrize("header, ok", [
+    (None, False), ("Bearer wrong", False), ("Basic k1", False), ("Bearer k1", True), ("bearer k2", True),
+])
+def test_bearer_auth_and_open_health(header, ok):
+    async def body(stub, health_stub, _):
+        md = (("authorization", header),) if header else ()
+        unary = await error_of(stub.Generate(pb.GenerateRequest(text="fine"), metadata=md))
+        stream = await error_of(stub.GenerateStream(pb.GenerateRequest(text="x"), metadata=md).read())
+        checked = await health_stub.Check(health_pb2.HealthCheckRequest())
+        return unary, stream, checked
+
+    unary, stream, checked = run(["k1", "k2"], body)
+    if ok:
+        assert unary is None and stream is None
+    else:
+        assert unary[0] == stream[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert checked.status == health_pb2.HealthCheckResponse.SERVING  # health never needs a token
+
+
+def test_the_front_imports_without_torch():
+    import subprocess
+
+    code = "import sys, service.front.server, service.front.supervisor; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
