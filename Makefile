@@ -17,9 +17,10 @@ install: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
-# Serves the embedded tiny model on Triton's gRPC port (127.0.0.1:8001) until Ctrl-C / SIGTERM.
+# Serves the embedded tiny model: the public gRPC API on :8000 (Triton behind it), /metrics on :8002,
+# until Ctrl-C / SIGTERM. Settings: NIM_* variables (docs/operations.md).
 serve: $(STAMP)
-	$(BIN)/dgemma serve --triton-only
+	$(BIN)/dgemma serve
 
 # Regenerates service/api/ from proto/ (the stubs are committed; a test checks they are current).
 proto: $(STAMP)

@@ -332,7 +332,8 @@ def _serve_triton_only(a: argparse.Namespace, opts) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma inference microservice")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING or ERROR (env NIM_LOG_LEVEL; default INFO for serve, else WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate in process from a checkpoint, or on a server (--server)")
@@ -361,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics port (env NIM_METRICS_PORT, 8002); with --triton-only, Triton's "
                         "(env NIM_TRITON_METRICS_PORT, 8002)")
-    s.add_argument("--reflection", action="store_true", default=None, help="enable gRPC reflection "
-                                                                           "(env NIM_GRPC_REFLECTION)")
+    s.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=None,
+                   help="gRPC server reflection (env NIM_GRPC_REFLECTION; default off)")
     s.add_argument("--threads", type=int, default=None, help="torch threads of the engine")
     s.add_argument("--triton-only", action="store_true", help="serve only Triton's KServe v2 gRPC, no front")
     s.add_argument("--grpc-port", type=int, default=None,
@@ -375,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    level = os.environ.get("NIM_LOG_LEVEL", a.log_level).upper()
+    default_level = "INFO" if a.command == "serve" else "WARNING"
+    level = (a.log_level or os.environ.get("NIM_LOG_LEVEL") or default_level).upper()
     configure_logging(level, jsonl_from_env())  # JSON lines when NIM_JSONL_LOGGING is set
     if getattr(a, "prompt_flag", None) is not None:
         if a.prompt is not None:

@@ -6,7 +6,6 @@ Every variable is documented in docs/operations.md. Errors name the variable (or
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from service import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
 from service.front.server import FrontSettings, TLSConfig
 from service.front.supervisor import ServeOptions
-from service.triton.launcher import TritonPorts, free_port
+from service.triton.launcher import TritonPorts, default_cache_dir, free_port
 from service.triton.repository import RepositorySettings
 
 BACKENDS = ("torch", "tensorrt_llm")
@@ -113,7 +112,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         raise InvalidArgument("checkpoint", f"no checkpoint (config.json) at {ckpt}")
     prof = Profile.parse(profile or env.get("NIM_MODEL_PROFILE") or "torch-float32-cpu",
                          "--profile" if profile else "NIM_MODEL_PROFILE")
-    cache = Path(env.get("NIM_CACHE_PATH") or Path(tempfile.gettempdir()) / "dgemma")
+    cache = Path(env["NIM_CACHE_PATH"]) if env.get("NIM_CACHE_PATH") else default_cache_dir()
     name = env.get("NIM_SERVED_MODEL_NAME") or "diffusiongemma"
     repo = RepositorySettings(
         checkpoint_dir=str(ckpt.resolve()), engine_backend=prof.backend, device=prof.device, dtype=prof.precision,
@@ -132,7 +131,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
     tports = TritonPorts(_int(env, "NIM_TRITON_GRPC_PORT", 0) or free_port(), free_port(),
                          _int(env, "NIM_TRITON_METRICS_PORT", 0) or free_port())
     front.triton_target = f"127.0.0.1:{tports.grpc}"
-    log_path = env.get("NIM_TRITON_LOG_FILE")
+    log_path = env.get("NIM_TRITON_LOG_FILE") or cache / "triton.log"
     return ServeOptions(
         front=front, repository=repo, cache_dir=cache, triton_ports=tports,
         metrics_host=host or env.get("NIM_SERVER_HOST") or "0.0.0.0",
@@ -140,7 +139,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         startup_timeout_s=_float(env, "NIM_STARTUP_TIMEOUT", 300.0),
         shutdown_grace_s=_float(env, "NIM_SHUTDOWN_GRACE_PERIOD", 30.0),
         drain_delay_s=_float(env, "NIM_SHUTDOWN_DRAIN_DELAY", 2.0),
-        triton_log=Path(log_path) if log_path else None,
+        triton_log=Path(log_path),
     )
 
 

@@ -57,14 +57,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         message = public_message(Unauthenticated("missing or invalid bearer token"), "")
 
-        async def deny(request, context):
+        async def deny(request_or_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        async def deny_stream(request, context):
+        async def deny_stream(request_or_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
             yield  # pragma: no cover (makes this an async generator)
 
-        return _wrap(handler, deny, deny_stream)
+        # every kind of method, reflection's bidirectional stream included
+        kinds = [(handler.unary_unary, grpc.unary_unary_rpc_method_handler, deny),
+                 (handler.unary_stream, grpc.unary_stream_rpc_method_handler, deny_stream),
+                 (handler.stream_unary, grpc.stream_unary_rpc_method_handler, deny),
+                 (handler.stream_stream, grpc.stream_stream_rpc_method_handler, deny_stream)]
+        for behaviour, make, denial in kinds:
+            if behaviour is not None:
+                return make(denial, handler.request_deserializer, handler.response_serializer)
+        return handler
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
@@ -141,8 +149,11 @@ class _Call:
         self.rm.finish(code)
 
     async def fail(self, e: BaseException, context, span, rid: str) -> None:
-        if isinstance(e, grpc.aio.AbortError):  # already aborted (auth): count and pass on
-            self.done(context.code() or grpc.StatusCode.UNKNOWN)
+        if isinstance(e, grpc.aio.AbortError):  # already aborted (auth): count, log and pass on
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            log.info("request %s: %s", rid, code.name, extra={"request_id": rid})
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            self.done(code)
             return
         if isinstance(e, asyncio.CancelledError):
             remaining = context.time_remaining()

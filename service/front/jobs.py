@@ -93,9 +93,11 @@ def options_of(params: dict[str, object], sampler: int, seed: int | None, num_va
     return Options(values, seed, n)
 
 
-def field_names(prompt_field: str) -> dict[str, str]:
+def field_names(prompt_field: str, length_field: str = "max_new_tokens") -> dict[str, str]:
+    """The backend's input names as this request's field paths (for errors only the backend can find)."""
     names = {name: f"options.parameters.{name}" for name in (*PARAM_FIELDS, "sampler")}
-    names.update(seed="options.seed", input_ids=prompt_field, text_input=prompt_field, max_new_tokens="max_new_tokens")
+    names.update(seed="options.seed", input_ids=prompt_field, text_input=prompt_field, prompt_ids=prompt_field,
+                 max_new_tokens=length_field)
     return names
 
 

@@ -76,10 +76,10 @@ class FrontServer:
 
     async def start(self) -> int:
         s = self.settings
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        # outermost first: refused calls are counted, traced and logged too
+        interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
         if s.api_keys:
             interceptors.append(AuthInterceptor(s.api_keys))
-        interceptors.append(ObservabilityInterceptor(self.metrics))
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self.servicer = DiffusionGemmaServicer(self.model, self.triton, s.max_inflight)
         pb_grpc.add_DiffusionGemmaServicer_to_server(self.servicer, server)

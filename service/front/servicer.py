@@ -32,8 +32,9 @@ def _stats(stats: dict) -> pb.DiffusionStats:
     )
 
 
-def _usage(job: Job, finals: list[BackendEvent]) -> pb.Usage:
-    completion = sum(int(f.stats.get("generated_tokens", 0)) for f in finals)
+def _usage(job: Job, finals: list[BackendEvent], completion: int | None = None) -> pb.Usage:
+    if completion is None:
+        completion = sum(int(f.stats.get("generated_tokens", 0)) for f in finals)
     prompt = len(job.prompt_ids)
     return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -66,6 +67,9 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         """Every variation's events, interleaved, until each has its final event. Leaving early (error,
         client cancel, deadline) cancels every Triton stream, which frees the engine's slots."""
         n = job.options.num_variations
+        if n > self.max_inflight:
+            raise InvalidArgument("options.num_variations", f"exceeds this server's limit of {self.max_inflight} "
+                                                            "concurrent generations")
         if self.inflight + n > self.max_inflight:
             raise Overloaded(f"the server is at its limit of {self.max_inflight} concurrent generations; retry later")
         self.inflight += n
@@ -150,28 +154,32 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
 
     # ---- Infill, Edit, Template: pinned canvases -------------------------------------------------
 
-    def _layout_job(self, r, lay: layout.CanvasLayout) -> Job:
+    def _layout_job(self, r, lay: layout.CanvasLayout, prompt_field: str, length_field: str) -> Job:
         return Job(request_id=jobs.request_id_of(r.request_id), prompt_ids=lay.prompt_ids, options=_options(r.options),
                    max_new_tokens=lay.max_new_tokens, pin_ids=lay.pin_ids, pin_mask=lay.pin_mask,
-                   constraint_ids=lay.constraint_ids, field_names=jobs.field_names("request"))
+                   constraint_ids=lay.constraint_ids, field_names=jobs.field_names(prompt_field, length_field))
 
-    async def _filled(self, r, lay: layout.CanvasLayout, context, method: str):
-        job = self._layout_job(r, lay)
+    async def _filled(self, r, lay: layout.CanvasLayout, context, method: str, prompt_field: str,
+                      length_field: str):
+        """Run a pinned-canvas job; returns the job, the finals, each one's (text, values, named) and usage
+        (completion tokens: those the holes received, pins excluded)."""
+        job = self._layout_job(r, lay, prompt_field, length_field)
         finals = await self._finals(job, context, method)
         tok = jobs.tokenizer_of(self.model, "model")
-        return job, finals, [layout.assemble(lay, f.ids, tok) for f in finals]
+        skip = {self.model.pad_id, self.model.eos_id, *lay.skip_ids}
+        completion = sum(t not in skip for f in finals for ids in lay.slot_token_ids(f.ids) for t in ids)
+        return job, finals, [layout.assemble(lay, f.ids, tok) for f in finals], _usage(job, finals, completion)
 
     async def Infill(self, request: pb.InfillRequest, context) -> pb.InfillResponse:
         self._check_model(request.model)
         tok = jobs.tokenizer_of(self.model, "prefix")
         lay = layout.infill_layout(tok, self.model.config.canvas_length, request.prefix, request.suffix,
                                    request.gap_tokens, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
-        job, finals, filled = await self._filled(request, lay, context, "Infill")
+        job, finals, filled, usage = await self._filled(request, lay, context, "Infill", "prefix", "gap_tokens")
         choices = [pb.InfillChoice(index=i, infill=values[0], text=text, infill_token_ids=lay.slot_token_ids(f.ids)[0],
                                    seed=job.seed(i), stats=_stats(f.stats))
                    for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
-        return pb.InfillResponse(request_id=job.request_id, model=self.model.id, choices=choices,
-                                 usage=_usage(job, finals))
+        return pb.InfillResponse(request_id=job.request_id, model=self.model.id, choices=choices, usage=usage)
 
     async def Edit(self, request: pb.EditRequest, context) -> pb.EditResponse:
         self._check_model(request.model)
@@ -179,11 +187,10 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         spans = [(s.start, s.end, s.length_tokens) for s in request.editable]
         lay = layout.edit_layout(tok, self.model.config.canvas_length, request.text, spans, request.instruction,
                                  eos_id=self.model.eos_id, pad_id=self.model.pad_id)
-        job, finals, filled = await self._filled(request, lay, context, "Edit")
+        job, finals, filled, usage = await self._filled(request, lay, context, "Edit", "instruction", "editable")
         choices = [pb.EditChoice(index=i, text=text, replacements=values, seed=job.seed(i), stats=_stats(f.stats))
                    for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
-        return pb.EditResponse(request_id=job.request_id, model=self.model.id, choices=choices,
-                               usage=_usage(job, finals))
+        return pb.EditResponse(request_id=job.request_id, model=self.model.id, choices=choices, usage=usage)
 
     def _template_parts(self, r: pb.TemplateRequest) -> str | list:
         if r.parts and r.skeleton:
@@ -206,12 +213,11 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         tok = jobs.tokenizer_of(self.model, "skeleton")
         lay = layout.template_layout(tok, self.model.config.canvas_length, self._template_parts(request),
                                      request.instruction, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
-        job, finals, filled = await self._filled(request, lay, context, "Template")
+        job, finals, filled, usage = await self._filled(request, lay, context, "Template", "instruction", "skeleton")
         choices = [pb.TemplateChoice(index=i, text=text, values=values, named_values=named, seed=job.seed(i),
                                      stats=_stats(f.stats))
                    for i, (f, (text, values, named)) in enumerate(zip(finals, filled))]
-        return pb.TemplateResponse(request_id=job.request_id, model=self.model.id, choices=choices,
-                                   usage=_usage(job, finals))
+        return pb.TemplateResponse(request_id=job.request_id, model=self.model.id, choices=choices, usage=usage)
 
     # ---- Tokenize, ListModels ------------------------------------------------------------------
 

@@ -57,30 +57,36 @@ class Supervisor:
 
     async def run(self) -> int:
         o = self.opts
-        await asyncio.to_thread(self.triton.start, o.startup_timeout_s, o.repository.model_name)
-        self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port)
-        self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive)
-        port = await self.front.start()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before anything starts: a stop during start-up is clean
             loop.add_signal_handler(sig, self.stop_requested.set)
-        print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port} "
-              f"(metrics :{self.metrics_port}/metrics, Triton 127.0.0.1:{o.triton_ports.grpc})", flush=True)
-        while not self.stop_requested.is_set():
-            try:
-                await asyncio.wait_for(self.stop_requested.wait(), timeout=0.5)
-            except asyncio.TimeoutError:
-                pass
-            if not self.stop_requested.is_set() and not self.triton.alive():
-                await self._restart_triton()
-        log.info("shutting down: NOT_SERVING for %.1fs, then draining for up to %.0fs", o.drain_delay_s,
-                 o.shutdown_grace_s)
-        await self.front.stop(o.shutdown_grace_s, o.drain_delay_s)
-        rc = await asyncio.to_thread(self.triton.stop)
-        stop_metrics_server(self.metrics_port)
-        shutdown_tracing()
-        log.info("stopped (tritonserver exit code %s)", rc)
-        return 0
+        try:
+            await asyncio.to_thread(self.triton.start, o.startup_timeout_s, o.repository.model_name,
+                                    self.stop_requested.is_set)
+            if self.stop_requested.is_set():
+                return 0
+            self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port)
+            self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive)
+            port = await self.front.start()
+            print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port} "
+                  f"(metrics :{self.metrics_port}/metrics, Triton 127.0.0.1:{o.triton_ports.grpc})", flush=True)
+            while not self.stop_requested.is_set():
+                try:
+                    await asyncio.wait_for(self.stop_requested.wait(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    pass
+                if not self.stop_requested.is_set() and not self.triton.alive():
+                    await self._restart_triton()
+            log.info("shutting down: NOT_SERVING for %.1fs, then draining for up to %.0fs", o.drain_delay_s,
+                     o.shutdown_grace_s)
+            await self.front.stop(o.shutdown_grace_s, o.drain_delay_s)
+            return 0
+        finally:  # whatever happened, Triton does not outlive us
+            rc = await asyncio.to_thread(self.triton.stop)
+            if self.metrics_port:
+                stop_metrics_server(self.metrics_port)
+            shutdown_tracing()
+            log.info("stopped (tritonserver exit code %s)", rc)
 
     async def _restart_triton(self) -> None:
         self.restarting = True  # health goes NOT_SERVING on the next readiness poll
@@ -89,7 +95,8 @@ class Supervisor:
         while not self.stop_requested.is_set():
             await asyncio.sleep(self.opts.restart_backoff_s)
             try:
-                await asyncio.to_thread(self.triton.start, self.opts.startup_timeout_s, self.opts.repository.model_name)
+                await asyncio.to_thread(self.triton.start, self.opts.startup_timeout_s,
+                                        self.opts.repository.model_name, self.stop_requested.is_set)
                 self.restarts += 1
                 log.info("tritonserver restarted (%d restarts)", self.restarts)
                 break

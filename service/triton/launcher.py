@@ -16,6 +16,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,11 @@ def _prepare_pytriton(cache_dir: Path) -> TritonInstall:
     return TritonInstall(target / "bin" / "tritonserver", target / "backends", env)
 
 
+def default_cache_dir() -> Path:
+    """NIM_CACHE_PATH, else ~/.cache/dgemma: the Triton copy and the rendered model repository live there."""
+    return Path(os.environ.get("NIM_CACHE_PATH") or Path.home() / ".cache" / "dgemma")
+
+
 def find_triton(cache_dir: Path | None = None) -> TritonInstall:
     explicit = os.environ.get("TRITONSERVER")
     if explicit:
@@ -73,7 +79,7 @@ def find_triton(cache_dir: Path | None = None) -> TritonInstall:
         return TritonInstall(binary, binary.parent.parent / "backends")
     if NGC_BINARY.is_file():
         return TritonInstall(NGC_BINARY, NGC_BINARY.parent.parent / "backends")
-    cache = cache_dir or Path(os.environ.get("NIM_CACHE_PATH", Path.home() / ".cache" / "dgemma"))
+    cache = cache_dir or default_cache_dir()
     return _prepare_pytriton(cache)
 
 
@@ -135,7 +141,9 @@ class TritonServer:
                     "--trace-config", "level=TIMESTAMPS", "--trace-config", f"opentelemetry,url={self.trace_url}"]
         return cmd
 
-    def start(self, timeout: float = 120.0, wait_model: str | None = None) -> "TritonServer":
+    def start(self, timeout: float = 120.0, wait_model: str | None = None,
+              cancelled: Callable[[], bool] | None = None) -> "TritonServer":
+        """Start and wait until ready (and `wait_model` loaded); `cancelled()` true stops waiting and the server."""
         # The Python backend's stub is another interpreter: give it this one's import path.
         path = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
         env = {**os.environ, **self.install.env, "DGEMMA_PYTHONPATH": path}
@@ -148,6 +156,9 @@ class TritonServer:
                 raise Unavailable(f"tritonserver exited at start with code {self.proc.returncode}")
             if self.ready(wait_model):
                 return self
+            if cancelled is not None and cancelled():
+                self.stop()
+                raise Unavailable("tritonserver start cancelled")
             time.sleep(0.25)
         self.stop()
         raise Unavailable(f"tritonserver was not ready within {timeout:.0f}s")

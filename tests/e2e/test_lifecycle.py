@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -34,7 +35,7 @@ def triton_pid(serve_pid: int) -> int | None:
 
 
 def test_reflection_dead_triton_restarted_and_sigterm_drains_streams(tmp_path):
-    srv = Serve(tmp_path, {"NIM_GRPC_REFLECTION": "1"}, api_key=None)
+    srv = Serve(tmp_path, {"NIM_GRPC_REFLECTION": "1", "NIM_JSONL_LOGGING": "1"}, api_key=None)
     try:
         listed = next(reflection_pb2_grpc.ServerReflectionStub(srv.channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
@@ -71,6 +72,10 @@ def test_reflection_dead_triton_restarted_and_sigterm_drains_streams(tmp_path):
         assert not errors, errors
         assert events[-1].HasField("final") and len(events[-1].final.choices[0].token_ids) == 64 * 3
         assert srv.proc.wait(60) == 0
+        # NIM_JSONL_LOGGING: the front's log is JSON lines
+        logs = [json.loads(line) for line in srv.log.read_text().splitlines() if line.startswith("{")]
+        assert any(r["message"] == "health: SERVING" and r["level"] == "INFO" and r["ts"] for r in logs)
+        assert any("restarting" in r["message"] and r["level"] == "ERROR" for r in logs)
     finally:
         srv.stop()
 

@@ -7,6 +7,7 @@ import sys
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
@@ -36,15 +37,16 @@ class Standin(pb_grpc.DiffusionGemmaServicer):
 def run(keys, body):
     async def main():
         metrics = FrontMetrics()
-        interceptors = ([AuthInterceptor(keys)] if keys else []) + [ObservabilityInterceptor(metrics)]
+        interceptors = [ObservabilityInterceptor(metrics)] + ([AuthInterceptor(keys)] if keys else [])
         server = grpc.aio.server(interceptors=interceptors)
         pb_grpc.add_DiffusionGemmaServicer_to_server(Standin(), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        reflection.enable_server_reflection([reflection.SERVICE_NAME], server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                return await body(pb_grpc.DiffusionGemmaStub(ch), health_pb2_grpc.HealthStub(ch), metrics)
+                return await body(pb_grpc.DiffusionGemmaStub(ch), health_pb2_grpc.HealthStub(ch), metrics, ch)
         finally:
             await server.stop(None)
 
@@ -64,7 +66,7 @@ def sample(metrics, name, **labels):
 
 
 def test_domain_errors_map_through_the_table_and_internal_errors_hide_internals():
-    async def body(stub, _, metrics):
+    async def body(stub, _, metrics, ch):
         bad = await error_of(stub.Generate(pb.GenerateRequest(text="bad")))
         busy = await error_of(stub.Generate(pb.GenerateRequest(text="busy")))
         bug = await error_of(stub.Generate(pb.GenerateRequest(text="bug", request_id="r-42")))
@@ -84,7 +86,7 @@ def test_domain_errors_map_through_the_table_and_internal_errors_hide_internals(
 
 
 def test_stream_error_after_events_is_internal_and_generic():
-    async def body(stub, _, metrics):
+    async def body(stub, _, metrics, ch):
         events = []
         call = stub.GenerateStream(pb.GenerateRequest(text="bug", request_id="s-1"))
         try:
@@ -101,18 +103,23 @@ def test_stream_error_after_events_is_internal_and_generic():
     (None, False), ("Bearer wrong", False), ("Basic k1", False), ("Bearer k1", True), ("bearer k2", True),
 ])
 def test_bearer_auth_and_open_health(header, ok):
-    async def body(stub, health_stub, _):
+    async def body(stub, health_stub, metrics, ch):
         md = (("authorization", header),) if header else ()
         unary = await error_of(stub.Generate(pb.GenerateRequest(text="fine"), metadata=md))
         stream = await error_of(stub.GenerateStream(pb.GenerateRequest(text="x"), metadata=md).read())
         checked = await health_stub.Check(health_pb2.HealthCheckRequest())
-        return unary, stream, checked
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        listing = await error_of(refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=md).read())
+        return unary, stream, checked, listing, metrics
 
-    unary, stream, checked = run(["k1", "k2"], body)
+    unary, stream, checked, listing, metrics = run(["k1", "k2"], body)
     if ok:
-        assert unary is None and stream is None
+        assert unary is None and stream is None and listing is None
     else:
-        assert unary[0] == stream[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert unary[0] == stream[0] == listing[0] == grpc.StatusCode.UNAUTHENTICATED
+        # refused calls are counted too
+        assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="UNAUTHENTICATED") == 1
     assert checked.status == health_pb2.HealthCheckResponse.SERVING  # health never needs a token
 
 
