@@ -72,9 +72,10 @@ def corrupt(clean: Tensor, vocab: int, gen: torch.Generator, span_fraction: floa
     return torch.where(noise_mask, random_ids, clean), noise_mask
 
 
-def loss_step(model: DiffusionGemma, prefix: Tensor, clean: Tensor, gen: torch.Generator) -> tuple[Tensor, dict]:
+def loss_step(model: DiffusionGemma, prefix: Tensor, clean: Tensor, gen: torch.Generator,
+              span_fraction: float = 0.5) -> tuple[Tensor, dict]:
     """One training loss: denoise the corrupted canvas; half the time self-conditioned on a detached pass."""
-    noisy, noised = corrupt(clean, model.cfg.vocab_size, gen)
+    noisy, noised = corrupt(clean, model.cfg.vocab_size, gen, span_fraction)
     soft = None
     if torch.rand(1, generator=gen) < 0.5:
         with torch.no_grad():

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--span-fraction", type=float, default=0.5,
+                    help="share of examples whose noise is one contiguous span with clean context on both sides")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported checkpoint (e.g. the shipped one) when --workdir has no state")
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, a.steps, a.lr)
             prefix, clean = batch(data, a.batch, gen, device)
-            loss, info = loss_step(model, prefix, clean, gen)
+            loss, info = loss_step(model, prefix, clean, gen, a.span_fraction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
