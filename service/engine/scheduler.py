@@ -96,8 +96,10 @@ class _Live:
 class Scheduler:
     """Owns the batch. `start()` runs it on a thread; tests may call `step()` directly instead."""
 
-    def __init__(self, engine: TorchEngine, limits: Limits | None = None) -> None:
+    def __init__(self, engine: TorchEngine, limits: Limits | None = None,
+                 on_step: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self.on_step = on_step  # called after every step, on the scheduler's thread
         self.model = engine.model
         self.cfg = engine.config
         self.limits = limits or Limits()
@@ -166,6 +168,16 @@ class Scheduler:
 
     def step(self) -> bool:
         """One iteration at a step boundary. Returns whether there was any work."""
+        try:
+            return self._step()
+        finally:
+            if self.on_step is not None:  # the batch's final state for this step (gauges)
+                try:
+                    self.on_step()
+                except Exception:
+                    log.warning("on_step hook failed", exc_info=True)
+
+    def _step(self) -> bool:
         now = time.monotonic()
         self._drop_finished(now)
         self._admit()

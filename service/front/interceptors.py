@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hmac
 import logging
@@ -10,17 +11,24 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from service.errors import Unauthenticated
 from service.front.errors import public_message, status_for
 from service.telemetry.metrics import FrontMetrics, RequestMetrics
-from service.telemetry.tracing import get_tracer
+from service.telemetry.tracing import context_from_metadata, get_tracer
 
 log = logging.getLogger("dgemma.front")
 API_PREFIX = "/diffusiongemma.v1."
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # health stays open with auth on
 _request_metrics: contextvars.ContextVar[RequestMetrics | None] = contextvars.ContextVar("dgemma_rm", default=None)
+_trace_context: contextvars.ContextVar[Context | None] = contextvars.ContextVar("dgemma_trace", default=None)
+
+
+def current_trace_context() -> Context | None:
+    """The trace context of the RPC being served (its server span), for propagation to Triton."""
+    return _trace_context.get()
 
 
 def current_request_metrics() -> RequestMetrics | None:
@@ -89,78 +97,82 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(API_PREFIX):
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        carrier = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
-        parent = propagate.extract(carrier)
-        call = _Call(self, method, details.method.lstrip("/"), parent)
+        parent = context_from_metadata(details.invocation_metadata)
 
         async def unary(request, context):
-            with call.span(request) as (span, rid):
-                try:
-                    response = await handler.unary_unary(request, context)
-                except BaseException as e:
-                    await call.fail(e, context, span, rid)
-                    raise
-                call.done(grpc.StatusCode.OK)
-                return response
+            call = _Call(self, method, details.method.lstrip("/"), parent, request)
+            try:
+                response = await handler.unary_unary(request, context)
+            except (asyncio.CancelledError, GeneratorExit):
+                call.cancelled(context)
+                raise
+            except BaseException as e:
+                await call.fail(e, context)
+                raise
+            finally:
+                call.end()
+            call.done(grpc.StatusCode.OK)
+            return response
 
         async def stream(request, context):
-            with call.span(request) as (span, rid):
-                try:
-                    async for response in handler.unary_stream(request, context):
+            call = _Call(self, method, details.method.lstrip("/"), parent, request)
+            try:
+                # closed with us when the client cancels (no await of the servicer left to the GC)
+                async with contextlib.aclosing(handler.unary_stream(request, context)) as responses:
+                    async for response in responses:
                         yield response
-                except BaseException as e:
-                    await call.fail(e, context, span, rid)
-                    raise
+            except (asyncio.CancelledError, GeneratorExit):  # client cancel or deadline: nothing to send
+                call.cancelled(context)
+                raise
+            except BaseException as e:
+                await call.fail(e, context)
+                raise
+            else:
                 call.done(grpc.StatusCode.OK)
+            finally:
+                call.end()
 
         return _wrap(handler, unary, stream)
 
 
 class _Call:
-    def __init__(self, owner: ObservabilityInterceptor, method: str, span_name: str, parent) -> None:
-        self.owner, self.method, self.span_name, self.parent = owner, method, span_name, parent
-        self.rm: RequestMetrics | None = None
+    """One RPC's span, metrics and request id. The span is never attached to the context (a server
+    stream may be closed from another task): the servicer reads it with current_trace_context()."""
 
-    def span(self, request):
-        # in the handler's task, so the servicer sees this RPC's metrics
-        self.rm = self.owner.metrics.request(self.method)
-        _request_metrics.set(self.rm)
+    def __init__(self, owner: ObservabilityInterceptor, method: str, span_name: str, parent, request) -> None:
+        self.method = method
+        self.rm = owner.metrics.request(method)
+        _request_metrics.set(self.rm)  # this handler's task: the servicer sees this RPC's metrics
         rid = getattr(request, "request_id", None)
         if rid == "":
             rid = uuid.uuid4().hex
             request.request_id = rid  # the servicer and the response carry the same id
-        outer = self
+        self.rid = rid or ""
+        self.span = owner.tracer.start_span(
+            span_name, context=parent, kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": "diffusiongemma.v1.DiffusionGemma",
+                        "rpc.method": method, "dgemma.request_id": self.rid})
+        _trace_context.set(trace.set_span_in_context(self.span, parent))
 
-        class _Ctx:
-            def __enter__(self):
-                self.cm = outer.owner.tracer.start_as_current_span(
-                    outer.span_name, context=outer.parent, kind=trace.SpanKind.SERVER,
-                    attributes={"rpc.system": "grpc", "rpc.service": "diffusiongemma.v1.DiffusionGemma",
-                                "rpc.method": outer.method, "dgemma.request_id": rid or ""},
-                    record_exception=False, set_status_on_exception=False)
-                return self.cm.__enter__(), rid or ""
-
-            def __exit__(self, *exc):
-                return self.cm.__exit__(*exc)
-
-        return _Ctx()
+    def end(self) -> None:
+        self.span.end()
 
     def done(self, code: grpc.StatusCode) -> None:
+        if code != grpc.StatusCode.OK:
+            self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
         self.rm.finish(code)
 
-    async def fail(self, e: BaseException, context, span, rid: str) -> None:
+    def cancelled(self, context) -> None:
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.done(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+
+    async def fail(self, e: BaseException, context) -> None:
+        rid = self.rid
         if isinstance(e, grpc.aio.AbortError):  # already aborted (auth): count, log and pass on
             code = context.code() or grpc.StatusCode.UNKNOWN
             log.info("request %s: %s", rid, code.name, extra={"request_id": rid})
-            span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
-            self.done(code)
-            return
-        if isinstance(e, asyncio.CancelledError):
-            remaining = context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-                else grpc.StatusCode.CANCELLED
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
             self.done(code)
             return
         code = status_for(e)
@@ -169,7 +181,5 @@ class _Call:
             log.error("request %s failed", rid, exc_info=e, extra={"request_id": rid})
         else:
             log.info("request %s: %s: %s", rid, code.name, message, extra={"request_id": rid})
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
         self.done(code)
         await context.abort(code, message)

@@ -16,7 +16,7 @@ from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument, Overloaded
 from service.front import jobs, layout
 from service.front.catalog import ServedModel
-from service.front.interceptors import current_request_metrics
+from service.front.interceptors import current_request_metrics, current_trace_context
 from service.front.jobs import Job
 from service.front.triton_client import BackendEvent, TritonClient
 from service.telemetry.tracing import traceparent_metadata
@@ -75,7 +75,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         self.inflight += n
         rm = current_request_metrics()
         timeout = context.time_remaining()
-        metadata = traceparent_metadata()
+        metadata = traceparent_metadata(current_trace_context())
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:

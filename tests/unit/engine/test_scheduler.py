@@ -158,3 +158,12 @@ def test_an_engine_fault_fails_requests_in_flight_but_not_the_loop(engine, monke
         assert isinstance(list(sched.submit(Request([2, 3], p, seed=1)))[-1], FinalEvent)  # still serving
     finally:
         sched.stop()
+
+
+def test_on_step_sees_the_batch_after_finished_requests_left(engine):
+    seen = []
+    sched = Scheduler(engine, on_step=lambda: seen.append((sched.live_canvases, sched.queue_depth)))
+    sched.submit(Request([2, 9], GenerationParams(max_new_tokens=16, max_denoising_steps=2)))
+    while sched.step():
+        pass
+    assert seen[0] == (1, 0) and seen[-1] == (0, 0)  # the gauges' last word: nothing live, nothing queued

@@ -60,7 +60,7 @@ class TritonPythonModel:
             max_queue=int(params.get("max_engine_queue", 64)),
             max_cache_bytes=int(params.get("max_cache_bytes", 2 << 30)),
         )
-        self.scheduler = Scheduler(self.engine, limits).start()
+        self.scheduler = Scheduler(self.engine, limits, on_step=self._update_gauges)
         # Spans of the denoising work, under Triton's own request span (OTEL_* from `dgemma serve`).
         self.tracing = setup_tracing("dgemma-backend")
         self.tokenizer = self.engine.tokenizer
@@ -84,6 +84,11 @@ class TritonPythonModel:
         self.m_steps, self.m_canvases = m["dgemma_denoising_steps_total"], m["dgemma_canvases_total"]
         self.m_tokens, self.m_passes = m["dgemma_generated_tokens_total"], m["dgemma_decoder_passes_total"]
         self.metrics = m
+        self.scheduler.start()
+
+    def _update_gauges(self):
+        self.m_live.set(self.scheduler.live_canvases)
+        self.m_queue.set(self.scheduler.queue_depth)
 
     def _detok(self, ids):
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
@@ -133,9 +138,6 @@ class TritonPythonModel:
                     sender.send(pb_utils.InferenceResponse(output_tensors=out))
             except Exception:  # the client went away: nothing more to send
                 log.warning("could not send a response", exc_info=True)
-            finally:
-                self.m_live.set(self.scheduler.live_canvases)
-                self.m_queue.set(self.scheduler.queue_depth)
 
         return on_event
 
