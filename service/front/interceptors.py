@@ -101,36 +101,15 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         async def unary(request, context):
             call = _Call(self, method, details.method.lstrip("/"), parent, request)
-            try:
-                response = await handler.unary_unary(request, context)
-            except (asyncio.CancelledError, GeneratorExit):
-                call.cancelled(context)
-                raise
-            except BaseException as e:
-                await call.fail(e, context)
-                raise
-            finally:
-                call.end()
-            call.done(grpc.StatusCode.OK)
-            return response
+            async with call.guard(context):
+                return await handler.unary_unary(request, context)
 
         async def stream(request, context):
             call = _Call(self, method, details.method.lstrip("/"), parent, request)
-            try:
-                # closed with us when the client cancels (no await of the servicer left to the GC)
-                async with contextlib.aclosing(handler.unary_stream(request, context)) as responses:
-                    async for response in responses:
-                        yield response
-            except (asyncio.CancelledError, GeneratorExit):  # client cancel or deadline: nothing to send
-                call.cancelled(context)
-                raise
-            except BaseException as e:
-                await call.fail(e, context)
-                raise
-            else:
-                call.done(grpc.StatusCode.OK)
-            finally:
-                call.end()
+            # the servicer's stream is closed with ours when the client cancels (not left to the GC)
+            async with call.guard(context), contextlib.aclosing(handler.unary_stream(request, context)) as responses:
+                async for response in responses:
+                    yield response
 
         return _wrap(handler, unary, stream)
 
@@ -154,8 +133,21 @@ class _Call:
                         "rpc.method": method, "dgemma.request_id": self.rid})
         _trace_context.set(trace.set_span_in_context(self.span, parent))
 
-    def end(self) -> None:
-        self.span.end()
+    @contextlib.asynccontextmanager
+    async def guard(self, context):
+        """Around the handler: OK, cancelled (client cancel or deadline: nothing to send) or failed."""
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled(context)
+            raise
+        except BaseException as e:
+            await self.fail(e, context)
+            raise
+        else:
+            self.done(grpc.StatusCode.OK)
+        finally:
+            self.span.end()
 
     def done(self, code: grpc.StatusCode) -> None:
         if code != grpc.StatusCode.OK:
