@@ -160,18 +160,26 @@ class _Call:
         expired = remaining is not None and remaining <= 0
         self.done(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
 
+    def _extra(self) -> dict:
+        """Log fields: the request id and, when traced, this RPC's trace and span ids."""
+        extra = {"request_id": self.rid}
+        sc = self.span.get_span_context()
+        if sc.is_valid:
+            extra.update(trace_id=format(sc.trace_id, "032x"), span_id=format(sc.span_id, "016x"))
+        return extra
+
     async def fail(self, e: BaseException, context) -> None:
-        rid = self.rid
+        rid, extra = self.rid, self._extra()
         if isinstance(e, grpc.aio.AbortError):  # already aborted (auth): count, log and pass on
             code = context.code() or grpc.StatusCode.UNKNOWN
-            log.info("request %s: %s", rid, code.name, extra={"request_id": rid})
+            log.info("request %s: %s", rid, code.name, extra=extra)
             self.done(code)
             return
         code = status_for(e)
         message = public_message(e, rid)
         if code == grpc.StatusCode.INTERNAL:
-            log.error("request %s failed", rid, exc_info=e, extra={"request_id": rid})
+            log.error("request %s failed", rid, exc_info=e, extra=extra)
         else:
-            log.info("request %s: %s: %s", rid, code.name, message, extra={"request_id": rid})
+            log.info("request %s: %s: %s", rid, code.name, message, extra=extra)
         self.done(code)
         await context.abort(code, message)
