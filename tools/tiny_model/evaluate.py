@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -38,20 +39,22 @@ def held_out_snippets(tokenizer, n: int, seed: int = 0) -> list[tuple[list[int],
     return out
 
 
-def infill(engine: TorchEngine, prefix: list[int], suffix: list[int], seed: int) -> tuple[list[int], int]:
-    """Prefix as the prompt, suffix pinned at the canvas's end; returns the gap ids and steps used."""
+def infill(engine: TorchEngine, prefix: list[int], suffix: list[int], seed: int,
+           params: GenerationParams | None = None) -> tuple[list[int], int]:
+    """Prefix as the prompt, suffix pinned at the canvas's end; returns the gap ids and steps used.
+    `params`: the sampler settings (default: the reference's defaults)."""
     length = engine.config.canvas_length
     gap = length - len(suffix)
     pins = Pins.from_lists([0] * gap + suffix, [False] * gap + [True] * len(suffix))
-    req = Request(prefix, GenerationParams(max_new_tokens=length), seed=seed, pins=pins)
-    final = list(engine.generate(req))[-1]
+    params = dataclasses.replace(params or GenerationParams(), max_new_tokens=length)
+    final = list(engine.generate(Request(prefix, params, seed=seed, pins=pins)))[-1]
     return final.token_ids[:gap], final.stats.steps_per_canvas[0]
 
 
-def infill_accuracy(engine: TorchEngine, snippets) -> tuple[float, float]:
+def infill_accuracy(engine: TorchEngine, snippets, params: GenerationParams | None = None) -> tuple[float, float]:
     hits = total = steps = 0
     for i, (prefix, gap, suffix) in enumerate(snippets):
-        pred, n = infill(engine, prefix, suffix, seed=i)
+        pred, n = infill(engine, prefix, suffix, seed=i, params=params)
         hits += sum(p == t for p, t in zip(pred, gap))
         total += len(gap)
         steps += n
@@ -138,7 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         "unigram_baseline_accuracy": round(unigram_baseline(top, snippets), 4),
         "one_shot_accuracy": round(one_shot_accuracy(engine, snippets), 4),
         "mean_steps_per_canvas": round(steps, 2),
+        # the same loop with the checkpoint's own generation_config.json (what `dgemma` uses by default)
     }
+    # The same loop with the checkpoint's own generation_config.json (what `dgemma` uses by default),
+    # when it sets anything the reference's defaults do not.
+    tuned = {k: v for k, v in dataclasses.asdict(engine.default_params).items()
+             if k != "max_new_tokens" and v != getattr(GenerationParams(), k)}
+    if tuned:
+        tuned_acc, tuned_steps = infill_accuracy(engine, snippets, engine.default_params)
+        result.update(generation_config=tuned, infill_token_accuracy_generation_config=round(tuned_acc, 4),
+                      mean_steps_per_canvas_generation_config=round(tuned_steps, 2))
     print(json.dumps(result))
     return 0
 
