@@ -1,7 +1,7 @@
 """Property tests for the sampler's pure functions."""
 
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from service.sampler import ops
@@ -16,7 +16,10 @@ def test_acceptance_respects_the_entropy_bound(hs, bound):
     chosen = h[acc]
     assert chosen.numel() >= 1  # the surest position is always accepted
     assert float(chosen.sum() - chosen.max()) <= bound + 1e-4
-    # maximal: every rejected position has entropy >= every accepted one
+    # maximal: every rejected position has entropy >= every accepted one. Not when a tiny entropy vanishes
+    # in float32 rounding of the cumulative sum (1e-29 + 1.0 == 1.0): the reference's rule, which we
+    # mirror bit for bit, then accepts the later position and rejects the tiny one.
+    assume(all(x == 0.0 or x > 1e-6 for x in hs))
     if (~acc).any():
         assert float(h[~acc].min()) >= float(chosen.max()) - 1e-6
 
