@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
+from service.sampler.params import DIFFUSION_PARAMS
 
 DEFAULT_TARGET = "127.0.0.1:8000"
 
@@ -69,8 +70,6 @@ _REQUESTS: dict[str, type[Message]] = {
     "Tokenize": pb.TokenizeRequest,
     "ListModels": pb.ListModelsRequest,
 }
-_PARAMETERS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-               "confidence_threshold")
 _SAMPLERS = {"reference": pb.SAMPLER_REFERENCE, "fast": pb.SAMPLER_FAST}
 _HOLE_TYPES = {"text": pb.HOLE_TYPE_TEXT, "string": pb.HOLE_TYPE_STRING, "number": pb.HOLE_TYPE_NUMBER}
 
@@ -111,7 +110,7 @@ def _part(p: str | tuple[str, str, int] | pb.Hole | pb.TemplatePart) -> pb.Templ
 
 def _set_options(options: pb.GenerationOptions, kw: dict[str, Any]) -> None:
     """Moves the option keywords out of `kw` into `options` (left unset when none is given)."""
-    for name in _PARAMETERS:
+    for name in DIFFUSION_PARAMS:
         if name in kw:
             setattr(options.parameters, name, kw.pop(name))
     if "sampler" in kw:

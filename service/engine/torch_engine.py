@@ -12,7 +12,7 @@ import torch
 from service.engine.api import Event, Request
 from service.engine.sequence import Sequence
 from service.errors import InvalidArgument
-from service.model.config import read_generation_config as generation_defaults
+from service.model.config import read_generation_config, special_ids
 from service.model.loading import load_model
 from service.model.tokenizer import Tokenizer, load_tokenizer
 from service.sampler.constraints import build_class_masks, check_classes
@@ -38,11 +38,8 @@ class TorchEngine:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device)
         self.config, self.model = load_model(self.checkpoint_dir, dtype=dtype, device=self.device)
-        gen = generation_defaults(self.checkpoint_dir)
-        eos = gen.get("eos_token_id")
-        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else self.config.eos_token_ids
-        pad = gen.get("pad_token_id")
-        self.pad_id = int(pad) if isinstance(pad, int) else self.config.pad_token_id
+        gen = read_generation_config(self.checkpoint_dir)
+        self.eos_ids, self.pad_id = special_ids(self.config, gen)
         # What a request that sets nothing gets: the checkpoint's generation config over the reference's defaults.
         self.default_params: GenerationParams = params_from_generation_config(gen)
         self.tokenizer: Tokenizer | None = load_tokenizer(self.checkpoint_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.model.config import ModelConfig, read_config, read_generation_config
+from service.model.config import ModelConfig, read_config, read_generation_config, special_ids
 from service.model.tokenizer import Tokenizer, load_tokenizer
 from service.sampler.params import GenerationParams, params_from_generation_config
 
@@ -25,11 +25,8 @@ class ServedModel:
     def load(checkpoint_dir: Path, model_id: str, profile: str) -> "ServedModel":
         cfg = read_config(checkpoint_dir)
         gen = read_generation_config(checkpoint_dir)
-        eos = gen.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else list(cfg.eos_token_ids)
-        pad = gen.get("pad_token_id")
+        eos_ids, pad_id = special_ids(cfg, gen)
         return ServedModel(
             id=model_id, profile=profile, config=cfg, tokenizer=load_tokenizer(checkpoint_dir),
-            defaults=params_from_generation_config(gen), eos_id=int(eos_ids[0]),
-            pad_id=int(pad) if isinstance(pad, int) else cfg.pad_token_id,
+            defaults=params_from_generation_config(gen), eos_id=int(eos_ids[0]), pad_id=pad_id,
         )

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from service.errors import InvalidArgument
 from service.front.catalog import ServedModel
 from service.front.triton_client import Tensor
+from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
 
 MAX_VARIATIONS = 16
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 ROLES = {"system": "system", "user": "user", "model": "model", "assistant": "model"}
 SAMPLERS = {0: None, 1: "reference", 2: "fast"}  # proto enum Sampler -> the backend's name
-PARAM_FIELDS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                "confidence_threshold")
-_INT_PARAMS = ("max_denoising_steps", "stability_threshold")
+PARAM_FIELDS = DIFFUSION_PARAMS  # DiffusionParameters' numeric fields, named as the backend's inputs
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Job:
         if self.max_new_tokens is not None:
             t["max_new_tokens"] = Tensor("INT32", [self.max_new_tokens])
         for name, v in self.options.params.items():
-            kind = "BYTES" if name == "sampler" else "INT32" if name in _INT_PARAMS else "FP32"
+            kind = "BYTES" if name == "sampler" else "INT32" if name in INT_PARAMS else "FP32"
             t[name] = Tensor(kind, [v])
         if self.return_drafts:
             t["return_drafts"] = Tensor("BOOL", [True])

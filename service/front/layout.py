@@ -13,17 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument
+from service.sampler.token_classes import FREE, JSON_STRING, NUMBER_FIRST, NUMBER_REST, TEXT  # constraint_ids
 
 if TYPE_CHECKING:
     from service.model.tokenizer import Tokenizer
-
-# Token classes of constraint_ids; they mirror service.sampler.constraints (kept local so the front
-# does not import the sampler, which depends on torch).
-FREE = 0
-TEXT = 1
-JSON_STRING = 2
-NUMBER_FIRST = 3
-NUMBER_REST = 4
 
 HOLE_TYPES = ("text", "string", "number")
 # diffusiongemma.v1.HoleType enum values -> hole type names (UNSPECIFIED is text).

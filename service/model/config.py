@@ -183,3 +183,11 @@ def read_generation_config(checkpoint_dir: Path) -> dict:
         log.warning("ignoring unreadable generation_config.json")
         return {}
     return raw if isinstance(raw, dict) else {}
+
+
+def special_ids(cfg: ModelConfig, gen: dict) -> tuple[tuple[int, ...], int]:
+    """(eos ids, pad id): generation_config.json's when it sets them, else config.json's."""
+    eos = gen.get("eos_token_id")
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else cfg.eos_token_ids
+    pad = gen.get("pad_token_id")
+    return eos_ids, int(pad) if isinstance(pad, int) else cfg.pad_token_id

@@ -15,18 +15,18 @@ import torch
 from torch import Tensor
 
 from service.errors import InvalidArgument
+from service.sampler.token_classes import (  # noqa: F401  (re-exported: the engine's names for them)
+    CLASS_NAMES,
+    FREE,
+    JSON_STRING,
+    NUM_CLASSES,
+    NUMBER_FIRST,
+    NUMBER_REST,
+    TEXT,
+)
 
 if TYPE_CHECKING:
     from service.model.tokenizer import Tokenizer
-
-# Class ids: part of the request interface (Request.constraints, Triton `constraint_ids`); do not renumber.
-FREE = 0  # no constraint
-TEXT = 1  # any token but special ones (pad, eos, bos, `<|turn>`, ...)
-JSON_STRING = 2  # non-empty text that may stand inside a JSON string as is: no `"`, `\`, control chars
-NUMBER_FIRST = 3  # digits not starting with 0: ^[1-9][0-9]*$
-NUMBER_REST = 4  # digits: ^[0-9]+$
-NUM_CLASSES = 5
-CLASS_NAMES = ("free", "text", "json_string", "number_first", "number_rest")
 
 # What a disallowed logit becomes: finite, so entropy (p * log p with p = 0) stays 0, never NaN.
 BLOCKED = torch.finfo(torch.float32).min

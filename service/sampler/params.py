@@ -22,6 +22,12 @@ DEFAULTS = {
     "confidence_threshold": 0.005,
 }
 
+# The same names by kind (interfaces that carry them typed: Triton inputs, the gRPC front).
+INT_PARAMS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, int))
+FLOAT_PARAMS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, float))
+# The diffusion parameters proper: everything but the output length.
+DIFFUSION_PARAMS = tuple(k for k in DEFAULTS if k != "max_new_tokens")
+
 SAMPLERS = ("reference", "fast")
 MAX_DENOISING_STEPS = 1024
 MAX_NEW_TOKENS = 1 << 16

@@ -23,7 +23,7 @@ from service.errors import (
 from service.model.config import ModelConfig
 from service.model.tokenizer import Tokenizer
 from service.sampler.constraints import FREE
-from service.sampler.params import GenerationParams, Pins
+from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, Pins
 
 # One table: domain error -> Triton error code name (pb_utils.TritonError.<NAME>).
 TRITON_ERROR_CODES: dict[type[DGemmaError], str] = {
@@ -35,8 +35,6 @@ TRITON_ERROR_CODES: dict[type[DGemmaError], str] = {
     CheckpointError: "INTERNAL",
 }
 
-INT_PARAMS = ("max_new_tokens", "max_denoising_steps", "stability_threshold")
-FLOAT_PARAMS = ("entropy_bound", "t_min", "t_max", "confidence_threshold")
 INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "seed", "return_drafts",
                "request_id", "sampler", "apply_chat_template", *INT_PARAMS, *FLOAT_PARAMS)
 
