@@ -117,7 +117,8 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
     repo = RepositorySettings(
         checkpoint_dir=str(ckpt.resolve()), engine_backend=prof.backend, device=prof.device, dtype=prof.precision,
         instance_kind="KIND_CPU" if prof.device == "cpu" else "KIND_GPU",
-        max_live_canvases=_int(env, "NIM_MAX_LIVE_CANVASES", 16, 1), threads=threads or 0,
+        max_live_canvases=_int(env, "NIM_MAX_LIVE_CANVASES", 16, 1),
+        max_engine_queue=_int(env, "NIM_MAX_QUEUED_REQUESTS", 64, 1), threads=threads or 0,
     ).validate()
     front = FrontSettings(
         checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=prof.name,

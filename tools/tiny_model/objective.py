@@ -53,8 +53,10 @@ def forward_train(model: DiffusionGemma, prefix: Tensor, canvas: Tensor, soft: T
     return model.logits(model.norm(xd))
 
 
-def corrupt(clean: Tensor, vocab: int, gen: torch.Generator, span_fraction: float = 0.5) -> tuple[Tensor, Tensor]:
-    """Uniform-state noise: each example gets a level t; span examples noise one contiguous gap only.
+def corrupt(clean: Tensor, vocab: int, gen: torch.Generator, span_fraction: float = 0.5,
+            span_min_noise: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Uniform-state noise: each example gets a level t; span examples noise one contiguous gap only,
+    at a level of at least `span_min_noise` (lower floors cover the denoising loop's later steps).
 
     Returns the noisy canvas [B, L] and the noised-position mask [B, L].
     """
@@ -67,15 +69,15 @@ def corrupt(clean: Tensor, vocab: int, gen: torch.Generator, span_fraction: floa
         start = 0 if torch.rand(1, generator=gen) < 0.5 else int(torch.randint(0, length - g + 1, (1,), generator=gen))
         m = torch.zeros(length, dtype=torch.bool)
         m[start : start + g] = True
-        noise_mask[i] = m & (torch.rand(length, generator=gen) < max(float(t[i]), 0.5))
+        noise_mask[i] = m & (torch.rand(length, generator=gen) < max(float(t[i]), span_min_noise))
     random_ids = torch.randint(0, vocab, (b, length), generator=gen)
     return torch.where(noise_mask, random_ids, clean), noise_mask
 
 
 def loss_step(model: DiffusionGemma, prefix: Tensor, clean: Tensor, gen: torch.Generator,
-              span_fraction: float = 0.5) -> tuple[Tensor, dict]:
+              span_fraction: float = 0.5, span_min_noise: float = 0.5) -> tuple[Tensor, dict]:
     """One training loss: denoise the corrupted canvas; half the time self-conditioned on a detached pass."""
-    noisy, noised = corrupt(clean, model.cfg.vocab_size, gen, span_fraction)
+    noisy, noised = corrupt(clean, model.cfg.vocab_size, gen, span_fraction, span_min_noise)
     soft = None
     if torch.rand(1, generator=gen) < 0.5:
         with torch.no_grad():

@@ -115,8 +115,10 @@ def prepare_data(work: Path, vocab: int, tokenizer_json: str | None = None) -> t
     return tok.to_str(), data
 
 
-def batch(data: torch.Tensor, b: int, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    p = int(torch.randint(16, 129, (1,), generator=gen))
+def batch(data: torch.Tensor, b: int, gen: torch.Generator, device: torch.device,
+          max_prefix: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """b windows of the id stream: a clean prefix of 16..max_prefix tokens and a CANVAS-token target."""
+    p = int(torch.randint(16, max_prefix + 1, (1,), generator=gen))
     starts = torch.randint(0, data.numel() - p - CANVAS - 1, (b,), generator=gen)
     rows = torch.stack([data[s : s + p + CANVAS].long() for s in starts.tolist()])
     return rows[:, :p].to(device), rows[:, p:].to(device)
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--span-fraction", type=float, default=0.5,
                     help="share of examples whose noise is one contiguous span with clean context on both sides")
+    ap.add_argument("--span-min-noise", type=float, default=0.5,
+                    help="lowest share of a span example's gap that is noised (the loop's late steps have few)")
+    ap.add_argument("--max-prefix", type=int, default=128, help="longest clean prefix (16..N tokens per batch)")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported checkpoint (e.g. the shipped one) when --workdir has no state")
@@ -188,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, a.steps, a.lr)
-            prefix, clean = batch(data, a.batch, gen, device)
-            loss, info = loss_step(model, prefix, clean, gen, a.span_fraction)
+            prefix, clean = batch(data, a.batch, gen, device, a.max_prefix)
+            loss, info = loss_step(model, prefix, clean, gen, a.span_fraction, a.span_min_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -20,8 +20,10 @@ def test_defaults_serve_the_embedded_model_on_8000():
 
 def test_flags_override_environment(tmp_path):
     env = {"NIM_SERVER_PORT": "9000", "NIM_METRICS_PORT": "9001", "NIM_GRPC_REFLECTION": "true",
-           "NIM_MAX_CONCURRENT_REQUESTS": "7", "NIM_SERVED_MODEL_NAME": "dg", "NIM_CACHE_PATH": str(tmp_path)}
+           "NIM_MAX_CONCURRENT_REQUESTS": "7", "NIM_SERVED_MODEL_NAME": "dg", "NIM_CACHE_PATH": str(tmp_path),
+           "NIM_MAX_LIVE_CANVASES": "4", "NIM_MAX_QUEUED_REQUESTS": "3"}
     o = serve_options(env)
+    assert (o.repository.max_live_canvases, o.repository.max_engine_queue) == (4, 3)
     assert (o.front.port, o.metrics_port, o.front.reflection, o.front.max_inflight) == (9000, 9001, True, 7)
     assert o.front.model_id == "dg" and o.cache_dir == tmp_path
     o = serve_options(env, port=9100, metrics_port=9101, reflection=False, profile="torch-bfloat16-cpu")
@@ -32,6 +34,7 @@ def test_flags_override_environment(tmp_path):
 @pytest.mark.parametrize("env, field", [
     ({"NIM_SERVER_PORT": "http"}, "NIM_SERVER_PORT"),
     ({"NIM_MAX_CONCURRENT_REQUESTS": "0"}, "NIM_MAX_CONCURRENT_REQUESTS"),
+    ({"NIM_MAX_QUEUED_REQUESTS": "0"}, "NIM_MAX_QUEUED_REQUESTS"),
     ({"NIM_MODEL_PROFILE": "torch-fp8-h100"}, "NIM_MODEL_PROFILE"),
     ({"NIM_MODEL_PROFILE": "onnx-float32-cpu"}, "NIM_MODEL_PROFILE"),
     ({"NIM_MODEL_PATH": "/nonexistent"}, "checkpoint"),
