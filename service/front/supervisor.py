@@ -35,7 +35,8 @@ class ServeOptions:
     # after SIGTERM, health reads NOT_SERVING (and calls are still served) this long before new calls are
     # refused: load balancers and Kubernetes probes see it and stop routing here
     drain_delay_s: float = 2.0
-    restart_backoff_s: float = 2.0
+    restart_backoff_s: float = 2.0  # doubled after each failed restart, up to restart_backoff_max_s
+    restart_backoff_max_s: float = 30.0
     triton_log: Path | None = None
 
 
@@ -92,16 +93,19 @@ class Supervisor:
         self.restarting = True  # health goes NOT_SERVING on the next readiness poll
         code = self.triton.proc.returncode if self.triton.proc else None
         log.error("tritonserver exited with code %s; restarting", code)
+        backoff = self.opts.restart_backoff_s
         while not self.stop_requested.is_set():
-            await asyncio.sleep(self.opts.restart_backoff_s)
+            await asyncio.sleep(backoff)
             try:
                 await asyncio.to_thread(self.triton.start, self.opts.startup_timeout_s,
                                         self.opts.repository.model_name, self.stop_requested.is_set)
                 self.restarts += 1
+                self.metrics.backend_restarts.inc()
                 log.info("tritonserver restarted (%d restarts)", self.restarts)
                 break
             except Exception:
-                log.exception("tritonserver restart failed; retrying")
+                backoff = min(2 * backoff, self.opts.restart_backoff_max_s)
+                log.exception("tritonserver restart failed; retrying in %.0fs", backoff)
         self.restarting = False
 
 

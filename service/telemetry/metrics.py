@@ -51,6 +51,8 @@ class FrontMetrics:
                                  "Requests accepted by the front and waiting for their first event from the backend",
                                  registry=r)
         self.inflight = Gauge(p + "inflight_requests", "Requests being served by the front", registry=r)
+        self.backend_restarts = Counter(p + "backend_restarts", "Times the supervisor restarted a dead tritonserver",
+                                        registry=r)
 
     def request(self, method: str) -> "RequestMetrics":
         """Start tracking one RPC (in flight and queued from now)."""

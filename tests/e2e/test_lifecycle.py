@@ -42,10 +42,12 @@ def test_reflection_dead_triton_restarted_and_sigterm_drains_streams(tmp_path):
         assert "diffusiongemma.v1.DiffusionGemma" in {s.name for s in listed.list_services_response.service}
         pid = triton_pid(srv.proc.pid)
         assert pid is not None
+        assert srv.metric("dgemma_front_backend_restarts_total") == 0
         os.kill(pid, signal.SIGKILL)
         srv.wait_health("NOT_SERVING", timeout=10)
         srv.wait_health("SERVING", timeout=120)  # restarted by the supervisor
         assert triton_pid(srv.proc.pid) not in (None, pid)
+        assert srv.metric("dgemma_front_backend_restarts_total") == 1
         assert srv.stub().Generate(SHORT, timeout=60).choices
 
         # A stream in flight when SIGTERM arrives still finishes; then the process exits 0.
