@@ -66,7 +66,9 @@ class Supervisor:
                                     self.stop_requested.is_set)
             if self.stop_requested.is_set():
                 return 0
-            self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port)
+            self.metrics_port = start_metrics_server(
+                self.metrics, o.metrics_host, o.metrics_port,
+                backend_url=f"http://127.0.0.1:{o.triton_ports.metrics}/metrics")
             self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive)
             port = await self.front.start()
             print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port} "

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "dgemma_front_"
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -120,9 +122,42 @@ _servers: dict[int, Any] = {}
 _servers_lock = threading.Lock()
 
 
-def start_metrics_server(metrics: FrontMetrics, host: str = "0.0.0.0", port: int = 0) -> int:
-    """Serve `metrics` at http://host:port/metrics from a daemon thread; returns the bound port."""
-    httpd, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+def fetch_text(url: str, timeout_s: float = 2.0) -> bytes:
+    """Another exposition (Triton's metrics on 127.0.0.1), or a comment saying it could not be read."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.read()
+    except (OSError, ValueError) as e:  # URLError, timeouts, refused: Triton restarting or not up yet
+        return f"# backend metrics unavailable: {type(e).__name__}\n".encode()
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        body = self.server.render()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:  # scrapes are not worth a log line each
+        pass
+
+
+def start_metrics_server(metrics: FrontMetrics, host: str = "0.0.0.0", port: int = 0,
+                         backend_url: str | None = None) -> int:
+    """Serve `metrics` at http://host:port/metrics from a daemon thread; returns the bound port.
+
+    With `backend_url`, each scrape also carries that exposition (Triton's metrics, which listen on
+    127.0.0.1 only), so one endpoint serves the pod: the names never collide (`dgemma_front_*` here).
+    """
+    httpd = ThreadingHTTPServer((host, port), _MetricsHandler)
+    httpd.daemon_threads = True
+    httpd.render = lambda: metrics.exposition() + (fetch_text(backend_url) if backend_url else b"")
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
     bound = httpd.server_address[1]
     with _servers_lock:
         _servers[bound] = httpd

@@ -91,6 +91,10 @@ def test_metrics_count_requests_by_method_and_code(server):
     with pytest.raises(grpc.RpcError):
         server.stub().Generate(pb.GenerateRequest(text=""), metadata=server.metadata(), timeout=10)
     assert server.metric("dgemma_front_requests_total", method="Generate", code="INVALID_ARGUMENT") >= 1
+    # the same endpoint carries Triton's exposition (its own port is bound to 127.0.0.1 only)
+    assert server.metric("dgemma_canvases_total") == server.metric("dgemma_canvases_total",
+                                                                   port=server.triton_metrics_port) >= 1
+    assert server.metric("nv_inference_request_success", model="diffusiongemma") >= 1
 
 
 def test_one_trace_holds_the_front_span_and_tritons_spans(server, otlp):

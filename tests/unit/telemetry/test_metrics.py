@@ -86,3 +86,23 @@ def test_metrics_server_serves_and_stops():
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     stop_metrics_server(port)  # no-op
+
+
+def test_metrics_server_appends_the_backend_exposition_and_survives_its_absence():
+    backend = FrontMetrics()  # stands in for Triton's endpoint: another exposition on 127.0.0.1
+    backend.inflight.set(7)
+    backend_port = start_metrics_server(backend, "127.0.0.1", 0)
+    front = FrontMetrics()
+    port = start_metrics_server(front, "127.0.0.1", 0, backend_url=f"http://127.0.0.1:{backend_port}/metrics")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert "dgemma_front_inflight_requests 7.0" in resp.read().decode()
+        stop_metrics_server(backend_port)  # the backend goes away (a Triton restart): scrapes still work
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert "# backend metrics unavailable" in body and "dgemma_front_inflight_requests 0.0" in body
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=5)
+    finally:
+        stop_metrics_server(port)
+        stop_metrics_server(backend_port)
