@@ -95,6 +95,20 @@ def params_from_generation_config(gen: dict) -> GenerationParams:
         raise CheckpointError(f"generation_config.json: {e.field}: {e.detail}") from None
 
 
+def generation_config_entries(gen: dict, settings: dict) -> dict:
+    """`gen` (a generation_config.json) with sampler `settings` stored where the reference reads them:
+    the entropy bound under sampler_config, the rest at the top level."""
+    out = dict(gen)
+    for k, v in settings.items():
+        if k == "entropy_bound":
+            out["sampler_config"] = {**(out.get("sampler_config") or {}), "entropy_bound": v}
+        elif k in DEFAULTS:
+            out[k] = v
+        else:
+            raise InvalidArgument(k, "not a generation parameter")
+    return out
+
+
 @dataclass(frozen=True)
 class Pins:
     """Tokens fixed in the first canvas: `ids[i]` is kept wherever `mask[i]` is true.

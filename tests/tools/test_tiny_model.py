@@ -61,3 +61,17 @@ def test_export_loads_in_ours_and_in_transformers_alike(tmp_path):
         theirs = ref(input_ids=prompt, cache=DynamicCache(config=ref.config.get_text_config(decoder=True)),
                      decoder_input_ids=canvas).logits
     assert torch.equal(mine, theirs)
+
+
+def test_tuned_sampler_defaults_are_merged_into_generation_config(tmp_path):
+    from service.engine.torch_engine import params_from_generation_config
+    from tools.tiny_model.tune_sampler import write_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1], "pad_token_id": 0}))
+    write_defaults(tmp_path, {"entropy_bound": 4.0, "t_max": 0.2, "t_min": 0.05})
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [1] and gen["pad_token_id"] == 0
+    p = params_from_generation_config(gen)
+    assert (p.entropy_bound, p.t_max, p.t_min, p.max_denoising_steps) == (4.0, 0.2, 0.05, 48)
+    export_checkpoint(tiny_model(), '{"model": {}}', tmp_path, {})  # a re-export keeps them
+    assert params_from_generation_config(json.loads((tmp_path / "generation_config.json").read_text())) == p

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from service.model.config import parse_config
 from service.model.network import DiffusionGemma
+from service.sampler.params import DIFFUSION_PARAMS
 from tools.tiny_model.corpus import read_texts
 from tools.tiny_model.objective import loss_step
 from tools.tiny_model.tokenizer import train_tokenizer
@@ -73,7 +74,8 @@ def init_weights(model: DiffusionGemma, seed: int) -> None:
 
 
 def export_checkpoint(model: DiffusionGemma, tokenizer_json: str, out: Path, meta: dict) -> None:
-    """Write config.json, generation_config.json, model.safetensors (HF keys, float32) and tokenizer.json."""
+    """Write config.json, generation_config.json, model.safetensors (HF keys, float32) and tokenizer.json.
+    Sampler defaults already in out/generation_config.json are kept."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
@@ -88,6 +90,9 @@ def export_checkpoint(model: DiffusionGemma, tokenizer_json: str, out: Path, met
     (out / "config.json").write_text(json.dumps(hf_config(), indent=2))
     gen = {"eos_token_id": [1], "pad_token_id": 0, "bos_token_id": 2,
            "transformers_version": "5.24.0"}
+    old = out / "generation_config.json"
+    if old.is_file():  # sampler defaults chosen by tune_sampler --write survive a re-export
+        gen.update({k: v for k, v in json.loads(old.read_text()).items() if k in (*DIFFUSION_PARAMS, "sampler_config")})
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     (out / "tokenizer.json").write_text(tokenizer_json)
     (out / "training_meta.json").write_text(json.dumps(meta, indent=2))
