@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also write N held-out snippets (ids) and the unigram token for the quick test",
     )
-    ap.add_argument("--test-snippets", type=int, default=8)
+    ap.add_argument("--test-snippets", type=int, default=48)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     engine = TorchEngine(a.checkpoint, dtype="float32")
