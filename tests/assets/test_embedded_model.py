@@ -86,7 +86,7 @@ def test_one_pass_fills_gaps_well_above_the_unigram_baseline(engine):
     gaps = [t for s in data["snippets"] for t in s["gap"]]
     unigram = sum(t == data["unigram_token"] for t in gaps) / len(gaps)
     _, accuracy = one_shot(engine, data)
-    assert accuracy >= 1.5 * unigram  # measured 8.1% against 3.9% (2.1x) on these 48 snippets
+    assert accuracy >= 1.5 * unigram  # measured 8.2% against 3.9% (2.1x) on these 48 snippets
 
 
 def test_generates_text_from_a_text_prompt(engine):
