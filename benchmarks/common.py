@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,16 @@ def small_checkpoint(seed: int = 0) -> tuple[object, Path]:
     path = Path(tempfile.mkdtemp(prefix="dgemma-bench-"))
     ref.save_pretrained(path)
     return ref, path
+
+
+def best_time(fn, repeats: int) -> float:
+    """The shortest of `repeats` wall-clock runs of fn(), in seconds."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def machine() -> dict:

@@ -10,27 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CANVAS, NO_EARLY_STOP, PROMPT, STEPS, machine, small_checkpoint  # noqa: E402
+from benchmarks.common import CANVAS, NO_EARLY_STOP, PROMPT, STEPS, best_time, machine, small_checkpoint  # noqa: E402
 from service.engine.api import Request  # noqa: E402
 from service.engine.scheduler import Limits, Scheduler  # noqa: E402
 from service.engine.torch_engine import TorchEngine  # noqa: E402
 from service.sampler.params import GenerationParams  # noqa: E402
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def ours(engine: TorchEngine, prompts: list[list[int]], sampler: str, repeats: int) -> float:

@@ -109,14 +109,12 @@ class Sequence:
             self.class_ids = self.class_ids.to(processed.device)
             constrain_logits_(processed, self.class_ids, self.class_masks.to(processed.device))
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        if p.sampler == "fast":
-            sampled = ops.fast_sample_tokens(probs, self.generator)
-            entropy = ops.fast_token_entropy(processed, probs)
-        else:
-            sampled = ops.sample_tokens(probs, self.generator)
-            entropy = ops.token_entropy(processed)
-        argmax = ops.apply_pins(processed.argmax(dim=-1), self.pin_ids, self.pin_mask)
+        fast = p.sampler == "fast"
+        entropy = ops.fast_token_entropy(processed, probs) if fast else ops.token_entropy(processed)
         accepted = ops.accept_mask(entropy, p.entropy_bound, self.pin_mask)
+        # The reference sampler draws for every position (its stream); both make ids only where they are kept.
+        sampled = (ops.fast_sample_tokens if fast else ops.sample_tokens)(probs, self.generator, accepted)
+        argmax = ops.apply_pins(processed.argmax(dim=-1), self.pin_ids, self.pin_mask)
         accepted_canvas = torch.where(accepted, sampled, self.canvas)
         self.canvas = ops.apply_pins(
             ops.renoise(accepted_canvas, accepted, self.cfg.vocab_size, self.generator), self.pin_ids, self.pin_mask

@@ -36,23 +36,36 @@ def fast_token_entropy(logits: Tensor, probs: Tensor) -> Tensor:
     return logits.logsumexp(dim=-1) - (probs * logits).sum(-1)
 
 
-def sample_tokens(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One categorical draw per position, the reference's way: probs [L, V] -> [L].
+def sample_tokens(probs: Tensor, generator: torch.Generator, rows: Tensor | None = None) -> Tensor:
+    """One categorical draw per position, bit for bit torch.multinomial's: probs [L, V] -> [L].
 
-    torch.multinomial draws V exponentials per position; that stream is what makes our ids equal the
-    reference's for a seed, and it is the costliest part of a CPU step.
+    multinomial(probs, 1) takes argmax(p / q) over q ~ Exp(1), one per entry, each made on the CPU as
+    float32(-log1p(-u)) from a float64 uniform u. We draw the same L * V uniforms, so the generator
+    advances exactly as the reference's, but turn only the `rows` (bool [L]) whose ids are used into
+    exponentials; other positions get 0. The serial uniform stream is the costliest part of a CPU step.
     """
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    u = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)  # [L, V]
+    if rows is None:
+        rows = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    q = torch.log1p(u[rows].neg_()).neg_().to(probs.dtype)  # [k, V]: the exponentials multinomial makes
+    out = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+    out[rows] = (probs[rows] / q).argmax(dim=-1)
+    return out
 
 
-def fast_sample_tokens(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One categorical draw per position from one uniform each (inverse CDF): probs [L, V] -> [L].
+def fast_sample_tokens(probs: Tensor, generator: torch.Generator, rows: Tensor | None = None) -> Tensor:
+    """One categorical draw per used position from one uniform each (inverse CDF): probs [L, V] -> [L].
 
     The same distribution as `sample_tokens`, a different random stream: ids differ from the reference's.
+    Only the `rows` (bool [L]) whose ids are used are drawn; other positions get 0.
     """
-    cdf = probs.cumsum(dim=-1)  # [L, V]
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    if rows is None:
+        rows = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    cdf = probs[rows].cumsum(dim=-1)  # [k, V]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    out = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+    out[rows] = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    return out
 
 
 def accept_mask(entropy: Tensor, bound: float, pinned: Tensor | None = None) -> Tensor:
