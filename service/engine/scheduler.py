@@ -110,7 +110,7 @@ class Scheduler:
         self._stopping = False
         self.decoder_passes = 0
         self.canvases_in_last_pass = 0
-        # Per-canvas sampling runs on these threads: the reference's exponential draws are a serial
+        # Per-canvas sampling runs on these threads: the reference stream's uniform draws are a serial
         # kernel, so canvases sample in parallel across cores. Each has its own generator: same ids.
         self._samplers = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sample")
         self._kv_bytes_per_token = sum(
