@@ -45,12 +45,9 @@ def sample_tokens(probs: Tensor, generator: torch.Generator, rows: Tensor | None
     exponentials; other positions get 0. The serial uniform stream is the costliest part of a CPU step.
     """
     u = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)  # [L, V]
-    if rows is None:
-        rows = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    rows = _rows(probs, rows)
     q = torch.log1p(u[rows].neg_()).neg_().to(probs.dtype)  # [k, V]: the exponentials multinomial makes
-    out = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
-    out[rows] = (probs[rows] / q).argmax(dim=-1)
-    return out
+    return _scatter_rows(probs, rows, (probs[rows] / q).argmax(dim=-1))
 
 
 def fast_sample_tokens(probs: Tensor, generator: torch.Generator, rows: Tensor | None = None) -> Tensor:
@@ -59,12 +56,22 @@ def fast_sample_tokens(probs: Tensor, generator: torch.Generator, rows: Tensor |
     The same distribution as `sample_tokens`, a different random stream: ids differ from the reference's.
     Only the `rows` (bool [L]) whose ids are used are drawn; other positions get 0.
     """
-    if rows is None:
-        rows = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    rows = _rows(probs, rows)
     cdf = probs[rows].cumsum(dim=-1)  # [k, V]
     u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)  # [k]
+    return _scatter_rows(probs, rows, ids)
+
+
+def _rows(probs: Tensor, rows: Tensor | None) -> Tensor:
+    """The positions to draw ids for: bool [L], every one when rows is None."""
+    return torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device) if rows is None else rows
+
+
+def _scatter_rows(probs: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
+    """ids [k] of the chosen rows placed in an [L] id tensor, 0 elsewhere."""
     out = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
-    out[rows] = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    out[rows] = ids
     return out
 
 
