@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -152,6 +154,33 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
 
 
+# Row counts tried when checking that a GEMM gives a row the same bits whatever the count.
+_PROBE_ROWS = (*range(1, 65), 96, 128, 200, 256, 333, 512, 777, 1024, 1500, 2048, 3000, 4096)
+MAX_SHARED_ROWS = _PROBE_ROWS[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def min_invariant_rows(in_dim: int, out_dim: int, dtype: torch.dtype, device: str, threads: int) -> int | None:
+    """The fewest rows from which `grouped_linear` gives each row the same bits for every row count up to
+    MAX_SHARED_ROWS, measured on this machine; None when no count up to 64 qualifies.
+
+    BLAS kernels pick their blocking by shape: on this project's CPU, float32 GEMMs under 12 rows
+    (4 at one thread) round some rows differently, and from there on a row's bits do not depend on
+    the count. Measured rather than assumed, per shape, dtype, device and thread count.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(MAX_SHARED_ROWS, in_dim, generator=g).to(device, dtype)  # [M, in]
+    w = torch.randn(1, out_dim, in_dim, generator=g).to(device, dtype)  # [1, out, in]
+    run = lambda m: grouped_linear(x[:m], w, torch.tensor([m], dtype=torch.int32, device=device))
+    full = run(MAX_SHARED_ROWS)
+    least = None
+    for m in reversed(_PROBE_ROWS):
+        if not torch.equal(run(m), full[:m]):
+            break
+        least = m
+    return least if least is not None and least <= 64 else None
+
+
 class Experts(nn.Module):
     """The routed experts as 3D weights, computed as grouped matmuls over expert-sorted tokens."""
 
@@ -163,19 +192,51 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.act = activation(cfg.hidden_activation)
 
-    def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
-        """x [N, H], weights/idx [N, K] -> [N, H]. Summed over k in order, as the reference does."""
+    def forward(self, x: Tensor, weights: Tensor, idx: Tensor, seq_len: int | None = None) -> Tensor:
+        """x [N, H], weights/idx [N, K] -> [N, H]. Summed over k in order, as the reference does.
+
+        seq_len: x holds N // seq_len sequences back to back, and every row gets the bits it would get
+        in a pass over its own sequence (see `_calls`). None: one sequence (or training: any bits).
+        """
         n, k = idx.shape
-        expert_ids, perm = torch.sort(idx.reshape(-1))  # [N*K]
-        counts_t = torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
-        offsets = torch.cumsum(counts_t, dim=0, dtype=torch.int32)
-        h = grouped_linear(x[perm // k], self.gate_up_proj, offsets)  # [N*K, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        y = grouped_linear(self.act(gate) * up, self.down_proj, offsets)  # [N*K, H]
-        y = y * weights.reshape(-1)[perm].unsqueeze(-1)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return y[inverse].view(n, k, -1).sum(dim=1).to(x.dtype)
+        flat = idx.reshape(-1)  # [N*K] expert of each assignment
+        y = x.new_empty(n * k, x.shape[-1])  # [N*K, H]
+        for rows in self._calls(flat, k, seq_len):
+            expert_ids, order = torch.sort(flat[rows])
+            rows = rows[order]  # [m], sorted by expert
+            counts = torch.bincount(expert_ids, minlength=self.num_experts)
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            h = grouped_linear(x[rows // k], self.gate_up_proj, offsets)  # [m, 2I]
+            gate, up = h.chunk(2, dim=-1)
+            y[rows] = grouped_linear(self.act(gate) * up, self.down_proj, offsets)  # [m, H]
+        y = y * weights.reshape(-1).unsqueeze(-1)
+        return y.view(n, k, -1).sum(dim=1).to(x.dtype)
+
+    def _calls(self, flat: Tensor, k: int, seq_len: int | None) -> list[Tensor]:
+        """The assignments [N*K] split into grouped-GEMM calls whose per-row bits match a per-sequence pass.
+
+        An expert's rows from every sequence that routes at least `min_invariant_rows` tokens to it share
+        one GEMM (a row's bits no longer depend on the count there); the rest run per sequence, as in
+        that sequence's own pass. Falls back to one call per sequence when the machine shows no such
+        count or an expert's shared rows would pass the checked range.
+        """
+        total = flat.numel()
+        every = torch.arange(total, device=flat.device)
+        if seq_len is None or total <= seq_len * k:
+            return [every]
+        per_seq = seq_len * k
+        seqs = total // per_seq
+        alone = [every[s * per_seq : (s + 1) * per_seq] for s in range(seqs)]
+        least = max((min_invariant_rows(w.shape[2], w.shape[1], w.dtype, str(w.device), torch.get_num_threads())
+                     or MAX_SHARED_ROWS + 1) for w in (self.gate_up_proj, self.down_proj))
+        if least > MAX_SHARED_ROWS:
+            return alone
+        key = (every // per_seq) * self.num_experts + flat  # (sequence, expert) of each assignment
+        shared = torch.bincount(key, minlength=seqs * self.num_experts)[key] >= least  # [N*K]
+        if int(torch.bincount(flat[shared], minlength=self.num_experts).max()) > MAX_SHARED_ROWS:
+            return alone
+        calls = [every[shared]] if bool(shared.any()) else []
+        return calls + [rows[~shared[rows]] for rows in alone if not bool(shared[rows].all())]
 
 
 class Layer(nn.Module):
@@ -199,22 +260,19 @@ class Layer(nn.Module):
         self.register_buffer("decoder_layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
-    def moe(self, x: Tensor) -> Tensor:
-        """Routed experts over one sequence's tokens x [T, H] (routing reads the raw residual)."""
+    def moe(self, x: Tensor, seq_len: int | None = None) -> Tensor:
+        """Routed experts over tokens x [N, H] (routing reads the raw residual); seq_len as in Experts."""
         w, idx = self.router(x)
-        return self.experts(self.pre_feedforward_layernorm_2(x), w, idx)
+        return self.experts(self.pre_feedforward_layernorm_2(x), w, idx, seq_len)
 
     def feed_forward(self, x: Tensor, batch_invariant: bool = True) -> Tensor:
         """The residual block after attention: dense MLP in parallel with the MoE. x [B, T, H].
 
-        Serving runs the experts one sequence at a time: grouped GEMMs over a batch's tokens would
-        round differently with its make-up, and a request's ids must not depend on its batch.
+        Serving keeps each row's bits those of its own sequence's pass, so that a request's ids do not
+        depend on its batch: experts share GEMMs across sequences only where that holds (Experts._calls).
         Training passes batch_invariant=False for one grouped GEMM over the whole batch.
         """
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        if batch_invariant:
-            moe = torch.stack([self.moe(row) for row in x])
-        else:
-            moe = self.moe(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        moe = self.moe(x.reshape(-1, x.shape[-1]), x.shape[1] if batch_invariant else None).reshape(x.shape)
         moe = self.post_feedforward_layernorm_2(moe)
         return x + self.post_feedforward_layernorm(dense + moe)
