@@ -204,7 +204,8 @@ class Experts(nn.Module):
         for rows in self._calls(flat, k, seq_len):
             expert_ids, order = torch.sort(flat[rows])
             rows = rows[order]  # [m], sorted by expert
-            counts = torch.bincount(expert_ids, minlength=self.num_experts)
+            # histc, not bincount: no host sync, so a GPU step stays capturable as a CUDA graph
+            counts = torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
             h = grouped_linear(x[rows // k], self.gate_up_proj, offsets)  # [m, 2I]
             gate, up = h.chunk(2, dim=-1)
@@ -218,7 +219,8 @@ class Experts(nn.Module):
         An expert's rows from every sequence that routes at least `min_invariant_rows` tokens to it share
         one GEMM (a row's bits no longer depend on the count there); the rest run per sequence, as in
         that sequence's own pass. Falls back to one call per sequence when the machine shows no such
-        count or an expert's shared rows would pass the checked range.
+        count or an expert's shared rows would pass the checked range, and always off the CPU: the
+        split needs host syncs (no CUDA graphs), and sharing is unverified on a GPU.
         """
         total = flat.numel()
         every = torch.arange(total, device=flat.device)
@@ -227,6 +229,8 @@ class Experts(nn.Module):
         per_seq = seq_len * k
         seqs = total // per_seq
         alone = [every[s * per_seq : (s + 1) * per_seq] for s in range(seqs)]
+        if flat.device.type != "cpu":
+            return alone
         least = max((min_invariant_rows(w.shape[2], w.shape[1], w.dtype, str(w.device), torch.get_num_threads())
                      or MAX_SHARED_ROWS + 1) for w in (self.gate_up_proj, self.down_proj))
         if least > MAX_SHARED_ROWS:
