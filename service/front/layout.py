@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument
-from service.sampler.token_classes import FREE, JSON_STRING, NUMBER_FIRST, NUMBER_REST, TEXT  # constraint_ids
+from service.sampler.token_classes import (  # constraint_ids
+    FREE,
+    JSON_STRING,
+    NUMBER_FIRST,
+    NUMBER_REST,
+    NUMBER_WHOLE,
+    TEXT,
+)
 
 if TYPE_CHECKING:
     from service.model.tokenizer import Tokenizer
@@ -302,8 +309,8 @@ def parse_skeleton(text: str) -> list[str | Hole]:
 def _hole_classes(type_: str, length: int) -> list[int]:
     if type_ == "string":
         return [JSON_STRING] * length
-    if type_ == "number":
-        return [NUMBER_FIRST] + [NUMBER_REST] * (length - 1)
+    if type_ == "number":  # one token may be 0; a longer number has no leading zero
+        return [NUMBER_WHOLE] if length == 1 else [NUMBER_FIRST] + [NUMBER_REST] * (length - 1)
     return [TEXT] * length
 
 

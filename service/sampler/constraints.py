@@ -22,6 +22,7 @@ from service.sampler.token_classes import (  # noqa: F401  (re-exported: the eng
     NUM_CLASSES,
     NUMBER_FIRST,
     NUMBER_REST,
+    NUMBER_WHOLE,
     TEXT,
 )
 
@@ -34,6 +35,7 @@ BLOCKED = torch.finfo(torch.float32).min
 _CONTROL = re.compile("[\u0000-\u001f\u007f]")
 _NUMBER_FIRST = re.compile("[1-9][0-9]*")
 _NUMBER_REST = re.compile("[0-9]+")
+_NUMBER_WHOLE = re.compile("0|[1-9][0-9]*")
 
 
 def _json_string_ok(text: str) -> bool:
@@ -55,6 +57,7 @@ def class_masks_from_texts(texts: list[str], special: Iterable[int], vocab_size:
         masks[JSON_STRING, i] = _json_string_ok(text)
         masks[NUMBER_FIRST, i] = _NUMBER_FIRST.fullmatch(text) is not None
         masks[NUMBER_REST, i] = _NUMBER_REST.fullmatch(text) is not None
+        masks[NUMBER_WHOLE, i] = _NUMBER_WHOLE.fullmatch(text) is not None
     ids = torch.tensor([i for i in set(special) if 0 <= i < vocab_size], dtype=torch.long)
     masks[FREE + 1 :, ids] = False  # special ids belong to no class but FREE
     return masks

@@ -9,7 +9,7 @@ from service.engine.api import CanvasEvent, DraftEvent, Request
 from service.engine.scheduler import Scheduler
 from service.engine.torch_engine import TorchEngine
 from service.errors import InvalidArgument
-from service.sampler.constraints import FREE, JSON_STRING, NUMBER_FIRST, NUMBER_REST, TEXT
+from service.sampler.constraints import FREE, JSON_STRING, NUM_CLASSES, NUMBER_FIRST, NUMBER_REST, TEXT
 from service.sampler.params import GenerationParams, Pins
 
 NUMBER = [NUMBER_FIRST] + [NUMBER_REST] * 3
@@ -109,7 +109,7 @@ def test_constrained_request_batched_equals_solo(tiny):
 
 @pytest.mark.parametrize(
     "constraints",
-    [[5], [-1], [True], [1.0], "1", [0] * 65],
+    [[NUM_CLASSES], [-1], [True], [1.0], "1", [0] * 65],
 )
 def test_invalid_constraints_name_the_field(tiny, constraints):
     with pytest.raises(InvalidArgument) as e:

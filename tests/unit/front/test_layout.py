@@ -315,13 +315,18 @@ def test_template_exactly_filling_the_canvas(tok, ids):
     assert lay.constraint_ids[60:] == [L.NUMBER_FIRST] + [L.NUMBER_REST] * 3
 
 
+def test_one_token_number_hole_may_be_zero(tok, ids):
+    lay = template_layout(tok, CANVAS, '{"n": {{n:number:1}}}', **ids)
+    assert [c for c in lay.constraint_ids if c != L.FREE] == [L.NUMBER_WHOLE]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Module hygiene
 
 
 def test_classes_mirror_the_sampler():
     constraints = pytest.importorskip("service.sampler.constraints")
-    for name in ("FREE", "TEXT", "JSON_STRING", "NUMBER_FIRST", "NUMBER_REST"):
+    for name in ("FREE", "TEXT", "JSON_STRING", "NUMBER_FIRST", "NUMBER_REST", "NUMBER_WHOLE"):
         assert getattr(L, name) == getattr(constraints, name), name
 
 

@@ -15,6 +15,7 @@ from service.sampler.constraints import (
     NUM_CLASSES,
     NUMBER_FIRST,
     NUMBER_REST,
+    NUMBER_WHOLE,
     TEXT,
     build_class_masks,
     canvas_classes,
@@ -25,7 +26,7 @@ from service.sampler.constraints import (
 
 
 def test_class_ids_are_the_interface_values():
-    assert (FREE, TEXT, JSON_STRING, NUMBER_FIRST, NUMBER_REST, NUM_CLASSES) == (0, 1, 2, 3, 4, 5)
+    assert (FREE, TEXT, JSON_STRING, NUMBER_FIRST, NUMBER_REST, NUMBER_WHOLE, NUM_CLASSES) == (0, 1, 2, 3, 4, 5, 6)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,9 @@ def test_masks_from_the_shipped_tokenizer(shipped):
     first = allowed_texts(texts, masks[NUMBER_FIRST])
     assert all(re.fullmatch("[1-9][0-9]*", t) for t in first) and "0" not in first and "7" in first
     assert not bool((masks[NUMBER_FIRST] & ~masks[NUMBER_REST]).any())
+    whole = allowed_texts(texts, masks[NUMBER_WHOLE])
+    assert all(re.fullmatch("0|[1-9][0-9]*", t) for t in whole) and "0" in whole and "7" in whole
+    assert set(whole) == set(first) | {"0"}
     strings = allowed_texts(texts, masks[JSON_STRING])
     assert all(t and '"' not in t and "\\" not in t and "\ufffd" not in t for t in strings)
     assert not any(re.search("[\x00-\x1f\x7f]", t) for t in strings)

@@ -9,7 +9,7 @@ from service.cli import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
 from service.model.config import read_config
 from service.model.tokenizer import load_tokenizer
-from service.sampler.constraints import JSON_STRING, NUMBER_FIRST, NUMBER_REST
+from service.sampler.constraints import JSON_STRING, NUM_CLASSES, NUMBER_FIRST, NUMBER_REST
 from service.triton.adapter import INPUT_NAMES, request_from_inputs
 from service.triton.repository import RepositorySettings, render_config
 
@@ -30,7 +30,7 @@ def test_constraint_ids_become_request_constraints(tiny):
     assert request_from_inputs({"input_ids": ids(2, 3)}, cfg, tok).constraints is None
 
 
-@pytest.mark.parametrize("values", [(5,), (-1,), (JSON_STRING,) * 65])
+@pytest.mark.parametrize("values", [(NUM_CLASSES,), (-1,), (JSON_STRING,) * 65])
 def test_bad_constraint_ids_name_the_input(tiny, values):
     cfg, tok = tiny
     with pytest.raises(InvalidArgument) as e:
