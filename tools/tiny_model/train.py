@@ -24,7 +24,7 @@ from service.model.network import DiffusionGemma
 from service.sampler.params import DIFFUSION_PARAMS
 from tools.tiny_model.corpus import read_texts
 from tools.tiny_model.objective import loss_step
-from tools.tiny_model.tokenizer import train_tokenizer
+from tools.tiny_model.tokenizer import id_stream, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "service" / "assets" / "tiny-diffusiongemma"
@@ -110,10 +110,7 @@ def prepare_data(work: Path, vocab: int, tokenizer_json: str | None = None) -> t
         tok = Tokenizer.from_str(tokenizer_json)
     else:
         tok = train_tokenizer(random.Random(0).sample(texts, min(len(texts), 600)), vocab)
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        ids.extend([2, *enc.ids, 1])  # <bos> file <eos>
-    data = torch.tensor(ids, dtype=torch.int16 if vocab < 32768 else torch.int32)
+    data = torch.tensor(id_stream(tok, texts), dtype=torch.int16 if vocab < 32768 else torch.int32)
     work.mkdir(parents=True, exist_ok=True)
     tok_path.write_text(tok.to_str())
     torch.save(data, ids_path)
