@@ -1,6 +1,7 @@
 """The tiny-model recipe: its objective trains, and its export is a checkpoint both loaders read alike."""
 
 import json
+import signal
 
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
@@ -46,6 +47,14 @@ def test_corruption_spans_keep_context_clean():
     assert torch.equal(noisy[~mask], clean[~mask])
 
 
+def test_corruption_follows_the_canvas_device():
+    """`--device cuda` corrupts a canvas on the GPU with the CPU generator; the meta device stands in here
+    for any device other than the generator's (the draws used to stay on the CPU and fail there)."""
+    clean = torch.randint(3, 200, (4, 64), device="meta")
+    noisy, noised = corrupt(clean, 2048, torch.Generator().manual_seed(0), span_fraction=0.75)
+    assert noisy.device == clean.device and noised.device == clean.device
+
+
 def test_export_loads_in_ours_and_in_transformers_alike(tmp_path):
     model = tiny_model()
     export_checkpoint(model, '{"version": "1.0"}', tmp_path, {"steps": 0})
@@ -75,3 +84,32 @@ def test_tuned_sampler_defaults_are_merged_into_generation_config(tmp_path):
     assert (p.entropy_bound, p.t_max, p.t_min, p.max_denoising_steps) == (4.0, 0.2, 0.05, 48)
     export_checkpoint(tiny_model(), '{"model": {}}', tmp_path, {})  # a re-export keeps them
     assert params_from_generation_config(json.loads((tmp_path / "generation_config.json").read_text())) == p
+
+
+def test_warm_restart_from_the_shipped_checkpoint_resumes_its_schedule(tmp_path):
+    """`--init-from` the shipped model with `--warm-restart`: the learning rate warms up again from this
+    run's first step, the state remembers where, and the export counts the shipped steps on."""
+    from tools.tiny_model.train import DEFAULT_OUT
+
+    start = json.loads((DEFAULT_OUT / "training_meta.json").read_text())["steps"]
+    # main() sets its own thread count and SIGTERM handler; the rest of the suite keeps the defaults
+    threads, on_term = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    try:
+        run_twice(tmp_path, start)
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def run_twice(tmp_path, start: int) -> None:
+    from tools.tiny_model.train import DEFAULT_OUT, lr_at, main
+
+    args = ["--init-from", str(DEFAULT_OUT), "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+            "--batch", "2", "--lr", "1e-3", "--warm-restart", "--threads", "1"]
+    assert main([*args, "--steps", str(start + 2)]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in logged] == [lr_at(0, 2, 1e-3), lr_at(1, 2, 1e-3)]  # 5e-6, 1e-5: warming up
+    assert torch.load(tmp_path / "w" / "state.pt", weights_only=False)["lr_origin"] == start
+    assert main([*args, "--steps", str(start + 3)]) == 0  # resumed from the state: same origin
+    assert json.loads((tmp_path / "w" / "log.jsonl").read_text().splitlines()[-1])["lr"] == lr_at(2, 3, 1e-3)
+    assert json.loads((tmp_path / "o" / "training_meta.json").read_text())["steps"] == start + 3

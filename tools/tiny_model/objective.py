@@ -71,6 +71,8 @@ def corrupt(clean: Tensor, vocab: int, gen: torch.Generator, span_fraction: floa
         m[start : start + g] = True
         noise_mask[i] = m & (torch.rand(length, generator=gen) < max(float(t[i]), span_min_noise))
     random_ids = torch.randint(0, vocab, (b, length), generator=gen)
+    # drawn on the CPU (the generator's device), used where the canvas lives (a GPU when training there)
+    noise_mask, random_ids = noise_mask.to(clean.device), random_ids.to(clean.device)
     return torch.where(noise_mask, random_ids, clean), noise_mask
 
 

@@ -79,7 +79,7 @@ def export_checkpoint(model: DiffusionGemma, tokenizer_json: str, out: Path, met
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
-        t = t.detach().to(torch.float32).contiguous()
+        t = t.detach().to("cpu", torch.float32).contiguous()
         if name.endswith("encoder_layer_scalar"):
             tensors["model.encoder.language_model." + name.replace("encoder_layer_scalar", "layer_scalar")] = t
         elif name.endswith("decoder_layer_scalar"):
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="lowest share of a span example's gap that is noised (the loop's late steps have few)")
     ap.add_argument("--max-prefix", type=int, default=128, help="longest clean prefix (16..N tokens per batch)")
     ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--warm-restart", action="store_true",
+                    help="restart the learning-rate schedule (warm-up, cosine to --steps) at this run's first step")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from an exported checkpoint (e.g. the shipped one) when --workdir has no state")
     a = ap.parse_args(argv)
@@ -163,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     init_weights(model, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     state_path = a.workdir / "state.pt"
-    step, seen, elapsed = 0, 0, 0.0
+    step, seen, elapsed, origin = 0, 0, 0.0, 0  # origin: the step the learning-rate schedule starts from
     gen = torch.Generator().manual_seed(1234)
     if state_path.is_file():
         st = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, seen, elapsed = st["step"], st["tokens_seen"], st.get("elapsed_s", 0.0)
+        origin = st.get("lr_origin", 0)
         gen.set_state(st["gen"])
         print(f"resumed at step {step} ({seen:,} tokens, {elapsed / 60:.1f} min)", flush=True)
     elif a.init_from is not None:
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         meta0 = json.loads((a.init_from / "training_meta.json").read_text())
         step, seen, elapsed = meta0["steps"], meta0["tokens_seen"], meta0["train_minutes"] * 60
         print(f"initialised from {a.init_from} at step {step}", flush=True)
+    if a.warm_restart and not state_path.is_file():
+        origin = step
     meta = lambda: {"steps": step, "tokens_seen": seen, "train_minutes": round(elapsed / 60, 1),
                     "device": str(device), "torch_threads": a.threads, "batch": a.batch, "shape": SHAPE,
                     "canvas_length": CANVAS}
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             if stop["now"] or (a.minutes is not None and (time.time() - t0) / 60 >= a.minutes):
                 break
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, a.steps, a.lr)
+                group["lr"] = lr_at(step - origin, a.steps - origin, a.lr)
             prefix, clean = batch(data, a.batch, gen, device, a.max_prefix)
             loss, info = loss_step(model, prefix, clean, gen, a.span_fraction, a.span_min_noise)
             opt.zero_grad(set_to_none=True)
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             seen += prefix.numel() + clean.numel()
             now = time.time()
-            info.update(step=step, tokens_seen=seen, elapsed_s=round(elapsed + now - t0, 1))
+            info.update(step=step, tokens_seen=seen, elapsed_s=round(elapsed + now - t0, 1),
+                        lr=opt.param_groups[0]["lr"])
             log.write(json.dumps(info) + "\n")
             bar = "#" * int(30 * step / a.steps)
             sys.stdout.write(f"\r[{bar:<30}] step {step}/{a.steps} loss {info['loss']:.3f} "
@@ -213,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             if step % a.save_every == 0 or step == a.steps:
                 log.flush()
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "tokens_seen": seen,
-                            "gen": gen.get_state(), "elapsed_s": elapsed + now - t0}, state_path)
+                            "gen": gen.get_state(), "elapsed_s": elapsed + now - t0, "lr_origin": origin}, state_path)
         elapsed += time.time() - t0
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "tokens_seen": seen,
-                    "gen": gen.get_state(), "elapsed_s": elapsed}, state_path)
+                    "gen": gen.get_state(), "elapsed_s": elapsed, "lr_origin": origin}, state_path)
         print()
     model.eval()
     export_checkpoint(model, tok_json, a.out, meta())
