@@ -110,8 +110,8 @@ class DiffusionGemma(nn.Module):
         Returns the final-normed hidden states [B, L, H].
         """
         b, length = canvas.shape
-        lengths = torch.tensor([c.length for c in caches], device=canvas.device)
-        positions = lengths[:, None] + torch.arange(length, device=canvas.device)  # [B, L]
+        # [B, L]; made on the device (no host-to-device copy), so a GPU step can be captured as a CUDA graph
+        positions = torch.stack([torch.arange(c.length, c.length + length, device=canvas.device) for c in caches])
         x = self.embed(canvas)
         x = self.self_conditioning(x, soft if soft is not None else torch.zeros_like(x))
         for i, layer in enumerate(self.layers):
