@@ -160,6 +160,7 @@ def main() -> int:
         results.append({"canvases": batch, "ms_per_step": round(ms, 2),
                         "tokens_per_s": round(batch * cfg.canvas_length / (a.steps * ms / 1000), 1),
                         "cuda_graph": graphed})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # kept in the log if a later bucket dies
     experts = "bf16 (grouped)"  # FP8 grouped experts (_scaled_grouped_mm) are not wired yet
     on_gpu = dev.type == "cuda"
     print(json.dumps({
