@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine  # noqa: E402
 from service.model.tokenizer import Tokenizer  # noqa: E402
 from service.sampler.constraints import build_class_masks  # noqa: E402
-
-SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
+from tools.tiny_model.tokenizer import SPECIALS  # noqa: E402  (Gemma's special-token layout)
 
 
 def synthetic_tokenizer_json(vocab: int, seed: int = 0) -> str:
@@ -35,7 +34,7 @@ def synthetic_tokenizer_json(vocab: int, seed: int = 0) -> str:
 
     rng = random.Random(seed)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab_map = {t: i for i, t in enumerate(SPECIAL)}
+    vocab_map = {t: i for i, t in enumerate(SPECIALS)}
     for ch in sorted(alphabet):
         vocab_map.setdefault(ch, len(vocab_map))
     base = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a"]  # printable ASCII, space, newline
@@ -52,7 +51,7 @@ def synthetic_tokenizer_json(vocab: int, seed: int = 0) -> str:
     tok = HF(models.BPE(vocab=vocab_map, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL)
+    tok.add_special_tokens(SPECIALS)
     return tok.to_str()
 
 

@@ -213,6 +213,12 @@ class Experts(nn.Module):
         y = y * weights.reshape(-1).unsqueeze(-1)
         return y.view(n, k, -1).sum(dim=1).to(x.dtype)
 
+    def min_shared_rows(self) -> int | None:
+        """`min_invariant_rows` of both projections at the current thread count; None: nothing is shared."""
+        found = [min_invariant_rows(w.shape[2], w.shape[1], w.dtype, str(w.device), torch.get_num_threads())
+                 for w in (self.gate_up_proj, self.down_proj)]
+        return None if None in found else max(found)
+
     def _calls(self, flat: Tensor, k: int, seq_len: int | None) -> list[Tensor]:
         """The assignments [N*K] split into grouped-GEMM calls whose per-row bits match a per-sequence pass.
 
@@ -231,9 +237,8 @@ class Experts(nn.Module):
         alone = [every[s * per_seq : (s + 1) * per_seq] for s in range(seqs)]
         if flat.device.type != "cpu":
             return alone
-        least = max((min_invariant_rows(w.shape[2], w.shape[1], w.dtype, str(w.device), torch.get_num_threads())
-                     or MAX_SHARED_ROWS + 1) for w in (self.gate_up_proj, self.down_proj))
-        if least > MAX_SHARED_ROWS:
+        least = self.min_shared_rows()
+        if least is None:
             return alone
         key = (every // per_seq) * self.num_experts + flat  # (sequence, expert) of each assignment
         shared = torch.bincount(key, minlength=seqs * self.num_experts)[key] >= least  # [N*K]
