@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import CANVAS, machine, small_checkpoint  # noqa: E402
 from service.engine.api import FinalEvent, Request  # noqa: E402
 from service.engine.scheduler import Limits, Scheduler  # noqa: E402
-from service.engine.torch_engine import TorchEngine  # noqa: E402
+from service.engine.registry import create_engine  # noqa: E402
 from service.sampler.params import GenerationParams  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     _, path = small_checkpoint()
-    engine = TorchEngine(path)
+    engine = create_engine(checkpoint_dir=path)
     sched = Scheduler(engine, Limits(max_live_canvases=16)).start()
     try:
         run_level(sched, 1, a.sampler)  # warm-up

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import CANVAS, NO_EARLY_STOP, PROMPT, STEPS, best_time, machine, small_checkpoint  # noqa: E402
 from service.engine.api import Request  # noqa: E402
 from service.engine.scheduler import Limits, Scheduler  # noqa: E402
-from service.engine.torch_engine import TorchEngine  # noqa: E402
+from service.engine.registry import create_engine  # noqa: E402
 from service.sampler.params import GenerationParams  # noqa: E402
 
 
-def ours(engine: TorchEngine, prompts: list[list[int]], sampler: str, repeats: int) -> float:
+def ours(engine: LocalEngine, prompts: list[list[int]], sampler: str, repeats: int) -> float:
     params = GenerationParams(max_new_tokens=CANVAS, max_denoising_steps=STEPS,
                               confidence_threshold=NO_EARLY_STOP, sampler=sampler)
     reqs = [Request(p, params, seed=i) for i, p in enumerate(prompts)]
@@ -58,7 +58,7 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ref, path = small_checkpoint()
-    engine = TorchEngine(path)
+    engine = create_engine(checkpoint_dir=path)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8192, (PROMPT,), generator=g).tolist() for _ in range(8)]
     with torch.no_grad():

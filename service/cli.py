@@ -53,7 +53,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise InvalidArgument("prompt", "give exactly one of --prompt or --prompt-ids")
     if a.server or os.environ.get("DGEMMA_SERVER"):
         return _generate_remote(a)
-    engine = create_engine(a.backend, checkpoint_dir=a.checkpoint, device=a.device, dtype=a.dtype, threads=a.threads)
+    engine = create_engine(a.backend, checkpoint_dir=a.checkpoint, device=a.device, dtype=a.dtype, threads=a.threads,
+                           tile_rows=a.tile_rows)
     params = _params(a, engine.default_params).validate()
     tok = engine.tokenizer
     if a.prompt is not None:
@@ -345,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--tile-rows", type=int, default=None,
+                   help="positions per vocabulary tile of the sampler (default: one canvas, smaller on a small GPU)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.add_argument("--visual", action="store_true", help="show the canvas converging on stderr")
     _add_generation_flags(g)

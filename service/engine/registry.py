@@ -1,22 +1,36 @@
-"""Engine backends, picked by name and imported only when asked for."""
+"""Runners, picked by backend name and imported only when asked for, and the engine over one."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from service.engine.api import Engine
 from service.errors import InvalidArgument
 
-# name -> "module:Class". Importing a backend must not happen before it is chosen.
-BACKENDS = {
-    "torch": "service.engine.torch_engine:TorchEngine",
-    "tensorrt_llm": "service.engine.trtllm_engine:TensorRTLLMEngine",
+if TYPE_CHECKING:
+    from service.engine.local import LocalEngine
+    from service.engine.runner import Runner
+    from service.engine.scheduler import Limits
+
+# backend -> "module:Class". Importing a backend must not happen before it is chosen.
+RUNNERS = {
+    "torch": "service.engine.torch_runner:TorchRunner",
+    "tensorrt_llm": "service.engine.trtllm_runner:TensorRTLLMRunner",
 }
 
 
-def create_engine(name: str, **kwargs: Any) -> Engine:
-    if name not in BACKENDS:
-        raise InvalidArgument("backend", f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
+def create_runner(backend: str, **kwargs: Any) -> "Runner":
+    if backend not in RUNNERS:
+        raise InvalidArgument("backend", f"unknown backend {backend!r}; choose one of {sorted(RUNNERS)}")
+    module, cls = RUNNERS[backend].split(":")
     return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+def create_engine(backend: str = "torch", *, checkpoint_dir: str | Path, limits: "Limits | None" = None,
+                  on_step=None, **runner_kwargs: Any) -> "LocalEngine":
+    """The engine for a checkpoint on the backend's runner (device, dtype, threads, tile_rows: the runner's)."""
+    from service.engine.local import LocalEngine
+
+    runner = create_runner(backend, checkpoint_dir=checkpoint_dir, **runner_kwargs)
+    return LocalEngine(checkpoint_dir, runner, limits, on_step)

@@ -2,8 +2,12 @@
 
 Every iteration: drop cancelled and expired requests, admit waiting ones within the budget, run one
 batched encoder pass for every sequence that needs one (new prompts and just-committed canvases), then
-one batched decoder pass over every live canvas, whatever its settings. Requests join and leave at
+one batched decoder step over every live canvas, whatever its settings. Requests join and leave at
 these step boundaries. Events go to each request's stream as they happen.
+
+The scheduler reaches the network only through its engine's runner (service/engine/runner.py): it
+holds no module and no tensor of the model. This is the one denoising loop of the codebase: in-process
+generation drives it too (`generate`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from service.engine.api import Event, FinalEvent, Request
 from service.engine.sequence import Sequence
-from service.engine.torch_engine import TorchEngine
 from service.errors import Cancelled, DeadlineExceeded, DGemmaError, InvalidArgument, Overloaded, Unavailable
-from service.model.cache import KVCache
+
+if TYPE_CHECKING:
+    from service.engine.local import LocalEngine
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 class Limits:
     max_live_canvases: int = 16  # canvases denoised in one decoder pass
     max_queue: int = 64  # requests waiting for a slot; past this, Overloaded
-    max_cache_bytes: int = 2 << 30  # KV cache held by live requests
+    max_memory_bytes: int = 2 << 30  # KV caches of live requests plus the next step's transient buffers
     max_prompt_tokens: int = 8192
 
 
@@ -90,17 +95,16 @@ class Stream:
 class _Live:
     stream: Stream
     seq: Sequence
-    cache: KVCache | None = None
 
 
 class Scheduler:
     """Owns the batch. `start()` runs it on a thread; tests may call `step()` directly instead."""
 
-    def __init__(self, engine: TorchEngine, limits: Limits | None = None,
+    def __init__(self, engine: "LocalEngine", limits: Limits | None = None,
                  on_step: Callable[[], None] | None = None) -> None:
-        self.engine = engine
+        self.engine = engine  # validation and per-request state (new_sequence)
+        self.runner = engine.runner  # the network
         self.on_step = on_step  # called after every step, on the scheduler's thread
-        self.model = engine.model
         self.cfg = engine.config
         self.limits = limits or Limits()
         self._waiting: deque[Stream] = deque()
@@ -110,12 +114,7 @@ class Scheduler:
         self._stopping = False
         self.decoder_passes = 0
         self.canvases_in_last_pass = 0
-        # Per-canvas sampling runs on these threads: the reference stream's uniform draws are a serial
-        # kernel, so canvases sample in parallel across cores. Each has its own generator: same ids.
-        self._samplers = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sample")
-        self._kv_bytes_per_token = sum(
-            2 * spec.num_kv_heads * spec.head_dim for spec in self.cfg.layers
-        ) * torch.tensor([], dtype=self.model.dtype).element_size()
+        self._kv_bytes_per_token = self.runner.kv_bytes_per_token()
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -130,8 +129,8 @@ class Scheduler:
         self.engine.validate(request)
         if len(request.prompt_ids) > self.limits.max_prompt_tokens:
             raise InvalidArgument("prompt_ids", f"longer than the limit of {self.limits.max_prompt_tokens} tokens")
-        if self._cache_bytes(request) > self.limits.max_cache_bytes:
-            raise InvalidArgument("max_new_tokens", "prompt plus output exceed this server's KV cache budget")
+        if self._cache_bytes(request) + self.runner.step_bytes(1) > self.limits.max_memory_bytes:
+            raise InvalidArgument("max_new_tokens", "prompt plus output exceed this server's memory budget")
         stream = Stream(request, deadline, on_event, cancel_check)
         with self._lock:
             if self._stopping:
@@ -143,10 +142,24 @@ class Scheduler:
         return stream
 
     def generate(self, request: Request) -> Iterator[Event]:
-        """The Engine protocol: submit and iterate; closing the iterator early cancels the request."""
+        """Submit and iterate; closing the iterator early cancels the request. Without a running thread
+        (`start()`), the caller's thread drives the steps."""
         stream = self.submit(request)
         try:
-            yield from stream
+            if self._thread is not None:
+                yield from stream
+                return
+            while True:
+                item = stream.next_event(timeout=0)
+                if item is None:
+                    if not self.step():
+                        raise RuntimeError("the scheduler went idle with a request unanswered")
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, FinalEvent):
+                    return
         finally:
             stream.cancel()
 
@@ -162,7 +175,7 @@ class Scheduler:
         return len(self._live)
 
     def live_cache_bytes(self) -> int:
-        return sum(item.cache.nbytes() for item in self._live if item.cache is not None)
+        return sum(item.seq.cache.nbytes() for item in self._live if item.seq.cache is not None)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -229,8 +242,8 @@ class Scheduler:
             used = sum(self._cache_bytes(item.stream.request) for item in self._live)
             while self._waiting and len(self._live) < self.limits.max_live_canvases:
                 nxt = self._waiting[0]
-                need = self._cache_bytes(nxt.request)
-                if self._live and used + need > self.limits.max_cache_bytes:
+                need = self._cache_bytes(nxt.request) + self.runner.step_bytes(len(self._live) + 1)
+                if self._live and used + need > self.limits.max_memory_bytes:
                     break
                 self._waiting.popleft()
                 seq = self.engine.new_sequence(nxt.request)
@@ -239,39 +252,30 @@ class Scheduler:
 
     def _encode_pending(self) -> None:
         """One batched encoder pass: new prompts (prefill) and committed canvases (commit)."""
-        pending = [item for item in self._live if item.seq.to_encode is not None]
+        pending = [item.seq for item in self._live if item.seq.to_encode is not None]
         if not pending:
             return
-        for item in pending:
-            if item.cache is None:
-                item.cache = self.model.new_cache(Sequence.max_tokens(item.stream.request, self.cfg.canvas_length))
-        rows = [item.seq.to_encode for item in pending]
-        counts = [r.numel() for r in rows]
-        ids = torch.zeros(len(rows), max(counts), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : r.numel()] = r
-        self.model.encode(ids.to(self.model.device), counts, [item.cache for item in pending])
-        for item in pending:
-            item.seq.begin_canvas()
+        for seq in pending:
+            if seq.cache is None:
+                seq.cache = self.runner.new_cache(Sequence.max_tokens(seq.request, self.cfg.canvas_length))
+        self.runner.prefill([seq.to_encode for seq in pending], [seq.cache for seq in pending])
+        for seq in pending:
+            seq.begin_canvas()
 
     def _decode_live(self) -> None:
         live = [item for item in self._live if item.seq.denoising]
         if not live:
             return
-        canvas = torch.stack([item.seq.canvas for item in live]).to(self.model.device)  # [B, L]
-        softs = [item.seq.soft for item in live]
-        soft = None
-        if any(s is not None for s in softs):
-            zero = torch.zeros(self.cfg.canvas_length, self.cfg.hidden_size, dtype=self.model.dtype)
-            soft = torch.stack([s if s is not None else zero for s in softs]).to(self.model.device)  # [B, L, H]
-        hidden = self.model.decode(canvas, soft, [item.cache for item in live])  # [B, L, H]
+        out = self.runner.step([item.seq.step_input() for item in live])
         self.decoder_passes += 1
         self.canvases_in_last_pass = len(live)
         shared = len(live) > 1
-        results = self._samplers.map(lambda pair: pair[0].seq.after_decode(self.model, pair[1], shared=shared),
-                                     zip(live, hidden))
-        for item, events in zip(live, results):
-            for ev in events:
+        # every canvas's stop flags in one host transfer
+        flags = torch.stack([item.seq.stop_flags(out.argmax[b], out.entropy[b])
+                             for b, item in enumerate(live)]).tolist()
+        for b, item in enumerate(live):
+            stable, confident = flags[b]
+            for ev in item.seq.after_step(out.canvas[b], out.argmax[b], out.soft[b], stable, confident, shared):
                 item.stream.put(ev)
         self._live = [item for item in self._live if not item.seq.done]
 
@@ -308,4 +312,3 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self._samplers.shutdown(wait=False)

@@ -1,7 +1,8 @@
-"""One request's denoising state between steps, and what happens to it after each decoder pass.
+"""One request's denoising state between steps, and its bookkeeping after each step.
 
 The state kept between steps is small: the canvas [L], the self-conditioning input [L, H], the
-argmax history and counters. Full-vocabulary logits exist only inside `after_decode`, one canvas at a time.
+argmax history and counters, all on the runner's device. The vocabulary work of a step happens in the
+runner, in tiles (service/sampler/tiles.py); this holds what follows it: stopping, commits and events.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch
 from torch import Tensor
 
 from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Request, Stats
+from service.engine.runner import Cache, CanvasStep
 from service.model.config import ModelConfig
-from service.model.network import DiffusionGemma
 from service.sampler import ops
-from service.sampler.constraints import FREE, canvas_classes, constrain_logits_
+from service.sampler.constraints import FREE, canvas_classes
+from service.sampler.tiles import CanvasDraw
 
 
 class Sequence:
@@ -27,31 +29,38 @@ class Sequence:
         cfg: ModelConfig,
         eos_ids: tuple[int, ...],
         pad_id: int,
+        generator: torch.Generator,
+        device: torch.device,
         class_masks: Tensor | None = None,
     ) -> None:
-        """class_masks: bool [C, V] from the engine's tokenizer; needed when the request has constraints."""
+        """generator: the request's own, on `device`; class_masks: bool [C, V] on `device`, needed when the
+        request has constraints."""
         self.request = request
         self.params = request.params
         self.cfg = cfg
+        self.device = device
         self.length = cfg.canvas_length
-        self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         self.pad_id = pad_id
-        self.generator = torch.Generator().manual_seed(request.seed)
+        self.generator = generator
         self.max_canvases = math.ceil(self.params.max_new_tokens / self.length)  # the reference's count
-        self.pins = request.pins.full(self.length) if request.pins is not None else (None, None)
+        pins = request.pins.full(self.length) if request.pins is not None else None
+        self.pins = (pins[0].to(device), pins[1].to(device)) if pins is not None else (None, None)
         # Class ids of the first canvas [L] (pins win), or None when nothing is constrained.
         self.first_classes: Tensor | None = None
         if request.constrained:
             if class_masks is None:
                 raise ValueError("a request with constraints needs class_masks")
-            self.first_classes = canvas_classes(request.constraints, self.length, self.pins[1])
+            pin_mask = pins[1] if pins is not None else None
+            self.first_classes = canvas_classes(request.constraints, self.length, pin_mask).to(device)
         self.class_masks = class_masks
-        self.committed: list[Tensor] = []
+        self.committed: list[list[int]] = []
         self.steps_per_canvas: list[int] = []
         self.decoder_passes = 0
         self.shared_passes = 0
         # Tokens waiting for an encoder pass before the next canvas: the prompt, then each committed canvas.
-        self.to_encode: Tensor | None = torch.tensor(request.prompt_ids, dtype=torch.long)
+        self.to_encode: Tensor | None = torch.tensor(request.prompt_ids, dtype=torch.long, device=device)
+        self.cache: Cache | None = None
         self.done = False
         self.finish_reason = "length"
         self.canvas: Tensor | None = None  # [L]
@@ -79,7 +88,7 @@ class Sequence:
         """Start a canvas after its prefix is encoded: uniform noise, pins on the first canvas."""
         self.to_encode = None
         self.started_ns = time.time_ns()
-        canvas = ops.init_canvas(self.length, self.cfg.vocab_size, self.generator)
+        canvas = ops.init_canvas(self.length, self.cfg.vocab_size, self.generator, self.device)
         pin_ids, pin_mask = self.pins if self.canvas_index == 0 else (None, None)
         self.pin_ids, self.pin_mask = pin_ids, pin_mask
         self.class_ids = self.first_classes if self.canvas_index == 0 else None
@@ -94,35 +103,36 @@ class Sequence:
         self.step = self.params.max_denoising_steps  # n counts down N..1
         self.steps = 0
         thr = self.params.stability_threshold
-        self.history: deque[Tensor] = deque([torch.full((self.length,), -1)] * thr, maxlen=max(thr, 1))
+        never = torch.full((self.length,), -1, device=self.device)
+        self.history: deque[Tensor] = deque([never] * thr, maxlen=max(thr, 1))
 
-    @torch.no_grad()
-    def after_decode(self, model: DiffusionGemma, hidden: Tensor, shared: bool = False) -> list[Event]:
-        """Sample from this canvas's decoder output hidden [L, H]; returns the events it produced."""
+    def step_input(self) -> CanvasStep:
+        """What the runner needs of this canvas for the next decoder step."""
+        p = self.params
+        draw = CanvasDraw(ops.temperature(self.step, p.max_denoising_steps, p.t_min, p.t_max), self.generator,
+                          p.sampler == "reference", self.class_ids)
+        return CanvasStep(self.canvas, self.soft, self.cache, draw, p.entropy_bound, self.pin_ids, self.pin_mask,
+                          self.class_masks if self.class_ids is not None else None)
+
+    def stop_flags(self, argmax: Tensor, entropy: Tensor) -> Tensor:
+        """bool [2] on the device: (argmax stable over the history, mean free entropy under the threshold).
+        The scheduler reads every canvas's flags in one host transfer."""
+        p = self.params
+        stable = torch.ones((), dtype=torch.bool, device=argmax.device)
+        for h in self.history if p.stability_threshold else ():
+            stable = stable & (h == argmax).all()
+        return torch.stack([stable, ops.mean_entropy(entropy, self.pin_mask) < p.confidence_threshold])
+
+    def after_step(self, canvas: Tensor, argmax: Tensor, soft: Tensor, stable: bool, confident: bool,
+                   shared: bool = False) -> list[Event]:
+        """Take one step's result for this canvas (runner's StepOutput row, stop_flags read on the host)."""
         p = self.params
         self.decoder_passes += 1
         self.shared_passes += int(shared)
         self.steps += 1
-        # [L, V] float32, this canvas only; divided in place (the same bits as logits / T)
-        processed = model.logits(hidden).div_(ops.temperature(self.step, p.max_denoising_steps, p.t_min, p.t_max))
-        if self.class_ids is not None:  # before sampling, entropy, argmax and self-conditioning see them
-            self.class_ids = self.class_ids.to(processed.device)
-            constrain_logits_(processed, self.class_ids, self.class_masks.to(processed.device))
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        fast = p.sampler == "fast"
-        entropy = ops.fast_token_entropy(processed, probs) if fast else ops.token_entropy(processed)
-        accepted = ops.accept_mask(entropy, p.entropy_bound, self.pin_mask)
-        # The reference sampler draws for every position (its stream); both make ids only where they are kept.
-        sampled = (ops.fast_sample_tokens if fast else ops.sample_tokens)(probs, self.generator, accepted)
-        argmax = ops.apply_pins(processed.argmax(dim=-1), self.pin_ids, self.pin_mask)
-        accepted_canvas = torch.where(accepted, sampled, self.canvas)
-        self.canvas = ops.apply_pins(
-            ops.renoise(accepted_canvas, accepted, self.cfg.vocab_size, self.generator), self.pin_ids, self.pin_mask
-        )
-        stable = p.stability_threshold == 0 or ops.is_stable(list(self.history), argmax)
+        self.canvas = canvas
         if p.stability_threshold:
             self.history.append(argmax)
-        confident = ops.mean_entropy(entropy, self.pin_mask) < p.confidence_threshold
         self.argmax = argmax
         events: list[Event] = []
         if self.request.return_drafts:
@@ -131,16 +141,17 @@ class Sequence:
         if (stable and confident) or self.step == 0:
             events.extend(self._commit())
         else:
-            self.soft = model.soft_embedding(probs)  # [L, H]: all that survives of the logits
+            self.soft = soft  # [L, H]: all that survives of the logits
         return events
 
     def _commit(self) -> list[Event]:
         tokens, hit_eos = ops.finalize_canvas(self.argmax, self.eos, self.pad_id, self.keep_mask)
         index = self.canvas_index
-        self.committed.append(tokens)
+        ids = tokens.tolist()
+        self.committed.append(ids)
         self.steps_per_canvas.append(self.steps)
         self.canvas, self.soft = None, None
-        events: list[Event] = [CanvasEvent(index, tokens.tolist(), self.steps, self.started_ns, time.time_ns())]
+        events: list[Event] = [CanvasEvent(index, ids, self.steps, self.started_ns, time.time_ns())]
         if hit_eos or len(self.committed) >= self.max_canvases:
             self.finish_reason = "eos" if hit_eos else "length"
             events.append(self.finish())
@@ -151,7 +162,7 @@ class Sequence:
     def finish(self) -> FinalEvent:
         self.done = True
         self.to_encode = None
-        ids = torch.cat(self.committed).tolist() if self.committed else []
+        ids = [t for canvas in self.committed for t in canvas]
         stats = Stats(
             prompt_tokens=len(self.request.prompt_ids),
             generated_tokens=sum(1 for t in ids if t != self.pad_id),

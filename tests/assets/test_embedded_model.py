@@ -16,7 +16,7 @@ import torch
 
 from service.cli import DEFAULT_CHECKPOINT
 from service.engine.api import Request
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.sampler.params import GenerationParams, Pins
 
 SNIPPETS = Path(__file__).parent / "heldout_snippets.json"
@@ -24,7 +24,7 @@ SNIPPETS = Path(__file__).parent / "heldout_snippets.json"
 
 @pytest.fixture(scope="module")
 def engine():
-    return TorchEngine(DEFAULT_CHECKPOINT)
+    return create_engine(checkpoint_dir=DEFAULT_CHECKPOINT)
 
 
 def test_checkpoint_is_small_and_complete():
@@ -49,10 +49,10 @@ def infill_accuracy(engine, data, n: int = 8) -> float:
 def test_infills_held_out_code_better_than_the_untrained_network(engine):
     data = json.loads(SNIPPETS.read_text())
     trained = infill_accuracy(engine, data)
-    untrained = TorchEngine(DEFAULT_CHECKPOINT)
+    untrained = create_engine(checkpoint_dir=DEFAULT_CHECKPOINT)
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
-        for p in untrained.model.parameters():  # the recipe's initialisation
+        for p in untrained.runner.model.parameters():  # the recipe's initialisation
             p.copy_(torch.randn(p.shape, generator=g) * 0.02) if p.ndim > 1 else p.fill_(1.0)
     assert trained > infill_accuracy(untrained, data)
 
@@ -60,7 +60,7 @@ def test_infills_held_out_code_better_than_the_untrained_network(engine):
 @torch.no_grad()
 def one_shot(engine, data) -> tuple[list[float], float]:
     """One decoder pass per snippet over a random gap with clean context: (losses, argmax accuracy)."""
-    model, cfg = engine.model, engine.config
+    model, cfg = engine.runner.model, engine.config
     g = torch.Generator().manual_seed(0)
     losses, hits, total = [], 0, 0
     for s in data["snippets"]:

@@ -11,7 +11,7 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from service.engine.api import Request
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.sampler.params import GenerationParams
 from service.triton.launcher import TritonServer
 from service.triton.repository import MODEL_NAME, RepositorySettings, build_repository
@@ -32,7 +32,7 @@ def server(small_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(small_ckpt):
-    return TorchEngine(small_ckpt)
+    return create_engine(checkpoint_dir=small_ckpt)
 
 
 def make_inputs(**values):

@@ -6,7 +6,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 from service.engine.api import FinalEvent, Request
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.model.loading import load_model
 from service.sampler.params import GenerationParams
 from tests.checkpoints import EOS_IDS
@@ -105,13 +105,13 @@ def reference_generate(ref, prompt: list[int], seed: int, eos: list[int], **kw) 
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_generate_token_for_token(ref_and_ckpt, setting):
     kind, ref, path = ref_and_ckpt
-    engine = TorchEngine(path)
+    engine = create_engine(checkpoint_dir=path)
     kw = SETTINGS[setting]
     prompt = [2, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
     early = 0
     for seed in (0, 1, 2):
         expected, tpf = reference_generate(ref, prompt, seed, EOS_IDS, **kw)
-        final = list(engine.generate(Request(prompt, GenerationParams(**kw), seed=seed)))[-1]
+        final = list(engine.generate(Request(prompt, GenerationParams(**kw, sampler="reference"), seed=seed)))[-1]
         assert isinstance(final, FinalEvent)
         assert final.token_ids == expected, (kind, kw, seed)
         assert final.stats.tokens_per_forward == pytest.approx(tpf, rel=1e-6)
@@ -122,7 +122,7 @@ def test_generate_token_for_token(ref_and_ckpt, setting):
 
 def test_eos_stops_and_pads_like_the_reference(ref_and_ckpt):
     kind, ref, path = ref_and_ckpt
-    engine = TorchEngine(path)
+    engine = create_engine(checkpoint_dir=path)
     # Many EOS ids make an EOS within a few canvases likely; find seeds where it happens.
     eos = list(range(1, 40))
     engine.eos_ids = tuple(eos)
@@ -131,7 +131,7 @@ def test_eos_stops_and_pads_like_the_reference(ref_and_ckpt):
     hits = 0
     for seed in range(4):
         expected, _ = reference_generate(ref, prompt, seed, eos, **kw)
-        final = list(engine.generate(Request(prompt, GenerationParams(**kw), seed=seed)))[-1]
+        final = list(engine.generate(Request(prompt, GenerationParams(**kw, sampler="reference"), seed=seed)))[-1]
         assert final.token_ids == expected
         hits += final.finish_reason == "eos"
     assert hits > 0

@@ -73,7 +73,7 @@ def test_export_loads_in_ours_and_in_transformers_alike(tmp_path):
 
 
 def test_tuned_sampler_defaults_are_merged_into_generation_config(tmp_path):
-    from service.engine.torch_engine import params_from_generation_config
+    from service.sampler.params import params_from_generation_config
     from tools.tiny_model.tune_sampler import write_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1], "pad_token_id": 0}))

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from service.engine.api import Request
-from service.engine.torch_engine import TorchEngine
+from service.engine.local import LocalEngine
+from service.engine.registry import create_engine
 from service.sampler import ops
 from service.sampler.params import GenerationParams, Pins
 from tools.tiny_model.corpus import read_texts
@@ -39,19 +40,19 @@ def held_out_snippets(tokenizer, n: int, seed: int = 0) -> list[tuple[list[int],
     return out
 
 
-def infill(engine: TorchEngine, prefix: list[int], suffix: list[int], seed: int,
+def infill(engine: LocalEngine, prefix: list[int], suffix: list[int], seed: int,
            params: GenerationParams | None = None) -> tuple[list[int], int]:
     """Prefix as the prompt, suffix pinned at the canvas's end; returns the gap ids and steps used.
-    `params`: the sampler settings (default: the reference's defaults)."""
+    `params`: the sampler settings (default: the reference's defaults and random stream, as the MODEL_CARD measured)."""
     length = engine.config.canvas_length
     gap = length - len(suffix)
     pins = Pins.from_lists([0] * gap + suffix, [False] * gap + [True] * len(suffix))
-    params = dataclasses.replace(params or GenerationParams(), max_new_tokens=length)
+    params = dataclasses.replace(params or GenerationParams(sampler="reference"), max_new_tokens=length)
     final = list(engine.generate(Request(prefix, params, seed=seed, pins=pins)))[-1]
     return final.token_ids[:gap], final.stats.steps_per_canvas[0]
 
 
-def infill_accuracy(engine: TorchEngine, snippets, params: GenerationParams | None = None) -> tuple[float, float]:
+def infill_accuracy(engine: LocalEngine, snippets, params: GenerationParams | None = None) -> tuple[float, float]:
     hits = total = steps = 0
     for i, (prefix, gap, suffix) in enumerate(snippets):
         pred, n = infill(engine, prefix, suffix, seed=i, params=params)
@@ -62,9 +63,9 @@ def infill_accuracy(engine: TorchEngine, snippets, params: GenerationParams | No
 
 
 @torch.no_grad()
-def one_shot_accuracy(engine: TorchEngine, snippets) -> float:
+def one_shot_accuracy(engine: LocalEngine, snippets) -> float:
     """One decoder pass: random gap tokens, clean suffix; argmax at the gap."""
-    model, cfg = engine.model, engine.config
+    model, cfg = engine.runner.model, engine.config
     hits = total = 0
     g = torch.Generator().manual_seed(0)
     for prefix, gap, suffix in snippets:
@@ -91,16 +92,16 @@ def unigram_baseline(top: int, snippets) -> float:
     return sum(t == top for t in gaps) / len(gaps)
 
 
-def untrained_engine(checkpoint: Path) -> TorchEngine:
+def untrained_engine(checkpoint: Path) -> LocalEngine:
     from tools.tiny_model.train import init_weights
 
-    engine = TorchEngine(checkpoint, dtype="float32")
-    init_weights(engine.model, seed=0)
-    engine.model.reset_buffers()
+    engine = create_engine(checkpoint_dir=checkpoint, dtype="float32")
+    init_weights(engine.runner.model, seed=0)
+    engine.runner.model.reset_buffers()
     return engine
 
 
-def denoising_loss(engine: TorchEngine, held_out: bool, batches: int, seed: int = 5) -> float:
+def denoising_loss(engine: LocalEngine, held_out: bool, batches: int, seed: int = 5) -> float:
     """Mean cross-entropy (nats) on the noised canvas positions of `batches` batches of 16 windows of the
     training or held-out files, corrupted as the shipped recipe trains (no self-conditioning)."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -111,7 +112,7 @@ def denoising_loss(engine: TorchEngine, held_out: bool, batches: int, seed: int 
 
     tok = HFTokenizer.from_file(str(engine.checkpoint_dir / "tokenizer.json"))
     data = torch.tensor(id_stream(tok, read_texts(held_out=held_out)))
-    model, g = engine.model, torch.Generator().manual_seed(seed)
+    model, g = engine.runner.model, torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     with torch.no_grad():
         for _ in range(batches):
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the denoising loss on training and held-out files over N batches (overfitting?)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    engine = TorchEngine(a.checkpoint, dtype="float32")
+    engine = create_engine(checkpoint_dir=a.checkpoint, dtype="float32")
     snippets = held_out_snippets(engine.tokenizer, a.snippets)
     top = unigram_token(engine.tokenizer)
     if a.write_test_snippets is not None:

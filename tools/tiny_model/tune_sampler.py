@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.sampler.params import GenerationParams, generation_config_entries
 from tools.tiny_model.evaluate import held_out_snippets, infill_accuracy
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", action="store_true", help="store the best setting in generation_config.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    engine = TorchEngine(a.checkpoint, dtype="float32")
+    engine = create_engine(checkpoint_dir=a.checkpoint, dtype="float32")
     snippets = held_out_snippets(engine.tokenizer, a.snippets, seed=TUNING_SEED)
     results = []
     for bound, (t_max, t_min) in itertools.product(ENTROPY_BOUNDS, TEMPERATURES):

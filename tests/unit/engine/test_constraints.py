@@ -7,7 +7,7 @@ import pytest
 from service.cli import DEFAULT_CHECKPOINT
 from service.engine.api import CanvasEvent, DraftEvent, Request
 from service.engine.scheduler import Scheduler
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.errors import InvalidArgument
 from service.sampler.constraints import FREE, JSON_STRING, NUM_CLASSES, NUMBER_FIRST, NUMBER_REST, TEXT
 from service.sampler.params import GenerationParams, Pins
@@ -17,7 +17,7 @@ NUMBER = [NUMBER_FIRST] + [NUMBER_REST] * 3
 
 @pytest.fixture(scope="module")
 def tiny():
-    return TorchEngine(DEFAULT_CHECKPOINT)
+    return create_engine(checkpoint_dir=DEFAULT_CHECKPOINT)
 
 
 def params(sampler="reference", steps=4):
@@ -118,7 +118,7 @@ def test_invalid_constraints_name_the_field(tiny, constraints):
 
 
 def test_constraints_need_a_tokenizer(small_ckpt):
-    engine = TorchEngine(small_ckpt)
+    engine = create_engine(checkpoint_dir=small_ckpt)
     assert engine.tokenizer is None
     req = Request([2, 3], params(), constraints=[TEXT])
     with pytest.raises(InvalidArgument) as e:

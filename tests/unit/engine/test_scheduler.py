@@ -6,7 +6,7 @@ import pytest
 
 from service.engine.api import FinalEvent, Request
 from service.engine.scheduler import Limits, Scheduler
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.errors import Cancelled, DeadlineExceeded, Overloaded
 from service.sampler.params import GenerationParams, Pins
 from tests.checkpoints import build_reference, save_checkpoint
@@ -14,7 +14,7 @@ from tests.checkpoints import build_reference, save_checkpoint
 
 @pytest.fixture(scope="module")
 def engine(small_ckpt):
-    return TorchEngine(small_ckpt)
+    return create_engine(checkpoint_dir=small_ckpt)
 
 
 def drain(sched: Scheduler, max_steps: int = 2000) -> None:
@@ -133,7 +133,7 @@ def test_per_canvas_state_does_not_grow_with_the_vocabulary(tmp_path):
     sizes = {}
     for vocab in (384, 6144):
         ckpt = save_checkpoint(build_reference("sliding", seed=3, vocab_size=vocab), tmp_path / f"v{vocab}")
-        eng = TorchEngine(ckpt)
+        eng = create_engine(checkpoint_dir=ckpt)
         sched = Scheduler(eng)
         sched.submit(Request([2, 3], GenerationParams(max_new_tokens=16, max_denoising_steps=5), seed=1))
         sched.step()

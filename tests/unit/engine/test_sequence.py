@@ -5,13 +5,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.engine.api import CanvasEvent, DraftEvent, FinalEvent, Request
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.sampler.params import GenerationParams, Pins
 
 
 @pytest.fixture(scope="module")
 def engine(small_ckpt):
-    return TorchEngine(small_ckpt)
+    return create_engine(checkpoint_dir=small_ckpt)
 
 
 SLOW_OK = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

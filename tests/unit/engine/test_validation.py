@@ -7,7 +7,7 @@ import pytest
 
 from service.engine.api import Request
 from service.engine.registry import create_engine
-from service.engine.torch_engine import TorchEngine
+from service.engine.registry import create_engine
 from service.errors import CheckpointError, InvalidArgument, Unavailable
 from service.model.loading import load_model
 from service.sampler.params import GenerationParams, Pins
@@ -15,7 +15,7 @@ from service.sampler.params import GenerationParams, Pins
 
 @pytest.fixture(scope="module")
 def engine(small_ckpt):
-    return TorchEngine(small_ckpt)
+    return create_engine(checkpoint_dir=small_ckpt)
 
 
 def run(engine, req):
@@ -112,11 +112,11 @@ def test_generation_config_supplies_defaults(small_ckpt, tmp_path):
     gen = json.loads((d / "generation_config.json").read_text())
     gen.update(max_denoising_steps=7, t_max=1.1, sampler_config={"entropy_bound": 0.4, "_cls_name": "x"})
     (d / "generation_config.json").write_text(json.dumps(gen))
-    eng = TorchEngine(d)
+    eng = create_engine(checkpoint_dir=d)
     assert (eng.default_params.max_denoising_steps, eng.default_params.t_max, eng.default_params.entropy_bound) == (
         7, 1.1, 0.4)
     assert eng.default_params.t_min == 0.4  # unset there: the reference's default
     gen["max_denoising_steps"] = 0
     (d / "generation_config.json").write_text(json.dumps(gen))
     with pytest.raises(CheckpointError, match="generation_config.json: max_denoising_steps"):
-        TorchEngine(d)
+        create_engine(checkpoint_dir=d)

@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from service.engine.api import CanvasEvent, FinalEvent  # noqa: E402
 from service.engine.registry import create_engine  # noqa: E402
-from service.engine.scheduler import Limits, Scheduler  # noqa: E402
+from service.engine.scheduler import Limits  # noqa: E402
 from service.errors import DGemmaError  # noqa: E402
 from service.telemetry.tracing import emit_span, setup_tracing  # noqa: E402
 from service.triton.adapter import (  # noqa: E402
@@ -50,17 +50,17 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        threads = int(params.get("threads") or 0) or None
-        self.engine = create_engine(
-            params.get("engine_backend", "torch"), checkpoint_dir=params["checkpoint_dir"],
-            device=params.get("device", "cpu"), dtype=params.get("dtype") or None, threads=threads,
-        )
         limits = Limits(
             max_live_canvases=int(params.get("max_live_canvases", 16)),
             max_queue=int(params.get("max_engine_queue", 64)),
-            max_cache_bytes=int(params.get("max_cache_bytes", 2 << 30)),
+            max_memory_bytes=int(params.get("max_memory_bytes", 2 << 30)),
         )
-        self.scheduler = Scheduler(self.engine, limits, on_step=self._update_gauges)
+        self.engine = create_engine(
+            params.get("engine_backend", "torch"), checkpoint_dir=params["checkpoint_dir"], limits=limits,
+            on_step=self._update_gauges, device=params.get("device", "cpu"), dtype=params.get("dtype") or None,
+            threads=int(params.get("threads") or 0) or None, tile_rows=int(params.get("tile_rows") or 0) or None,
+        )
+        self.scheduler = self.engine.scheduler
         # Spans of the denoising work, under Triton's own request span (OTEL_* from `dgemma serve`).
         self.tracing = setup_tracing("dgemma-backend")
         self.tokenizer = self.engine.tokenizer

@@ -1,8 +1,7 @@
-"""The torch backend: runs requests on our DiffusionGemma network, in process."""
+"""A checkpoint served in this process: its metadata, a runner, and the scheduler that batches requests."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,51 +9,44 @@ from pathlib import Path
 import torch
 
 from service.engine.api import Event, Request
+from service.engine.runner import Runner
+from service.engine.scheduler import Limits, Scheduler
 from service.engine.sequence import Sequence
 from service.errors import InvalidArgument
 from service.model.config import read_generation_config, special_ids
-from service.model.loading import load_model
 from service.model.tokenizer import Tokenizer, load_tokenizer
 from service.sampler.constraints import build_class_masks, check_classes
 from service.sampler.params import GenerationParams, params_from_generation_config
 
-log = logging.getLogger(__name__)
 
+class LocalEngine:
+    """The Engine protocol over one runner. `generate` goes through the scheduler: start it (a thread)
+    to serve concurrent requests, or let each `generate` call drive it."""
 
-class TorchEngine:
-    """Loads a checkpoint and runs one request at a time (the scheduler batches many)."""
-
-    name = "torch"
-
-    def __init__(
-        self,
-        checkpoint_dir: str | Path,
-        device: str = "cpu",
-        dtype: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, checkpoint_dir: str | Path, runner: Runner, limits: Limits | None = None,
+                 on_step=None) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.device = torch.device(device)
-        self.config, self.model = load_model(self.checkpoint_dir, dtype=dtype, device=self.device)
+        self.runner = runner
+        self.name = runner.name
+        self.config = runner.config
         gen = read_generation_config(self.checkpoint_dir)
         self.eos_ids, self.pad_id = special_ids(self.config, gen)
-        # What a request that sets nothing gets: the checkpoint's generation config over the reference's defaults.
+        # What a request that sets nothing gets: the checkpoint's generation config over the serving defaults.
         self.default_params: GenerationParams = params_from_generation_config(gen)
         self.tokenizer: Tokenizer | None = load_tokenizer(self.checkpoint_dir)
         self._class_masks: torch.Tensor | None = None
         self._class_masks_lock = threading.Lock()
+        self.scheduler = Scheduler(self, limits, on_step)
 
     def class_masks(self) -> torch.Tensor:
-        """Allowed ids per token class, bool [C, V] on the model's device; built once from the tokenizer."""
+        """Allowed ids per token class, bool [C, V] on the runner's device; built once from the tokenizer."""
         if self.tokenizer is None:
             raise InvalidArgument("constraints", "this model has no tokenizer; token classes need one")
         with self._class_masks_lock:
             if self._class_masks is None:
                 special = {*self.eos_ids, self.pad_id, self.tokenizer.bos_id}
                 masks = build_class_masks(self.tokenizer, self.config.vocab_size, special)
-                self._class_masks = masks.to(self.device)
+                self._class_masks = masks.to(self.runner.device)
         return self._class_masks
 
     def validate(self, request: Request) -> Request:
@@ -67,17 +59,9 @@ class TorchEngine:
     def new_sequence(self, request: Request) -> Sequence:
         self.validate(request)
         masks = self.class_masks() if request.constrained else None
-        return Sequence(request, self.config, self.eos_ids, self.pad_id, masks)
+        return Sequence(request, self.config, self.eos_ids, self.pad_id, self.runner.new_generator(request.seed),
+                        self.runner.device, masks)
 
     def generate(self, request: Request) -> Iterator[Event]:
-        seq = self.new_sequence(request)
-        model = self.model
-        cache = model.new_cache(Sequence.max_tokens(request, self.config.canvas_length))
-        while not seq.done:
-            ids = seq.to_encode.to(self.device)
-            model.encode(ids[None], [ids.numel()], [cache])
-            seq.begin_canvas()
-            while seq.denoising:
-                soft = seq.soft[None] if seq.soft is not None else None
-                hidden = model.decode(seq.canvas[None].to(self.device), soft, [cache])
-                yield from seq.after_decode(model, hidden[0])
+        """Validate and run one request: drafts (if asked), canvases, then one FinalEvent."""
+        return self.scheduler.generate(request)

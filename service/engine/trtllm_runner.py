@@ -1,4 +1,4 @@
-"""TensorRT-LLM backend. UNVERIFIED: TensorRT-LLM cannot be installed on this project's machines.
+"""TensorRT-LLM runner. UNVERIFIED: TensorRT-LLM cannot be installed on this project's machines.
 
 It exists so that the registry can name it and fail with a clear message; it never falls back silently.
 """
@@ -10,7 +10,7 @@ from typing import Any
 from service.errors import Unavailable
 
 
-class TensorRTLLMEngine:
+class TensorRTLLMRunner:
     name = "tensorrt_llm"
 
     def __init__(self, **_: Any) -> None:

@@ -1,0 +1,117 @@
+"""The runner seam: the scheduler's only way to the network.
+
+A runner owns the network, its device and its KV caches. The scheduler hands it token ids to prefill
+(encoder passes over prompts and committed canvases) and the live canvases of a denoising step; the
+runner runs one batched decoder pass and the step's vocabulary work on its own device and returns
+per-position tensors [B, L], still on that device. Backends plug in here: `TorchRunner`
+(service/engine/torch_runner.py), `TensorRTLLMRunner` (unverified), picked by service/engine/registry.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from service.model.config import ModelConfig
+from service.sampler import ops
+from service.sampler.tiles import CanvasDraw, Vocab, sample_step
+
+
+class Cache(Protocol):
+    """One sequence's KV cache, owned by the runner that made it."""
+
+    length: int  # positions written
+
+    def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class CanvasStep:
+    """One live canvas of a decoder step, as the scheduler hands it to the runner (tensors on its device)."""
+
+    canvas: Tensor  # long [L]: the noisy canvas
+    soft: Tensor | None  # [L, H]: the previous step's self-conditioning input, None on a first step
+    cache: Cache
+    draw: CanvasDraw  # temperature, generator, sampler, token classes
+    entropy_bound: float
+    pin_ids: Tensor | None = None  # long [L]
+    pin_mask: Tensor | None = None  # bool [L]
+    class_masks: Tensor | None = None  # bool [C, V], when draw.class_ids is set
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """A step's result per canvas position, on the runner's device."""
+
+    canvas: Tensor  # long [B, L]: the next canvas (accepted draws kept, the rest renoised, pins applied)
+    argmax: Tensor  # long [B, L]: argmax of the processed logits, pins applied
+    entropy: Tensor  # float32 [B, L]
+    soft: Tensor  # [B, L, H]: the next step's self-conditioning input
+
+
+class Runner(Protocol):
+    name: str
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    tile_rows: int  # rows of the vocabulary tiles (service/sampler/tiles.py)
+
+    def describe(self) -> str:
+        """How this runner executes the model, for ListModels and logs (e.g. "torch float32 on cpu")."""
+        ...
+
+    def new_cache(self, capacity: int) -> Cache: ...
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        """A request's generator, on the device its draws are made on."""
+        ...
+
+    def prefill(self, rows: list[Tensor], caches: list[Cache]) -> None:
+        """Encoder passes: rows[i] (long [T_i]) extend caches[i]."""
+        ...
+
+    def step(self, canvases: list[CanvasStep]) -> StepOutput:
+        """One batched decoder pass over the canvases and their sampling."""
+        ...
+
+    def kv_bytes_per_token(self) -> int: ...
+
+    def step_bytes(self, canvases: int) -> int:
+        """Transient bytes a step over this many canvases may hold at once (activations and one tile)."""
+        ...
+
+
+def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int, vocab_size: int) -> StepOutput:
+    """The sampler's half of a step, shared by runners: hidden [B, L, H] -> StepOutput, on hidden's device.
+
+    Draws per canvas, in the reference's order: the sampling stream (inside sample_step), then renoise.
+    """
+    masks = next((c.class_masks for c in canvases if c.class_masks is not None), None)
+    s = sample_step(vocab, hidden, [c.draw for c in canvases], tile, masks)
+    pin_ids, pin_mask = _stack_pins(canvases, hidden.device)
+    bounds = torch.tensor([[c.entropy_bound] for c in canvases], dtype=s.entropy.dtype, device=hidden.device)
+    accepted = ops.accept_mask(s.entropy, bounds, pin_mask)  # [B, L]
+    kept = torch.where(accepted, s.sampled, torch.stack([c.canvas for c in canvases]))
+    renoised = torch.stack([ops.renoise(kept[b], accepted[b], vocab_size, c.draw.generator)
+                            for b, c in enumerate(canvases)])
+    return StepOutput(
+        canvas=ops.apply_pins(renoised, pin_ids, pin_mask),
+        argmax=ops.apply_pins(s.argmax, pin_ids, pin_mask),
+        entropy=s.entropy,
+        soft=s.soft,
+    )
+
+
+def _stack_pins(canvases: list[CanvasStep], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """Pins of the batch [B, L] (unpinned canvases: none), or (None, None) when no canvas has pins."""
+    if all(c.pin_mask is None for c in canvases):
+        return None, None
+    length = canvases[0].canvas.shape[0]
+    none_ids = torch.zeros(length, dtype=torch.long, device=device)
+    none_mask = torch.zeros(length, dtype=torch.bool, device=device)
+    ids = torch.stack([c.pin_ids if c.pin_mask is not None else none_ids for c in canvases])
+    mask = torch.stack([c.pin_mask if c.pin_mask is not None else none_mask for c in canvases])
+    return ids, mask

@@ -1,0 +1,108 @@
+"""The torch runner: our DiffusionGemma network, float32 or bfloat16, on a CPU or a CUDA device.
+
+On CUDA, decoder passes are replayed from CUDA graphs (service/engine/cuda_graphs.py). UNVERIFIED on a
+GPU: no GPU machine has run this project yet (docs/benchmarks.md says what has been measured where).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from service.engine.cuda_graphs import DecoderGraphs
+from service.engine.runner import CanvasStep, StepOutput, denoise
+from service.errors import InvalidArgument, Unavailable
+from service.model.cache import KVCache
+from service.model.loading import load_model
+from service.sampler.tiles import Vocab, tile_bytes_per_row, tile_rows_for
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a clear error when this machine cannot run on it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgument("device", f"not a torch device: {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("device 'cuda' was asked for, but this torch build or machine has no CUDA device "
+                          f"(torch {torch.__version__}); use device 'cpu'")
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise InvalidArgument("device", f"the torch runner runs on cpu or cuda, got {dev.type!r}")
+    return dev
+
+
+class TorchRunner:
+    name = "torch"
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        device: str = "cpu",
+        dtype: str | None = None,
+        threads: int | None = None,
+        tile_rows: int | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = check_device(device)
+        self.config, self.model = load_model(checkpoint_dir, dtype=dtype, device=self.device)
+        self.dtype = self.model.dtype
+        cfg = self.config
+        if tile_rows is not None and (isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1):
+            raise InvalidArgument("tile_rows", f"must be a positive integer, got {tile_rows!r}")
+        self.tile_rows = tile_rows or tile_rows_for(cfg.canvas_length, cfg.vocab_size, self.device)
+        self._vocab = Vocab(self.model.logits, self.model.soft_embedding)
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs = DecoderGraphs(self.model.decode, cfg.canvas_length, cfg.hidden_size, self.dtype,
+                                    self.device) if use_graphs else None
+
+    def describe(self) -> str:
+        graphs = ", CUDA graphs" if self.graphs is not None else ""
+        return f"torch {str(self.dtype).removeprefix('torch.')} on {self.device.type}{graphs}"
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return self.model.new_cache(capacity)
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        # meta tensors have no generator of their own; their draws take a CPU one (and make no data)
+        gen = torch.Generator(device=self.device) if self.device.type != "meta" else torch.Generator()
+        return gen.manual_seed(seed)
+
+    @torch.no_grad()
+    def prefill(self, rows: list[Tensor], caches: list[KVCache]) -> None:
+        counts = [r.numel() for r in rows]
+        ids = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.device)  # [B, T]
+        for i, r in enumerate(rows):
+            ids[i, : r.numel()] = r
+        self.model.encode(ids, counts, caches)
+
+    @torch.no_grad()
+    def step(self, canvases: list[CanvasStep]) -> StepOutput:
+        canvas = torch.stack([c.canvas for c in canvases])  # [B, L]
+        soft = None
+        if any(c.soft is not None for c in canvases):
+            zero = torch.zeros(self.config.canvas_length, self.config.hidden_size, dtype=self.dtype, device=self.device)
+            soft = torch.stack([c.soft if c.soft is not None else zero for c in canvases])  # [B, L, H]
+        caches = [c.cache for c in canvases]
+        if self.graphs is not None:
+            hidden = self.graphs.decode(canvas, soft, caches)
+        else:
+            hidden = self.model.decode(canvas, soft, caches)  # [B, L, H]
+        return denoise(self._vocab, hidden, canvases, self.tile_rows, self.config.vocab_size)
+
+    def kv_bytes_per_token(self) -> int:
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(2 * spec.num_kv_heads * spec.head_dim for spec in self.config.layers) * size
+
+    def step_bytes(self, canvases: int) -> int:
+        """An upper estimate: one vocabulary tile, plus per canvas the decoder's widest activations of one
+        layer (attention scores over canvas and cache are not counted: SDPA computes them blockwise)."""
+        cfg = self.config
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        widest = max(cfg.intermediate_size, 2 * cfg.moe_intermediate_size * cfg.top_k_experts,
+                     cfg.num_heads * max(s.head_dim for s in cfg.layers))
+        per_canvas = cfg.canvas_length * (8 * cfg.hidden_size + 3 * widest) * size
+        return self.tile_rows * tile_bytes_per_row(cfg.vocab_size) + canvases * per_canvas

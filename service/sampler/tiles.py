@@ -1,0 +1,197 @@
+"""One denoising step's vocabulary work over a batch of canvases, in tiles of positions.
+
+The rows of a step are the positions of every live canvas, flattened: N = B * L. They go through the
+unembedding, soft-cap, temperature, token-class mask, softmax, entropy, argmax, a candidate draw and the
+self-conditioning matmul `tile` rows at a time, so no [B, L, V] tensor (nor an [L, V] float64 one when
+tile < L) ever exists. Every tile has exactly `tile` rows (the last is padded with zero rows): its GEMMs
+have one shape whatever the batch, so a canvas's bits do not depend on what it was batched with, and
+the shapes stay static for CUDA graphs. Everything stays on the hidden states' device; there is no
+host sync in here.
+
+Each canvas draws from its own generator, in row order, exactly as the reference does: the reference
+sampler L * V float64 uniforms (multinomial's stream), the fast sampler one uniform per position. A
+candidate id is drawn for every position; the caller keeps those the entropy bound accepts.
+Shapes: B canvases, L canvas length, V vocabulary, H hidden, T tile rows, C token classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from service.sampler import ops
+from service.sampler.constraints import constrain_logits_
+
+# Inverse-CDF block width of the fast sampler's two-level search.
+_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The network's side of the vocabulary work."""
+
+    logits: Callable[[Tensor], Tensor]  # hidden [M, H] -> soft-capped float32 logits [M, V]
+    soft_embedding: Callable[[Tensor], Tensor]  # probs [M, V] float32 -> self-conditioning input [M, H]
+
+
+@dataclass(frozen=True)
+class CanvasDraw:
+    """Per-canvas sampling settings of one step."""
+
+    temperature: Tensor  # float32 scalar (ops.temperature)
+    generator: torch.Generator  # on the canvas's device
+    reference: bool  # the reference's random stream (else the fast sampler)
+    class_ids: Tensor | None = None  # long [L]: token class per position, or None (all FREE)
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """What the sampler needs of a step, per canvas position: [B, L] each, [B, L, H] for soft."""
+
+    entropy: Tensor  # float32
+    argmax: Tensor  # long, of the processed logits
+    sampled: Tensor  # long: a candidate draw at every position
+    soft: Tensor  # the next step's self-conditioning input
+
+
+def tile_rows_for(canvas_length: int, vocab_size: int, device: torch.device, budget_fraction: float = 0.05) -> int:
+    """The default tile: one canvas (the reference's GEMM shape, so the reference sampler stays
+    bit-exact on a CPU), halved on an accelerator until the tile's buffers fit `budget_fraction` of it."""
+    tile = canvas_length
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        while tile > 16 and tile * tile_bytes_per_row(vocab_size) > budget_fraction * total:
+            tile //= 2
+    return tile
+
+
+def tile_bytes_per_row(vocab_size: int) -> int:
+    """Bytes one tile row holds at most at once: logits, probs and an entropy temporary (float32 each),
+    the reference's float64 uniforms and their float32 exponentials and ratio."""
+    return vocab_size * (4 + 4 + 4 + 8 + 4 + 4)
+
+
+def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int,
+                class_masks: Tensor | None = None) -> StepSample:
+    """hidden [B, L, H] (final-normed decoder output) -> StepSample; class_masks: bool [C, V]."""
+    b, length, h = hidden.shape
+    n = b * length
+    flat = hidden.reshape(n, h)  # [N, H]
+    dev = hidden.device
+    temps = torch.stack([d.temperature.to(dev) for d in draws]).repeat_interleave(length)[:, None]  # [N, 1]
+    class_ids = None
+    if any(d.class_ids is not None for d in draws):
+        from service.sampler.constraints import FREE
+
+        free = torch.full((length,), FREE, dtype=torch.long, device=dev)
+        class_ids = torch.cat([d.class_ids.to(dev) if d.class_ids is not None else free for d in draws])  # [N]
+    # The fast sampler's uniforms: one per position, drawn per canvas before its tiles.
+    fast_u = [None if d.reference else torch.rand(length, generator=d.generator, device=dev) for d in draws]
+    exact = torch.tensor([d.reference for d in draws], device=dev).repeat_interleave(length)  # [N] bool
+    entropy = torch.empty(n, dtype=torch.float32, device=dev)
+    argmax = torch.empty(n, dtype=torch.long, device=dev)
+    sampled = torch.empty(n, dtype=torch.long, device=dev)
+    soft = torch.empty(n, h, dtype=hidden.dtype, device=dev)
+    for start in range(0, n, tile):
+        stop = min(n, start + tile)
+        m = stop - start
+        rows = flat[start:stop]
+        if m < tile:  # static tile shape: pad with zero rows
+            rows = torch.cat([rows, rows.new_zeros(tile - m, h)])
+        logits = vocab.logits(rows)[:m]  # [m, V] float32
+        processed = logits.div_(temps[start:stop])
+        if class_ids is not None:
+            constrain_logits_(processed, class_ids[start:stop], class_masks)
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # [m, V]
+        entropy[start:stop] = _entropy(processed, probs, exact[start:stop], draws, start, stop, length)
+        argmax[start:stop] = processed.argmax(dim=-1)
+        sampled[start:stop] = _draw(probs, draws, fast_u, start, stop, length)
+        if m < tile:
+            probs = torch.cat([probs, probs.new_zeros(tile - m, probs.shape[1])])
+        soft[start:stop] = vocab.soft_embedding(probs)[:m]
+        del logits, processed, probs
+    return StepSample(entropy.view(b, length), argmax.view(b, length), sampled.view(b, length),
+                      soft.view(b, length, h))
+
+
+def _segments(start: int, stop: int, length: int):
+    """(canvas index, first row, last row + 1) of each canvas's share of rows [start, stop), in order."""
+    r = start
+    while r < stop:
+        c = r // length
+        end = min(stop, (c + 1) * length)
+        yield c, r, end
+        r = end
+
+
+def _entropy(processed: Tensor, probs: Tensor, exact: Tensor, draws: list[CanvasDraw], start: int, stop: int,
+             length: int) -> Tensor:
+    """Per-row entropy: the reference's formula for reference-sampler canvases, the one-pass one otherwise."""
+    kinds = {draws[c].reference for c, _, _ in _segments(start, stop, length)}
+    if kinds == {True}:
+        return ops.token_entropy(processed)
+    if kinds == {False}:
+        return ops.fast_token_entropy(processed, probs)
+    return torch.where(exact, ops.token_entropy(processed), ops.fast_token_entropy(processed, probs))
+
+
+def _draw(probs: Tensor, draws: list[CanvasDraw], fast_u: list[Tensor | None], start: int, stop: int,
+          length: int) -> Tensor:
+    """A candidate id per row of the tile [m] from each row's canvas generator, in row order."""
+    out = []
+    for c, lo, hi in _segments(start, stop, length):
+        p = probs[lo - start : hi - start]  # [k, V]
+        d = draws[c]
+        if d.reference:
+            out.append(reference_draw(p, d.generator))
+        else:
+            u = fast_u[c][lo - c * length : hi - c * length]
+            out.append(inverse_cdf_draw(p, u))
+    return torch.cat(out)
+
+
+def reference_draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """torch.multinomial(probs, 1)'s draw, bit for bit, as a chunk of its stream: probs [k, V] -> [k].
+
+    multinomial takes argmax(p / q) over q ~ Exp(1), one per entry, made on the CPU as
+    float32(-log1p(-u)) from a float64 uniform u; k consecutive rows consume k * V uniforms.
+    """
+    u = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)  # [k, V]
+    q = torch.log1p(u.neg_()).neg_().to(probs.dtype)
+    del u
+    return (probs / q).argmax(dim=-1)
+
+
+def inverse_cdf_draw(probs: Tensor, u: Tensor) -> Tensor:
+    """One categorical draw per row from one uniform each: probs [k, V], u [k] in [0, 1) -> ids [k].
+
+    A two-level inverse CDF: pick a block of _BLOCK ids by the blocks' cumulative mass, then an id
+    inside it. The same distribution as multinomial (up to float32 rounding of the sums); ids of zero
+    probability are never returned.
+    """
+    k, v = probs.shape
+    nb = -(-v // _BLOCK)
+    if nb * _BLOCK != v:
+        probs = torch.cat([probs, probs.new_zeros(k, nb * _BLOCK - v)], dim=1)
+    blocks = probs.view(k, nb, _BLOCK)  # [k, nb, W]
+    mass = blocks.sum(dim=-1)  # [k, nb]
+    cum = mass.cumsum(dim=-1)  # [k, nb]
+    target = (u.to(cum.dtype) * cum[:, -1])[:, None]  # [k, 1]
+    bi = _last_positive(torch.searchsorted(cum, target, right=True), mass)  # [k, 1]
+    before = cum.gather(1, bi) - mass.gather(1, bi)  # [k, 1] mass before the block
+    inner = blocks[torch.arange(k, device=probs.device), bi[:, 0]]  # [k, W]
+    icum = inner.cumsum(dim=-1)
+    j = _last_positive(torch.searchsorted(icum, (target - before).clamp_(min=0), right=True), inner)
+    return (bi * _BLOCK + j)[:, 0]
+
+
+def _last_positive(index: Tensor, weights: Tensor) -> Tensor:
+    """Clamp index [k, 1] (from searchsorted, right=True) to the last position of weights [k, n] with mass
+    (rounding can carry a target past the end, onto zero-probability entries)."""
+    n = weights.shape[-1]
+    positions = torch.arange(n, device=weights.device)
+    last = torch.where(weights > 0, positions, -1).amax(dim=-1, keepdim=True).clamp_(min=0)
+    return torch.minimum(index.clamp_(max=n - 1), last)
