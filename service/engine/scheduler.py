@@ -242,8 +242,9 @@ class Scheduler:
             used = sum(self._cache_bytes(item.stream.request) for item in self._live)
             while self._waiting and len(self._live) < self.limits.max_live_canvases:
                 nxt = self._waiting[0]
-                need = self._cache_bytes(nxt.request) + self.runner.step_bytes(len(self._live) + 1)
-                if self._live and used + need > self.limits.max_memory_bytes:
+                need = self._cache_bytes(nxt.request)
+                step = self.runner.step_bytes(len(self._live) + 1)  # the step's transients with it in the batch
+                if self._live and used + need + step > self.limits.max_memory_bytes:
                     break
                 self._waiting.popleft()
                 seq = self.engine.new_sequence(nxt.request)

@@ -17,9 +17,9 @@ def init_canvas(length: int, vocab_size: int, generator: torch.Generator, device
     return torch.randint(0, vocab_size, (1, length), generator=generator, device=device)[0]
 
 
-def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> Tensor:
+def temperature(step: int, max_steps: int, t_min: float, t_max: float, device: torch.device | str = "cpu") -> Tensor:
     """T(n) = t_min + (t_max - t_min) * n / N, with n counting down N..1; float32 as the reference computes it."""
-    n = torch.tensor(step, dtype=torch.int32)
+    n = torch.tensor(step, dtype=torch.int32, device=device)
     return t_min + ((t_max - t_min) * (n / max_steps))
 
 

@@ -41,7 +41,7 @@ class Vocab:
 class CanvasDraw:
     """Per-canvas sampling settings of one step."""
 
-    temperature: Tensor  # float32 scalar (ops.temperature)
+    temperature: Tensor  # float32 scalar on the canvas's device (ops.temperature)
     generator: torch.Generator  # on the canvas's device
     reference: bool  # the reference's random stream (else the fast sampler)
     class_ids: Tensor | None = None  # long [L]: token class per position, or None (all FREE)
@@ -81,7 +81,7 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
     n = b * length
     flat = hidden.reshape(n, h)  # [N, H]
     dev = hidden.device
-    temps = torch.stack([d.temperature.to(dev) for d in draws]).repeat_interleave(length)[:, None]  # [N, 1]
+    temps = torch.stack([d.temperature for d in draws]).repeat_interleave(length)[:, None]  # [N, 1]
     class_ids = None
     if any(d.class_ids is not None for d in draws):
         from service.sampler.constraints import FREE

@@ -24,23 +24,28 @@ def drain(sched: Scheduler, max_steps: int = 2000) -> None:
     raise AssertionError("scheduler did not finish")
 
 
-def mixed_requests(length: int) -> list[Request]:
+def mixed_requests(length: int, sampler: str = "reference") -> list[Request]:
+    """Four requests of different settings; `mixed` alternates the samplers."""
+    samplers = ["reference", "fast"] * 2 if sampler == "mixed" else [sampler] * 4
     return [
-        Request([2, 10, 11, 12], GenerationParams(max_new_tokens=2 * length, max_denoising_steps=5), seed=1),
+        Request([2, 10, 11, 12], GenerationParams(max_new_tokens=2 * length, max_denoising_steps=5,
+                                                  sampler=samplers[0]), seed=1),
         Request([2, 40] * 9, GenerationParams(max_new_tokens=length, max_denoising_steps=9, entropy_bound=0.8,
-                                             t_min=0.1, t_max=1.2), seed=2, return_drafts=True),
+                                             t_min=0.1, t_max=1.2, sampler=samplers[1]), seed=2, return_drafts=True),
         Request([2, 7], GenerationParams(max_new_tokens=3 * length, max_denoising_steps=3, stability_threshold=0,
-                                        confidence_threshold=50.0), seed=3),
-        Request([2, 99, 98, 97, 96], GenerationParams(max_new_tokens=length, max_denoising_steps=7), seed=4,
+                                        confidence_threshold=50.0, sampler=samplers[2]), seed=3),
+        Request([2, 99, 98, 97, 96], GenerationParams(max_new_tokens=length, max_denoising_steps=7,
+                                                      sampler=samplers[3]), seed=4,
                 pins=Pins.from_lists([0, 0, 0, 50, 51], [False, False, False, True, True])),
     ]
 
 
-def test_batched_outputs_equal_solo_outputs_for_mixed_settings(engine):
+@pytest.mark.parametrize("sampler", ["reference", "fast", "mixed"])
+def test_batched_outputs_equal_solo_outputs_for_mixed_settings(engine, sampler):
     length = engine.config.canvas_length
-    solo = [list(engine.generate(r))[-1] for r in mixed_requests(length)]
+    solo = [list(engine.generate(r))[-1] for r in mixed_requests(length, sampler)]
     sched = Scheduler(engine)
-    streams = [sched.submit(r) for r in mixed_requests(length)]
+    streams = [sched.submit(r) for r in mixed_requests(length, sampler)]
     drain(sched)
     batched = [list(s)[-1] for s in streams]
     for a, b in zip(solo, batched):
@@ -150,11 +155,11 @@ def test_an_engine_fault_fails_requests_in_flight_but_not_the_loop(engine, monke
     sched = Scheduler(engine).start()
     try:
         p = GenerationParams(max_new_tokens=16, max_denoising_steps=3)
-        real = sched.model.decode
-        monkeypatch.setattr(sched.model, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        real = sched.runner.step
+        monkeypatch.setattr(sched.runner, "step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
         with pytest.raises(Unavailable, match="internal engine error"):
             list(sched.submit(Request([2, 3], p, seed=1)))
-        monkeypatch.setattr(sched.model, "decode", real)
+        monkeypatch.setattr(sched.runner, "step", real)
         assert isinstance(list(sched.submit(Request([2, 3], p, seed=1)))[-1], FinalEvent)  # still serving
     finally:
         sched.stop()

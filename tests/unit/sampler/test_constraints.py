@@ -8,7 +8,7 @@ import torch
 from service.cli import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
 from service.model.tokenizer import load_tokenizer
-from service.sampler import ops
+from service.sampler import ops, tiles
 from service.sampler.constraints import (
     FREE,
     JSON_STRING,
@@ -123,7 +123,8 @@ def test_constrained_logits_keep_every_sampler_function_finite_and_in_class():
     assert bool(allowed.gather(1, out.argmax(-1, keepdim=True)).all())
     gen = torch.Generator().manual_seed(1)
     for _ in range(50):
-        for ids in (ops.sample_tokens(probs, gen), ops.fast_sample_tokens(probs, gen)):
+        u = torch.rand(probs.shape[0], generator=gen)
+        for ids in (tiles.reference_draw(probs, gen), tiles.inverse_cdf_draw(probs, u)):
             assert bool(allowed.gather(1, ids[:, None]).all())
     embedding = torch.randn(vocab, 8)
     assert bool(torch.isfinite(probs @ embedding).all())  # the self-conditioning input

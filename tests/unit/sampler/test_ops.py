@@ -78,34 +78,3 @@ def test_fast_entropy_equals_reference_entropy_numerically():
     logits = 5 * torch.randn(9, 300, generator=torch.Generator().manual_seed(1))
     probs = torch.softmax(logits, dim=-1)
     assert torch.allclose(ops.fast_token_entropy(logits, probs), ops.token_entropy(logits), atol=1e-4)
-
-
-def test_fast_sampler_follows_the_distribution():
-    probs = torch.tensor([[0.7, 0.2, 0.1, 0.0]]).repeat(4000, 1)
-    ids = ops.fast_sample_tokens(probs, torch.Generator().manual_seed(0))
-    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
-    assert torch.allclose(freq, probs[0], atol=0.03)
-    assert int(freq[3]) == 0
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.integers(1, 40), st.integers(2, 3000), st.floats(0.1, 8.0), st.integers(0, 2**32))
-def test_sampler_draws_multinomials_ids_and_advances_its_generator_alike(length, vocab, scale, seed):
-    probs = torch.softmax(scale * torch.randn(length, vocab, generator=torch.Generator().manual_seed(seed)), dim=-1)
-    ours, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-    rows = torch.rand(length, generator=torch.Generator().manual_seed(seed + 1)) < 0.5
-    ids = ops.sample_tokens(probs, ours, rows)
-    expected = torch.multinomial(probs, num_samples=1, generator=ref).squeeze(-1)
-    assert torch.equal(ids[rows], expected[rows])
-    assert bool((ids[~rows] == 0).all())
-    assert torch.equal(torch.rand(4, generator=ours), torch.rand(4, generator=ref))  # same stream position
-    assert torch.equal(ops.sample_tokens(probs, ours), torch.multinomial(probs, 1, generator=ref).squeeze(-1))
-
-
-def test_fast_sampler_draws_only_the_rows_it_is_asked_for():
-    probs = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(3)), dim=-1)
-    rows = torch.tensor([True, False, False, True, False, False])
-    g = torch.Generator().manual_seed(0)
-    ids = ops.fast_sample_tokens(probs, g, rows)
-    assert bool((ids[~rows] == 0).all()) and bool((ids[rows] < 50).all())
-    assert torch.equal(torch.rand(1, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(0))[2:])
