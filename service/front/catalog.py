@@ -28,5 +28,6 @@ class ServedModel:
         eos_ids, pad_id = special_ids(cfg, gen)
         return ServedModel(
             id=model_id, profile=profile, config=cfg, tokenizer=load_tokenizer(checkpoint_dir),
-            defaults=params_from_generation_config(gen), eos_id=int(eos_ids[0]), pad_id=pad_id,
+            # the token that closes an Edit/Template canvas: the first EOS id, else the text config's
+            defaults=params_from_generation_config(gen), eos_id=int((eos_ids or cfg.eos_token_ids)[0]), pad_id=pad_id,
         )

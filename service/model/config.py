@@ -186,8 +186,10 @@ def read_generation_config(checkpoint_dir: Path) -> dict:
 
 
 def special_ids(cfg: ModelConfig, gen: dict) -> tuple[tuple[int, ...], int]:
-    """(eos ids, pad id): generation_config.json's when it sets them, else config.json's."""
+    """(eos ids, pad id) as the reference's generate resolves them: the EOS ids are generation_config.json's
+    `eos_token_id`, and none when it names none (generation then never stops at an EOS, as in
+    transformers); the pad id is generation_config.json's, else config.json's."""
     eos = gen.get("eos_token_id")
-    eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else cfg.eos_token_ids
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
     pad = gen.get("pad_token_id")
     return eos_ids, int(pad) if isinstance(pad, int) else cfg.pad_token_id

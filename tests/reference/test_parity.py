@@ -135,3 +135,37 @@ def test_eos_stops_and_pads_like_the_reference(ref_and_ckpt):
         assert final.token_ids == expected
         hits += final.finish_reason == "eos"
     assert hits > 0
+
+
+def test_eos_ids_come_from_generation_config_as_in_the_reference(ref_and_ckpt, tmp_path):
+    """Without eos_token_id in generation_config.json, the reference's generate never stops at an EOS
+    (config.json's id included); with it, both stop there."""
+    import json
+    import shutil
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    kind, ref, path = ref_and_ckpt
+    if kind != "canvas":
+        pytest.skip("one configuration is enough")
+    d = tmp_path / "no-eos"
+    shutil.copytree(path, d)
+    gen = json.loads((d / "generation_config.json").read_text())
+    del gen["eos_token_id"]
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    ref_no_eos = DiffusionGemmaForBlockDiffusion.from_pretrained(d).eval()
+    assert ref_no_eos.generation_config.eos_token_id is None
+    engine = create_engine(checkpoint_dir=d)
+    assert engine.eos_ids == ()
+    text_eos = ref.config.get_text_config().eos_token_id  # config.json's id: no longer an EOS
+    prompt, kw = [2, 30, 31, 32], dict(max_new_tokens=96, max_denoising_steps=2)
+    seen = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = ref_no_eos.generate(torch.tensor([prompt]), pad_token_id=0, **kw).sequences[0, len(prompt):].tolist()
+        final = list(engine.generate(Request(prompt, GenerationParams(**kw, sampler="reference"), seed=seed)))[-1]
+        assert final.token_ids == expected and final.finish_reason == "length"
+        seen += expected.count(text_eos)
+    assert seen > 0  # config.json's EOS id was generated, and generation went on past it
+    assert create_engine(checkpoint_dir=path).eos_ids == tuple(EOS_IDS)
+
