@@ -1,18 +1,18 @@
-"""Decoder-step speed at the real 26B-A4B shape on one GPU, random weights.
+"""The product's denoising step at the real 26B-A4B shape on one GPU, random weights.
 
-UNVERIFIED: no GPU machine was available to the session that wrote this; it has not run yet.
+UNVERIFIED: no GPU machine was available to the session that wrote this; it has not run on a GPU yet.
 
-`python benchmarks/gpu_real_shape.py [--precision bf16|fp8] [--batches 1,4,16,32] [--steps 16]`
-prints one JSON object: ms per decoder step and tokens/s per batch size, and peak memory.
-
-- bf16: our DiffusionGemma network at the real shape, experts as grouped GEMMs.
-- fp8 (Hopper): every linear and expert weight stored float8_e4m3fn with a per-output-row scale,
-  multiplied with torch._scaled_mm / torch._scaled_grouped_mm (activations quantized per row).
-- Each batch size ("bucket") is captured once as a CUDA graph and replayed for the timed steps.
+`python benchmarks/gpu_real_shape.py [--batches 1,4,16,32,64] [--steps 12] [--sampler fast]`
+prints one JSON object: ms per denoising step and tokens/s per number of concurrent canvases, and
+peak GPU memory. It drives the product's own path: requests go through the scheduler, which runs
+each step on the TorchRunner (decoder pass, replayed from CUDA graphs, then the sampler's vocabulary
+work in tiles on the GPU) and does the per-request bookkeeping. Each canvas runs `--steps` fixed
+denoising steps (early stopping off); the timed steps are those after the batch is full and its graph
+captured. bf16 only: FP8 and NVFP4 weights come from the build stage (`engine_build`), not built yet.
 The shape (from derivative configs and GGUF metadata; the checkpoint's own config.json was not
 available): hidden 2816, 16 heads, 30 layers (5 global: 5, 11, 17, 23, 29), sliding head dim 256 with
 8 KV heads, global head dim 512 with 2 KV heads and K = V, dense MLP 2112, 128 experts top-8 of width
-704, vocabulary 262,144, canvas 256. A 512-token prompt is cached for every canvas.
+704, vocabulary 262,144, canvas 256. Every request has a 512-token prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.engine.api import Request  # noqa: E402
+from service.engine.local import LocalEngine  # noqa: E402
+from service.engine.scheduler import Limits  # noqa: E402
+from service.engine.torch_runner import TorchRunner  # noqa: E402
 from service.model.config import LayerSpec, ModelConfig  # noqa: E402
 from service.model.network import DiffusionGemma  # noqa: E402
+from service.sampler.params import GenerationParams  # noqa: E402
 
 GLOBAL = {5, 11, 17, 23, 29}
 
@@ -59,56 +65,7 @@ def toy_config() -> ModelConfig:
                        canvas_length=32, layers=(small, big), dtype="bfloat16")
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] -> float8 weights and float32 scales [..., out]."""
-    scale = w.abs().amax(dim=-1).float().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-    return (w.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
-
-
-def fp8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    xs = x2.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-    xq = (x2.float() / xs).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :], out_dtype=torch.bfloat16)
-    return out.reshape(*shape[:-1], -1)
-
-
-def to_fp8(model: DiffusionGemma) -> None:
-    """Swap every nn.Linear for an FP8 one (experts stay grouped bf16 unless _scaled_grouped_mm exists)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and child.weight.shape[0] % 16 == 0:
-                wq, ws = quantize_rows(child.weight.data)
-
-                class FP8Linear(torch.nn.Module):
-                    def __init__(self, wq: torch.Tensor, ws: torch.Tensor) -> None:
-                        super().__init__()
-                        self.wq, self.ws = wq, ws
-
-                    def forward(self, x: torch.Tensor) -> torch.Tensor:
-                        return fp8_linear(x, self.wq, self.ws)
-
-                setattr(module, name, FP8Linear(wq, ws))
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--precision", default="fp8", choices=["bf16", "fp8"])
-    ap.add_argument("--batches", default="1,4,16,32")
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--smoke-cpu", action="store_true",
-                    help="run the same code on the CPU at a toy shape (bf16, no graphs, no FP8): a check, not a number")
-    a = ap.parse_args()
-    if a.smoke_cpu:
-        dev, cfg = torch.device("cpu"), toy_config()
-        a.precision, a.prompt = "bf16", 8
-    elif not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA device: this benchmark needs a GPU (H100 or newer)"}))
-        return 2
-    else:
-        dev, cfg = torch.device("cuda"), real_config()
+def random_model(cfg: ModelConfig, dev: torch.device) -> DiffusionGemma:
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     model = model.to_empty(device=dev).to(torch.bfloat16)
@@ -119,52 +76,75 @@ def main() -> int:
             if name.endswith("layer_scalar"):
                 b.fill_(1.0)
     model.reset_buffers()
-    model.eval()
-    if a.precision == "fp8":
-        to_fp8(model)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    return model.eval()
+
+
+def measure(engine: LocalEngine, canvases: int, prompt: int, steps: int, sampler: str, sync) -> dict:
+    """`canvases` concurrent one-canvas requests; times the steps after the first two (prefill, capture)."""
+    cfg = engine.config
+    params = GenerationParams(max_new_tokens=cfg.canvas_length, max_denoising_steps=steps, stability_threshold=0,
+                              confidence_threshold=0.0, sampler=sampler)
+    g = torch.Generator().manual_seed(canvases)
+    sched = engine.scheduler
+    streams = [sched.submit(Request(torch.randint(3, cfg.vocab_size, (prompt,), generator=g).tolist(), params,
+                                    seed=i)) for i in range(canvases)]
+    for _ in range(2):
+        sched.step()
+    assert sched.canvases_in_last_pass == canvases
     sync()
-    results = []
-    for batch in [int(x) for x in a.batches.split(",")]:
-        caches = [model.new_cache(a.prompt + cfg.canvas_length) for _ in range(batch)]
-        prompt = torch.randint(0, cfg.vocab_size, (batch, a.prompt), device=dev)
-        model.encode(prompt, [a.prompt] * batch, caches)
-        canvas = torch.randint(0, cfg.vocab_size, (batch, cfg.canvas_length), device=dev)
-        soft = torch.zeros(batch, cfg.canvas_length, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    timed = steps - 3  # the last step commits (an encoder pass); not timed
+    t = time.perf_counter()
+    for _ in range(timed):
+        sched.step()
+    sync()
+    ms = (time.perf_counter() - t) / timed * 1000
+    while sched.step():
+        pass
+    assert all(s.next_event(timeout=0) is not None for s in streams)
+    graphs = engine.runner.graphs
+    return {"canvases": canvases, "ms_per_step": round(ms, 2),
+            "tokens_per_s": round(canvases * cfg.canvas_length / (steps * ms / 1000), 1),
+            "cuda_graph_replays": graphs.replays if graphs is not None else "no (CPU smoke run)"}
 
-        def step() -> None:
-            hidden = model.decode(canvas, soft, caches)
-            for r in range(batch):  # the step's vocabulary work, one canvas at a time
-                logits = model.logits(hidden[r])
-                probs = torch.softmax(logits / 0.6, dim=-1)
-                soft[r] = model.soft_embedding(probs)
 
-        for _ in range(2):
-            step()
-        sync()
-        run, graphed = step, "no (CPU smoke run)"
-        if dev.type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    step()
-                run, graphed = graph.replay, True
-            except Exception as e:  # a capture failure is reported, not hidden
-                run, graphed = step, f"eager ({type(e).__name__}: {e})"
-        sync()
-        t = time.perf_counter()
-        for _ in range(a.steps):
-            run()
-        sync()
-        ms = (time.perf_counter() - t) / a.steps * 1000
-        results.append({"canvases": batch, "ms_per_step": round(ms, 2),
-                        "tokens_per_s": round(batch * cfg.canvas_length / (a.steps * ms / 1000), 1),
-                        "cuda_graph": graphed})
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # kept in the log if a later bucket dies
-    experts = "bf16 (grouped)"  # FP8 grouped experts (_scaled_grouped_mm) are not wired yet
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", default="1,4,16,32,64")
+    ap.add_argument("--steps", type=int, default=12, help="denoising steps per canvas (>= 4)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--sampler", default="fast", choices=["fast", "reference"])
+    ap.add_argument("--tile-rows", type=int, default=None)
+    ap.add_argument("--smoke-cpu", action="store_true",
+                    help="run the same code on the CPU at a toy shape (no graphs): a check, not a number")
+    a = ap.parse_args()
+    if a.steps < 4:
+        ap.error("--steps must be >= 4")
+    if a.smoke_cpu:
+        dev, cfg = torch.device("cpu"), toy_config()
+        a.prompt = 8
+    elif not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA device: this benchmark needs a GPU (H100 or newer)"}))
+        return 2
+    else:
+        dev, cfg = torch.device("cuda"), real_config()
+    runner = TorchRunner.from_model(cfg, random_model(cfg, dev), tile_rows=a.tile_rows)
+    batches = [int(x) for x in a.batches.split(",")]
+    limits = Limits(max_live_canvases=max(batches), max_queue=max(batches), max_memory_bytes=1 << 50)
+    engine = LocalEngine(tempfile.mkdtemp(prefix="dgemma-random-"), runner, limits)  # no tokenizer, no gen config
     on_gpu = dev.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    results = []
+    for batch in batches:
+        try:
+            results.append(measure(engine, batch, a.prompt, a.steps, a.sampler, sync))
+        except torch.cuda.OutOfMemoryError as e:  # reported, and the larger buckets are not tried
+            results.append({"canvases": batch, "error": f"out of memory: {e}"[:300]})
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            break
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # kept in the log if a later bucket dies
     print(json.dumps({
-        "precision": a.precision, "experts_precision": experts, "steps": a.steps,
+        "precision": "bf16", "sampler": a.sampler, "steps": a.steps, "prompt": a.prompt,
+        "tile_rows": runner.tile_rows, "runner": runner.describe(),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu (smoke run, not a measurement)",
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
         "results": results,

@@ -3,7 +3,8 @@
 #
 #   device tool: run(command="bash tools/gpu_session.sh", timeout_s=600)
 #
-# 1. issue 3: benchmarks/gpu_real_shape.py (real 26B-A4B shape, random weights) -> gpu_real_shape.json
+# 1. issue 13: benchmarks/gpu_real_shape.py (real 26B-A4B shape, random weights, through the scheduler and
+#    the TorchRunner: CUDA graphs, sampler tiles on the GPU) at 1, 4, 16, 32, 64 canvases -> gpu_real_shape.json
 # 2. issue 6: the tiny model trained on from the shipped checkpoint on the GPU (batch 256, the shipped
 #    recipe's corruption, a warm restart of the learning rate) -> ckpt/ (the 5 checkpoint files)
 # Everything printed goes to session.log, with the card's name. Output: $OUT (./gpu_out elsewhere),

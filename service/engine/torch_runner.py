@@ -15,7 +15,9 @@ from service.engine.cuda_graphs import DecoderGraphs
 from service.engine.runner import CanvasStep, StepOutput, denoise
 from service.errors import InvalidArgument, Unavailable
 from service.model.cache import KVCache
+from service.model.config import ModelConfig
 from service.model.loading import load_model
+from service.model.network import DiffusionGemma
 from service.sampler.tiles import Vocab, tile_bytes_per_row, tile_rows_for
 
 
@@ -47,16 +49,26 @@ class TorchRunner:
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.device = check_device(device)
-        self.config, self.model = load_model(checkpoint_dir, dtype=dtype, device=self.device)
-        self.dtype = self.model.dtype
-        cfg = self.config
         if tile_rows is not None and (isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1):
             raise InvalidArgument("tile_rows", f"must be a positive integer, got {tile_rows!r}")
-        self.tile_rows = tile_rows or tile_rows_for(cfg.canvas_length, cfg.vocab_size, self.device)
-        self._vocab = Vocab(self.model.logits, self.model.soft_embedding)
+        config, model = load_model(checkpoint_dir, dtype=dtype, device=check_device(device))
+        self._setup(config, model, tile_rows, cuda_graphs)
+
+    @classmethod
+    def from_model(cls, config: ModelConfig, model: DiffusionGemma, tile_rows: int | None = None,
+                   cuda_graphs: bool = True) -> "TorchRunner":
+        """A runner over a network already in memory (benchmarks at the real shape with random weights)."""
+        runner = cls.__new__(cls)
+        runner._setup(config, model.eval(), tile_rows, cuda_graphs)
+        return runner
+
+    def _setup(self, config: ModelConfig, model: DiffusionGemma, tile_rows: int | None, cuda_graphs: bool) -> None:
+        self.config, self.model = config, model
+        self.device, self.dtype = model.device, model.dtype
+        self.tile_rows = tile_rows or tile_rows_for(config.canvas_length, config.vocab_size, self.device)
+        self._vocab = Vocab(model.logits, model.soft_embedding)
         use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs = DecoderGraphs(self.model.decode, cfg.canvas_length, cfg.hidden_size, self.dtype,
+        self.graphs = DecoderGraphs(model.decode, config.canvas_length, config.hidden_size, self.dtype,
                                     self.device) if use_graphs else None
 
     def describe(self) -> str:

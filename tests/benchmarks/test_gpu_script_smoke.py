@@ -9,7 +9,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_real_shape.py
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke-cpu", "--batches", "1,2", "--steps", "1"],
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke-cpu", "--batches", "1,2", "--steps", "4"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
