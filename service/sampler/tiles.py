@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from service.sampler import ops
-from service.sampler.constraints import constrain_logits_
+from service.sampler.constraints import FREE, constrain_logits_
 
 # Inverse-CDF block width of the fast sampler's two-level search.
 _BLOCK = 256
@@ -84,13 +84,10 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
     temps = torch.stack([d.temperature for d in draws]).repeat_interleave(length)[:, None]  # [N, 1]
     class_ids = None
     if any(d.class_ids is not None for d in draws):
-        from service.sampler.constraints import FREE
-
         free = torch.full((length,), FREE, dtype=torch.long, device=dev)
-        class_ids = torch.cat([d.class_ids.to(dev) if d.class_ids is not None else free for d in draws])  # [N]
+        class_ids = torch.cat([d.class_ids if d.class_ids is not None else free for d in draws])  # [N]
     # The fast sampler's uniforms: one per position, drawn per canvas before its tiles.
     fast_u = [None if d.reference else torch.rand(length, generator=d.generator, device=dev) for d in draws]
-    exact = torch.tensor([d.reference for d in draws], device=dev).repeat_interleave(length)  # [N] bool
     entropy = torch.empty(n, dtype=torch.float32, device=dev)
     argmax = torch.empty(n, dtype=torch.long, device=dev)
     sampled = torch.empty(n, dtype=torch.long, device=dev)
@@ -105,14 +102,19 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
         processed = logits.div_(temps[start:stop])
         if class_ids is not None:
             constrain_logits_(processed, class_ids[start:stop], class_masks)
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)  # [m, V]
-        entropy[start:stop] = _entropy(processed, probs, exact[start:stop], draws, start, stop, length)
         argmax[start:stop] = processed.argmax(dim=-1)
-        sampled[start:stop] = _draw(probs, draws, fast_u, start, stop, length)
+        parts = []
+        for c, lo, hi in _segments(start, stop, length):  # each canvas's share of the tile, in row order
+            d = draws[c]
+            u = None if d.reference else fast_u[c][lo - c * length : hi - c * length]
+            probs, entropy[lo:hi], sampled[lo:hi] = _sample_rows(processed[lo - start : hi - start], d, u)
+            parts.append(probs)
+        probs = parts[0] if len(parts) == 1 else torch.cat(parts)  # [m, V]
+        del logits, processed, parts
         if m < tile:
             probs = torch.cat([probs, probs.new_zeros(tile - m, probs.shape[1])])
         soft[start:stop] = vocab.soft_embedding(probs)[:m]
-        del logits, processed, probs
+        del probs
     return StepSample(entropy.view(b, length), argmax.view(b, length), sampled.view(b, length),
                       soft.view(b, length, h))
 
@@ -127,30 +129,17 @@ def _segments(start: int, stop: int, length: int):
         r = end
 
 
-def _entropy(processed: Tensor, probs: Tensor, exact: Tensor, draws: list[CanvasDraw], start: int, stop: int,
-             length: int) -> Tensor:
-    """Per-row entropy: the reference's formula for reference-sampler canvases, the one-pass one otherwise."""
-    kinds = {draws[c].reference for c, _, _ in _segments(start, stop, length)}
-    if kinds == {True}:
-        return ops.token_entropy(processed)
-    if kinds == {False}:
-        return ops.fast_token_entropy(processed, probs)
-    return torch.where(exact, ops.token_entropy(processed), ops.fast_token_entropy(processed, probs))
+def _sample_rows(processed: Tensor, draw: CanvasDraw, u: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One canvas's rows of a tile: probs [k, V], entropy [k] and a candidate id [k] per row.
 
-
-def _draw(probs: Tensor, draws: list[CanvasDraw], fast_u: list[Tensor | None], start: int, stop: int,
-          length: int) -> Tensor:
-    """A candidate id per row of the tile [m] from each row's canvas generator, in row order."""
-    out = []
-    for c, lo, hi in _segments(start, stop, length):
-        p = probs[lo - start : hi - start]  # [k, V]
-        d = draws[c]
-        if d.reference:
-            out.append(reference_draw(p, d.generator))
-        else:
-            u = fast_u[c][lo - c * length : hi - c * length]
-            out.append(inverse_cdf_draw(p, u))
-    return torch.cat(out)
+    The reference sampler: torch.softmax, the reference's entropy formula and multinomial's stream,
+    bit for bit. The fast one: one fused log_softmax, and an inverse-CDF draw from the uniforms u [k].
+    """
+    if draw.reference:
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        return probs, ops.token_entropy(processed), reference_draw(probs, draw.generator)
+    probs, entropy = ops.fast_probs_and_entropy(processed)
+    return probs, entropy, inverse_cdf_draw(probs, u)
 
 
 def reference_draw(probs: Tensor, generator: torch.Generator) -> Tensor:
