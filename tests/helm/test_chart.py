@@ -196,7 +196,8 @@ def test_gpu_example(chart):
     (sm,) = by_kind(docs, "ServiceMonitor")
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     env = env_of(c)
-    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318") and env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
     assert "OTEL_SDK_DISABLED" not in env
 
 
@@ -213,7 +214,8 @@ def test_tls_and_api_keys_come_from_secrets(chart):
     spec = deployment(docs)["spec"]["template"]["spec"]
     env = env_of(spec["containers"][0])
     assert env["NIM_SSL_MODE"] == "TLS"
-    assert env["NIM_SSL_CERT_PATH"] == "/etc/dgemma/tls/tls.crt" and env["NIM_SSL_KEY_PATH"] == "/etc/dgemma/tls/tls.key"
+    assert env["NIM_SSL_CERT_PATH"] == "/etc/dgemma/tls/tls.crt"
+    assert env["NIM_SSL_KEY_PATH"] == "/etc/dgemma/tls/tls.key"
     assert env["NIM_API_KEYS_FILE"] == "/etc/dgemma/api-keys/keys" and "NIM_API_KEYS" not in env
     vols = {v["name"]: v for v in spec["volumes"]}
     assert vols["tls"]["secret"]["secretName"] == "diffusiongemma-tls"

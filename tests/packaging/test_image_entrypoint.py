@@ -24,7 +24,7 @@ REPLACED = {"PATH", "HOME", "NIM_CACHE_PATH", "NIM_SERVER_HOST", "NIM_SERVER_POR
 BIN = Path(sys.executable).parent
 
 
-def image_env(tmp: Path) -> tuple[dict[str, str], dict[str, str]]:
+def image_env(tmp: Path) -> dict[str, str]:
     final = stages()[-1]
     written = final.env()
     assert REPLACED <= set(written), "the Dockerfile no longer sets a variable this test replaces"
@@ -40,11 +40,11 @@ def image_env(tmp: Path) -> tuple[dict[str, str], dict[str, str]]:
     env.update(written)
     env.update(replaced)
     env.update({"OMP_NUM_THREADS": "1", "NIM_TRITON_LOG_FILE": str(tmp / "triton.log")})
-    return env, written
+    return env
 
 
 def test_entrypoint_serves_and_the_healthcheck_passes(tmp_path):
-    env, written = image_env(tmp_path)
+    env = image_env(tmp_path)
     final = stages()[-1]
     argv = image_argv(final)
     assert argv[0] == "dgemma" and (BIN / "dgemma").is_file(), "the console script the image runs"
@@ -82,7 +82,7 @@ def test_entrypoint_serves_and_the_healthcheck_passes(tmp_path):
 
 def test_a_bad_image_setting_fails_here(tmp_path):
     """The same run with a broken variable stops with the variable's name (what the image would print)."""
-    env, _ = image_env(tmp_path)
+    env = image_env(tmp_path)
     env["NIM_SERVER_PORT"] = "eight-thousand"
     done = subprocess.run([str(BIN / "dgemma"), "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "NIM_SERVER_PORT" in done.stderr
