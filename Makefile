@@ -19,7 +19,8 @@ test: $(STAMP)
 
 # The unit tests under Python 3.12, the Python of the NGC Triton image the Dockerfile builds on. PyPI has
 # torch 2.13.0 for 3.12 only as its CUDA build (this machine's disk holds the CPU wheel for 3.11 only):
-# about 1.5 GB to download and 5 GB installed in .venv312, measured 184 s to install here; it runs on the CPU.
+# about 1.5 GB to download and 5 GB installed in .venv312; it runs on the CPU. Measured from a fresh clone: 269 s
+# (install and the unit tests).
 PY312 ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3.12))),$(shell command -v python3.12))
 VENV312 := .venv312
 STAMP312 := $(VENV312)/.installed
