@@ -245,6 +245,15 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(a: argparse.Namespace) -> int:
+    """grpc.health.v1 Check: prints the status; exit 0 only for SERVING (the image's HEALTHCHECK, exec probes)."""
+    a.timeout = a.timeout or 5.0
+    with _client(a) as client:
+        status = client.health(a.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     server = ", else " + DEFAULT_TARGET
     p = sub.add_parser("infill", help="fill a gap between a prefix and a suffix (on a server)")
@@ -270,6 +279,11 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", metavar="TEXT")
     _add_client_flags(p, generating=False, server_default=server)
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("health", help="check a server's health (exit 0 when SERVING, 1 otherwise, 2 unreachable)")
+    p.add_argument("--service", default="", help='health service name (default "": the whole server)')
+    _add_client_flags(p, generating=False, json_flag=False, server_default=server)
+    p.set_defaults(func=cmd_health)
 
 
 def _client_error_line(e: ClientError, target: str | None) -> str:

@@ -1,0 +1,302 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk), linted, validated against the Kubernetes
+schemas (kubernetes-validate) and held to the hardening policy, for the defaults and every example values file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "diffusiongemma"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+CASES = {"defaults": {}} | {p.stem: yaml.safe_load(p.read_text()) for p in EXAMPLES}
+# The oldest Kubernetes the chart admits (Chart.yaml kubeVersion) and the newest schemas at hand.
+KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
+# Custom resources: no Kubernetes schema covers them; their shape is checked by the tests below instead.
+CRD_KINDS = {"ServiceMonitor", "GRPCRoute"}
+WORKLOAD_KINDS = {"Deployment", "Pod"}
+
+
+def test_every_documented_example_is_here():
+    assert {p.stem for p in EXAMPLES} == {"gpu", "cpu-demo", "tls-api-keys", "headless", "grpcroute"}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    return helm_python.Chart.load(CHART)
+
+
+def render(chart, values: dict) -> list[dict]:
+    out = chart.render(values, name="rel", namespace="ns")
+    docs = []
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def rendered(request, chart):
+    return request.param, render(chart, CASES[request.param])
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def deployment(docs: list[dict]) -> dict:
+    (dep,) = by_kind(docs, "Deployment")
+    return dep
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_lint_reports_no_errors():
+    report = helm_python.lint(CHART, strict=False)
+    errors = [m for m in report["messages"] if m["severity"] >= 3]
+    assert report["errors"] == [] and errors == [], report
+    for name, values in CASES.items():
+        report = helm_python.lint(CHART, values)
+        assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 3], (name, report)
+
+
+def test_every_manifest_validates_against_kubernetes_schemas(rendered):
+    name, docs = rendered
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError
+        checked += 1
+    assert checked >= 6, name
+
+
+def test_validation_catches_a_broken_manifest(chart):
+    """The validator used above does reject a bad field (so its silence above means something)."""
+    dep = deployment(render(chart, {}))
+    dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "eight thousand"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_workloads_are_hardened(rendered):
+    name, docs = rendered
+    workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+    assert {d["kind"] for d in workloads} == {"Deployment", "Pod"}, name  # the server and the helm test pod
+    for w in workloads:
+        spec = w["spec"]["template"]["spec"] if w["kind"] == "Deployment" else w["spec"]
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] > 0
+        assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec["automountServiceAccountToken"] is False
+        for vol in spec.get("volumes", []):
+            assert "hostPath" not in vol, (name, vol)
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True, (name, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc.get("privileged", False) is False
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+            assert c["resources"].get("requests") and c["resources"].get("limits"), (name, c["name"])
+            # read-only root: every path the program writes is a volume (/tmp, HOME, NIM_CACHE_PATH, /dev/shm)
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert "/tmp" in mounts and env_of(c).get("HOME") == "/tmp"
+            if w["kind"] == "Deployment":
+                assert {"/opt/nim/.cache", "/dev/shm"} <= mounts
+                assert env_of(c)["NIM_CACHE_PATH"] == "/opt/nim/.cache"
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    assert probe in c, (name, probe)
+
+
+def test_pdb_and_network_policy_select_the_server_pods(rendered):
+    name, docs = rendered
+    selector = deployment(docs)["spec"]["selector"]["matchLabels"]
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    (netpol,) = by_kind(docs, "NetworkPolicy")
+    assert pdb["spec"]["selector"]["matchLabels"] == selector
+    assert netpol["spec"]["podSelector"]["matchLabels"] == selector
+    assert set(netpol["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    ports = {p["port"] for rule in netpol["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {"grpc", "metrics"}, name
+    # the helm test pod is not one of the server's pods (no Service would route to it)
+    (test_pod,) = by_kind(docs, "Pod")
+    assert not all(test_pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
+
+
+def test_probes_are_native_grpc_and_give_startup_its_budget(rendered):
+    name, docs = rendered
+    c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(c)
+    startup_timeout = int(env["NIM_STARTUP_TIMEOUT"])
+    tls = env["NIM_SSL_MODE"] != "DISABLED"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        p = c[probe]
+        if tls:  # the kubelet's gRPC probe is plaintext: the image's own TLS health client instead
+            assert p["exec"]["command"][:2] == ["dgemma", "health"] and "--tls-ca" in p["exec"]["command"]
+        else:
+            assert p["grpc"]["port"] == int(env["NIM_SERVER_PORT"])
+    s, live = c["startupProbe"], c["livenessProbe"]
+    assert s["periodSeconds"] * s["failureThreshold"] >= startup_timeout + 60, name
+    # liveness outlasts one in-process Triton restart (startup timeout + backoff) before killing the pod
+    assert live["periodSeconds"] * live["failureThreshold"] >= startup_timeout + 120, name
+    if not tls:
+        assert c["readinessProbe"]["grpc"]["service"] == "diffusiongemma.v1.DiffusionGemma"
+
+
+def test_termination_grace_outlasts_drain_and_triton_exit(rendered):
+    name, docs = rendered
+    spec = deployment(docs)["spec"]["template"]["spec"]
+    env = env_of(spec["containers"][0])
+    drain = float(env["NIM_SHUTDOWN_DRAIN_DELAY"]) + float(env["NIM_SHUTDOWN_GRACE_PERIOD"])
+    triton_exit = 20 + 5  # TritonServer.stop: SIGINT, 20 s, then SIGKILL and 5 s (service/triton/launcher.py)
+    assert spec["terminationGracePeriodSeconds"] > drain + triton_exit, name
+
+
+def test_dev_shm_is_memory_backed_and_scratch_is_bounded(rendered):
+    _, docs = rendered
+    vols = {v["name"]: v for v in deployment(docs)["spec"]["template"]["spec"]["volumes"]}
+    assert vols["shm"]["emptyDir"]["medium"] == "Memory" and vols["shm"]["emptyDir"]["sizeLimit"]
+    assert vols["cache"]["emptyDir"]["sizeLimit"] and vols["tmp"]["emptyDir"]["sizeLimit"]
+
+
+def test_gpu_defaults(chart):
+    docs = render(chart, {})
+    spec = deployment(docs)["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env_of(c)["NIM_MODEL_PROFILE"] == "torch-bfloat16-h100"
+    (pvc,) = by_kind(docs, "PersistentVolumeClaim")
+    store = {v["name"]: v for v in spec["volumes"]}["model-store"]
+    assert store["persistentVolumeClaim"] == {"claimName": pvc["metadata"]["name"], "readOnly": True}
+    assert {"name": "model-store", "mountPath": "/opt/nim/.cache/models", "readOnly": True} in c["volumeMounts"]
+    assert c["args"] == ["serve"]
+    assert not by_kind(docs, "HorizontalPodAutoscaler") and not by_kind(docs, "GRPCRoute")
+
+
+def test_gpu_example(chart):
+    docs = render(chart, CASES["gpu"])
+    spec = deployment(docs)["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert env_of(c)["NIM_MODEL_PATH"] == "/opt/nim/.cache/models/diffusiongemma-26B-A4B-it"
+    assert spec["nodeSelector"] and spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "replicas" not in deployment(docs)["spec"]  # the HPA owns it
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
+    metric = hpa["spec"]["metrics"][0]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "dgemma_queue_depth"
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    env = env_of(c)
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert "OTEL_SDK_DISABLED" not in env
+
+
+def test_cpu_demo_has_no_gpu_and_no_store(chart):
+    docs = render(chart, CASES["cpu-demo"])
+    c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert env_of(c)["NIM_MODEL_PROFILE"] == "torch-float32-cpu" and "NIM_MODEL_PATH" not in env_of(c)
+    assert not by_kind(docs, "PersistentVolumeClaim")
+
+
+def test_tls_and_api_keys_come_from_secrets(chart):
+    docs = render(chart, CASES["tls-api-keys"])
+    spec = deployment(docs)["spec"]["template"]["spec"]
+    env = env_of(spec["containers"][0])
+    assert env["NIM_SSL_MODE"] == "TLS"
+    assert env["NIM_SSL_CERT_PATH"] == "/etc/dgemma/tls/tls.crt"
+    assert env["NIM_SSL_KEY_PATH"] == "/etc/dgemma/tls/tls.key"
+    assert env["NIM_API_KEYS_FILE"] == "/etc/dgemma/api-keys/keys" and "NIM_API_KEYS" not in env
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["tls"]["secret"]["secretName"] == "diffusiongemma-tls"
+    assert vols["api-keys"]["secret"]["secretName"] == "diffusiongemma-api-keys"
+    assert vols["api-keys"]["secret"]["items"] == [{"key": "api-keys", "path": "keys"}]
+    # no key or certificate material is written into any manifest
+    for doc in docs:
+        text = yaml.safe_dump(doc)
+        assert "BEGIN" not in text and doc["kind"] != "Secret"
+    (test_pod,) = by_kind(docs, "Pod")
+    script = test_pod["spec"]["containers"][0]["args"][0]
+    assert "--tls-ca /etc/dgemma/tls/ca.crt" in script and "DGEMMA_API_KEY" in script
+
+
+def test_mtls_probes_present_the_client_certificate(chart):
+    docs = render(chart, {"tls": {"mode": "MTLS", "secretName": "s"}})
+    c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(c)["NIM_SSL_CA_CERT_PATH"] == "/etc/dgemma/tls/ca.crt"
+    assert "--tls-cert" in c["readinessProbe"]["exec"]["command"]
+
+
+def test_headless_service(chart):
+    docs = render(chart, CASES["headless"])
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    headless = services["rel-diffusiongemma-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == deployment(docs)["spec"]["selector"]["matchLabels"]
+    assert services["rel-diffusiongemma"]["spec"]["type"] == "ClusterIP"
+
+
+def test_grpcroute(chart):
+    docs = render(chart, CASES["grpcroute"])
+    (route,) = by_kind(docs, "GRPCRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"][0]["name"] == "inference-gateway"
+    backend = route["spec"]["rules"][0]["backendRefs"][0]
+    assert backend == {"name": "rel-diffusiongemma", "port": 8000}
+    services = [m["method"]["service"] for m in route["spec"]["rules"][0]["matches"]]
+    assert "diffusiongemma.v1.DiffusionGemma" in services
+
+
+def test_helm_test_hook_checks_health_and_generates(rendered):
+    name, docs = rendered
+    (pod,) = by_kind(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = pod["spec"]["containers"][0]
+    script = c["args"][0]
+    assert "dgemma health" in script and "dgemma generate" in script
+    assert env_of(c)["DGEMMA_SERVER"] == "rel-diffusiongemma.ns.svc:8000"
+
+
+@pytest.mark.parametrize("values, where", [
+    ({"bogus": 1}, "additional properties 'bogus'"),
+    ({"server": {"grpcPort": "8000"}}, "/server/grpcPort"),
+    ({"server": {"grpcPrt": 8000}}, "additional properties 'grpcPrt'"),
+    ({"gpu": {"count": -1}}, "/gpu/count"),
+    ({"tls": {"mode": "ON"}}, "/tls/mode"),
+    ({"securityContext": {"readOnlyRootFilesystem": False}}, "/securityContext/readOnlyRootFilesystem"),
+    ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+    ({"grpcRoute": {"parentRefs": [{"name": "g", "nmespace": "x"}]}}, "additional properties 'nmespace'"),
+])
+def test_schema_rejects_unknown_keys_and_wrong_types(chart, values, where):
+    with pytest.raises(helm_python.HelmValuesError) as e:
+        chart.render(values, name="rel", namespace="ns")
+    assert where in str(e.value)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"model": {"path": "m"}, "modelStore": {"enabled": False}}, "enable modelStore"),
+    ({"model": {"profile": "torch-float32-cpu"}}, "set gpu.count to 0"),
+    ({"gpu": {"count": 0}}, "set gpu.count >= 1"),
+    ({"tls": {"mode": "TLS"}}, "tls.secretName is required"),
+    ({"grpcRoute": {"enabled": True}}, "grpcRoute.parentRefs"),
+    ({"otel": {"enabled": True}}, "otel.endpoint is required"),
+])
+def test_inconsistent_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        chart.render(values, name="rel", namespace="ns")
+    assert message in str(e.value)
+
+
+def test_every_value_key_is_in_the_schema(chart):
+    """values.yaml and values.schema.json describe the same keys (the schema refuses the others)."""
+    chart.validate_schema(yaml.safe_load((CHART / "values.yaml").read_text()))
