@@ -1,5 +1,8 @@
 """Our engine's tokens/s against the reference's `generate`, same random checkpoint, same run.
 
+`ours_*` and `ratio_*` are the serving default (the fast sampler); `*_reference_sampler_*` the opt-in
+sampler whose ids equal the reference's.
+
 `python benchmarks/reference_speed.py [--repeats 2] [--threads 2]` prints one JSON object.
 The "small" config: vocab 8192, hidden 256, 6 layers (last global), 8 experts top-2, canvas 256,
 prompt 64, 16 fixed steps (early stopping disabled), float32. Times are the best of --repeats runs.
@@ -18,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import CANVAS, NO_EARLY_STOP, PROMPT, STEPS, best_time, machine, small_checkpoint  # noqa: E402
 from service.engine.api import Request  # noqa: E402
+from service.engine.local import LocalEngine  # noqa: E402
 from service.engine.scheduler import Limits, Scheduler  # noqa: E402
 from service.engine.registry import create_engine  # noqa: E402
 from service.sampler.params import GenerationParams  # noqa: E402
@@ -62,20 +66,19 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8192, (PROMPT,), generator=g).tolist() for _ in range(8)]
     with torch.no_grad():
-        ours(engine, prompts[:1], "reference", 1)  # warm-up
+        ours(engine, prompts[:1], "fast", 1)  # warm-up
         out = {
-            "ours_batch1": ours(engine, prompts[:1], "reference", a.repeats),
-            "ours_batch8": ours(engine, prompts, "reference", a.repeats),
+            "ours_batch1": ours(engine, prompts[:1], "fast", a.repeats),
+            "ours_batch8": ours(engine, prompts, "fast", a.repeats),
             "reference_batch1": reference(ref, prompts[:1], a.repeats),
             "reference_batch8": reference(ref, prompts, a.repeats),
-            "ours_fast_sampler_batch1": ours(engine, prompts[:1], "fast", a.repeats),
-            "ours_fast_sampler_batch8": ours(engine, prompts, "fast", a.repeats),
+            "ours_reference_sampler_batch1": ours(engine, prompts[:1], "reference", a.repeats),
+            "ours_reference_sampler_batch8": ours(engine, prompts, "reference", a.repeats),
         }
     out = {k: round(v, 1) for k, v in out.items()}
-    out["ratio_batch1"] = round(out["ours_batch1"] / out["reference_batch1"], 2)
-    out["ratio_batch8"] = round(out["ours_batch8"] / out["reference_batch8"], 2)
-    out["ratio_fast_sampler_batch1"] = round(out["ours_fast_sampler_batch1"] / out["reference_batch1"], 2)
-    out["ratio_fast_sampler_batch8"] = round(out["ours_fast_sampler_batch8"] / out["reference_batch8"], 2)
+    for kind in ("", "_reference_sampler"):
+        for b in (1, 8):
+            out[f"ratio{kind}_batch{b}"] = round(out[f"ours{kind}_batch{b}"] / out[f"reference_batch{b}"], 2)
     out.update(unit="generated tokens/s", steps=STEPS, canvas=CANVAS, prompt=PROMPT, repeats=a.repeats,
                **machine())
     print(json.dumps(out))

@@ -8,7 +8,6 @@ from pathlib import Path
 import helm_python
 import yaml
 
-from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from tests.e2e.conftest import Serve
 from tests.e2e.test_operations import LONG, wait_until
 

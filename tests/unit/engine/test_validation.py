@@ -7,7 +7,6 @@ import pytest
 
 from service.engine.api import Request
 from service.engine.registry import create_engine
-from service.engine.registry import create_engine
 from service.errors import CheckpointError, InvalidArgument, Unavailable
 from service.model.loading import load_model
 from service.sampler.params import GenerationParams, Pins
