@@ -5,7 +5,8 @@ row's cache (decoder mode only reads caches) and their outputs are dropped. A gr
 addresses and lengths of its caches, so it is keyed by the bucket and the batch's (cache, length) list,
 captured the second time in a row a key is seen (a batch that changes every step never pays for a
 capture), and replayed while the batch stays the same: between commits, a canvas's 16-48 steps. The
-few most recent graphs are kept. A capture that fails (a kernel that syncs with the host, say) is
+two most recent graphs are kept: each holds a private memory pool for its activations (graphs replayed
+in any order cannot share one safely). A capture that fails (a kernel that syncs with the host, say) is
 logged once and that bucket runs eagerly from then on: a graph never fails a request.
 """
 
@@ -56,7 +57,7 @@ class _Graph:
 
 class DecoderGraphs:
     def __init__(self, decode: Decode, canvas_length: int, hidden_size: int, dtype: torch.dtype,
-                 device: torch.device, capture: Capture = cuda_capture, max_graphs: int = 8) -> None:
+                 device: torch.device, capture: Capture = cuda_capture, max_graphs: int = 2) -> None:
         self._decode = decode
         self._shape = (canvas_length, hidden_size)
         self._dtype, self._device = dtype, device

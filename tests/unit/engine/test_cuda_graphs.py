@@ -24,7 +24,7 @@ def test_graphs_capture_a_repeating_batch_and_replay_it_exactly(small_ckpt):
     runner = create_runner("torch", checkpoint_dir=small_ckpt)
     model, cfg = runner.model, runner.config
     graphs = DecoderGraphs(model.decode, cfg.canvas_length, cfg.hidden_size, model.dtype, runner.device,
-                           capture=rerun_capture, max_graphs=2)
+                           capture=rerun_capture)
     g = torch.Generator().manual_seed(0)
     caches = [runner.new_cache(40) for _ in range(3)]
     runner.prefill([torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (4, 9, 6)], caches)
