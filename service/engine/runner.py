@@ -83,6 +83,10 @@ class Runner(Protocol):
         """Transient bytes a step over this many canvases may hold at once (activations and one tile)."""
         ...
 
+    def default_memory_budget(self) -> int:
+        """Bytes for KV caches and step transients when the operator sets no budget."""
+        ...
+
 
 def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int, vocab_size: int) -> StepOutput:
     """The sampler's half of a step, shared by runners: hidden [B, L, H] -> StepOutput, on hidden's device.

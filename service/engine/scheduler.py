@@ -12,6 +12,7 @@ generation drives it too (`generate`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 class Limits:
     max_live_canvases: int = 16  # canvases denoised in one decoder pass
     max_queue: int = 64  # requests waiting for a slot; past this, Overloaded
-    max_memory_bytes: int = 2 << 30  # KV caches of live requests plus the next step's transient buffers
+    # KV caches of live requests plus the next step's transient buffers; None: the runner's default
+    # (2 GiB on a CPU, 85% of the GPU memory left free after the weights)
+    max_memory_bytes: int | None = None
     max_prompt_tokens: int = 8192
 
 
@@ -106,7 +109,10 @@ class Scheduler:
         self.runner = engine.runner  # the network
         self.on_step = on_step  # called after every step, on the scheduler's thread
         self.cfg = engine.config
-        self.limits = limits or Limits()
+        limits = limits or Limits()
+        if limits.max_memory_bytes is None:
+            limits = dataclasses.replace(limits, max_memory_bytes=self.runner.default_memory_budget())
+        self.limits = limits
         self._waiting: deque[Stream] = deque()
         self._live: list[_Live] = []
         self._lock = threading.Condition()

@@ -109,6 +109,13 @@ class TorchRunner:
         size = torch.tensor([], dtype=self.dtype).element_size()
         return sum(2 * spec.num_kv_heads * spec.head_dim for spec in self.config.layers) * size
 
+    def default_memory_budget(self) -> int:
+        """2 GiB on a CPU; on a GPU, 85% of the memory free once the weights are loaded."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(0.85 * free)
+        return 2 << 30
+
     def step_bytes(self, canvases: int) -> int:
         """An upper estimate: one vocabulary tile, plus per canvas the decoder's widest activations of one
         layer (attention scores over canvas and cache are not counted: SDPA computes them blockwise)."""

@@ -119,7 +119,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         instance_kind="KIND_CPU" if prof.device == "cpu" else "KIND_GPU",
         max_live_canvases=_int(env, "NIM_MAX_LIVE_CANVASES", 16, 1),
         max_engine_queue=_int(env, "NIM_MAX_QUEUED_REQUESTS", 64, 1), threads=threads or 0,
-        tile_rows=_int(env, "NIM_SAMPLER_TILE_ROWS", 0),
+        tile_rows=_int(env, "NIM_SAMPLER_TILE_ROWS", 0), max_memory_bytes=_int(env, "NIM_MAX_MEMORY_BYTES", 0),
     ).validate()
     front = FrontSettings(
         checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=prof.name,

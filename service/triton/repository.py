@@ -24,7 +24,7 @@ class RepositorySettings:
     queue_timeout_us: int = 0  # 0: no queue timeout
     max_live_canvases: int = 16
     max_engine_queue: int = 64
-    max_memory_bytes: int = 2 << 30  # KV caches plus a step's transient buffers
+    max_memory_bytes: int = 0  # KV caches plus a step's transient buffers; 0: the runner's default
     tile_rows: int = 0  # rows of the sampler's vocabulary tiles; 0: the runner's default for its device
     threads: int = 0
     model_name: str = MODEL_NAME
@@ -32,11 +32,12 @@ class RepositorySettings:
     def validate(self) -> "RepositorySettings":
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
             raise InvalidArgument("instance_kind", "must be KIND_CPU or KIND_GPU")
-        for name in ("max_queue_size", "max_live_canvases", "max_engine_queue", "max_memory_bytes"):
+        for name in ("max_queue_size", "max_live_canvases", "max_engine_queue"):
             if int(getattr(self, name)) < 1:
                 raise InvalidArgument(name, "must be >= 1")
-        if int(self.tile_rows) < 0:
-            raise InvalidArgument("tile_rows", "must be >= 0")
+        for name in ("tile_rows", "max_memory_bytes"):
+            if int(getattr(self, name)) < 0:
+                raise InvalidArgument(name, "must be >= 0")
         if '"' in self.checkpoint_dir or "\n" in self.checkpoint_dir:
             raise InvalidArgument("checkpoint_dir", "must not contain quotes or newlines")
         return self

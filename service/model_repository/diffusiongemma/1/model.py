@@ -53,7 +53,7 @@ class TritonPythonModel:
         limits = Limits(
             max_live_canvases=int(params.get("max_live_canvases", 16)),
             max_queue=int(params.get("max_engine_queue", 64)),
-            max_memory_bytes=int(params.get("max_memory_bytes", 2 << 30)),
+            max_memory_bytes=int(params.get("max_memory_bytes") or 0) or None,  # 0: the runner's default
         )
         self.engine = create_engine(
             params.get("engine_backend", "torch"), checkpoint_dir=params["checkpoint_dir"], limits=limits,
