@@ -1,6 +1,9 @@
-"""One table from domain errors to gRPC status codes, and Triton's streamed errors back to domain errors."""
+"""One table from domain errors to public statuses (gRPC code, HTTP status, OpenAI error type), and
+Triton's streamed errors back to domain errors."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import grpc
 
@@ -11,32 +14,51 @@ from service.errors import (
     DGemmaError,
     InvalidArgument,
     Overloaded,
+    PayloadTooLarge,
     Unauthenticated,
     Unavailable,
+    UnknownModel,
 )
 
-# The one table: domain error -> public status code. Anything else is INTERNAL with a generic message.
-GRPC_STATUS: dict[type[DGemmaError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    CheckpointError: grpc.StatusCode.INTERNAL,
+
+class Status(NamedTuple):
+    grpc: grpc.StatusCode
+    http: int
+    type: str  # OpenAI's error body `type`
+
+
+INTERNAL = Status(grpc.StatusCode.INTERNAL, 500, "internal_error")
+
+# The one table: domain error -> public status. Anything else is INTERNAL with a generic message.
+STATUS: dict[type[DGemmaError], Status] = {
+    InvalidArgument: Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    UnknownModel: Status(grpc.StatusCode.INVALID_ARGUMENT, 404, "invalid_request_error"),
+    PayloadTooLarge: Status(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
+    Overloaded: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error"),
+    # 499: nginx's "client closed request"; the client is gone and never reads it
+    Cancelled: Status(grpc.StatusCode.CANCELLED, 499, "cancelled"),
+    Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
+    Unavailable: Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    CheckpointError: INTERNAL,
 }
+GRPC_STATUS: dict[type[DGemmaError], grpc.StatusCode] = {cls: s.grpc for cls, s in STATUS.items()}
+
+
+def public_status(err: BaseException) -> Status:
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return INTERNAL
 
 
 def status_for(err: BaseException) -> grpc.StatusCode:
-    for cls in type(err).__mro__:
-        if cls in GRPC_STATUS:
-            return GRPC_STATUS[cls]
-    return grpc.StatusCode.INTERNAL
+    return public_status(err).grpc
 
 
 def public_message(err: BaseException, request_id: str) -> str:
     """What the client reads: the domain message, or a generic one (never internals) for the rest."""
-    if isinstance(err, DGemmaError) and status_for(err) != grpc.StatusCode.INTERNAL:
+    if isinstance(err, DGemmaError) and public_status(err) != INTERNAL:
         return err.message
     return f"internal error (request_id={request_id})"
 
