@@ -26,9 +26,14 @@ class Call:
         self.span = tracer.start_span(span_name, context=parent, kind=trace.SpanKind.SERVER,
                                       attributes={**attributes, "dgemma.request_id": request_id})
         self.trace_context = trace.set_span_in_context(self.span, parent)
+        self.finished = False
 
     def done(self, code: str, http_status: int | None = None) -> None:
-        """The call ended with `code` (a gRPC status code's name: one vocabulary for both fronts)."""
+        """The call ended with `code` (a gRPC status code's name: one vocabulary for both fronts); only the
+        first outcome counts."""
+        if self.finished:
+            return
+        self.finished = True
         if http_status is not None:
             self.span.set_attribute("http.response.status_code", http_status)
         if code != "OK":

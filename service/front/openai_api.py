@@ -109,6 +109,7 @@ class _Exchange:
         try:
             await self._serve(receive, send)
         finally:
+            self.call.done("CANCELLED", 499)  # unless an outcome was recorded: the client left, or shutdown
             self.call.end()
 
     async def _serve(self, receive, send) -> None:
@@ -126,19 +127,15 @@ class _Exchange:
         except InvalidArgument as e:
             return await self._error(send, e)
         if body is None:  # the client left while sending
-            return self.call.done("CANCELLED", 499)
+            return
         work = asyncio.create_task(self._respond(body, timeout, send))
         gone = asyncio.create_task(_disconnected(receive))
-        try:
+        try:  # a client that leaves cancels `work`, and with it the Triton streams
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in (work, gone):
                 t.cancel()
             await asyncio.gather(work, gone, return_exceptions=True)
-        if gone.done() and not gone.cancelled() and not work.done():
-            self.call.done("CANCELLED", 499)  # the client left; the streams were cancelled with `work`
-        elif work.done() and not work.cancelled() and work.exception() is not None:
-            raise work.exception()
 
     async def _body(self, receive) -> bytes | None:
         limit = self.api.max_body_bytes
