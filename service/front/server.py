@@ -127,6 +127,16 @@ class FrontServer:
         self._serving = serving
         log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
 
+    async def wait_serving(self, timeout: float) -> bool:
+        """Poll until Triton and the model answer ready (then SERVING at once), at most `timeout` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.backend_alive() and await self.triton.ready():
+                await self._set_serving(True)
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
     async def _watch_ready(self) -> None:
         while not self._stopping:
             ok = self.backend_alive() and await self.triton.ready()

@@ -71,6 +71,7 @@ class Supervisor:
                                     self.stop_requested.is_set)
             if self.stop_requested.is_set():
                 return 0
+            await self.front.wait_serving(o.startup_timeout_s)  # the front's channel reconnects to it
             self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port,
                                                      backend_url=backend_metrics)
             print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port}, HTTP :{self.front.http_port} "
