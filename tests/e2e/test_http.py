@@ -116,7 +116,8 @@ def test_return_drafts_streams_each_step_in_an_extra_field(http):
     choices = [json.loads(ln)["choices"][0] for ln in lines[:-1]]
     drafts = [c["draft"] for c in choices if "draft" in c]
     assert [d["step"] for d in drafts] == [1, 2, 3, 4, 5] and all(c["text"] == "" for c in choices if "draft" in c)
-    assert choices[-1]["finish_reason"] in ("stop", "length") and choices[-1]["token_ids"][:64] == drafts[-1]["token_ids"]
+    last = choices[-1]
+    assert last["finish_reason"] in ("stop", "length") and last["token_ids"][:64] == drafts[-1]["token_ids"]
 
 
 def test_infill_with_suffix_matches_grpc_infill(server, oai):
