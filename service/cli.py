@@ -290,7 +290,7 @@ def _env_int(name: str, default: int) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT: Triton plus the public gRPC and HTTP front, or Triton alone (--triton-only)."""
-    from service.front.config import serve_options
+    from service.serve.config import serve_options
 
     opts = serve_options(os.environ, checkpoint=a.checkpoint, profile=a.profile, port=a.port,
                          metrics_port=None if a.triton_only else a.metrics_port,
@@ -299,7 +299,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.triton_only:
         return _serve_triton_only(a, opts)
     from service.telemetry.tracing import setup_tracing
-    from service.front.supervisor import serve
+    from service.serve.supervisor import serve
 
     setup_tracing("dgemma-front")
     return serve(opts)

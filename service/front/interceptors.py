@@ -14,7 +14,7 @@ from opentelemetry.context import Context
 
 from service.errors import Unauthenticated
 from service.front.auth import BearerKeys
-from service.front.errors import public_message
+from service.request.errors import public_message
 from service.front.observe import Call
 from service.telemetry.metrics import FrontMetrics, RequestMetrics
 from service.telemetry.tracing import context_from_metadata, get_tracer

@@ -7,7 +7,7 @@ import logging
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from service.front.errors import INTERNAL, Status, public_message, public_status
+from service.request.errors import INTERNAL, Status, public_message, public_status
 from service.telemetry.metrics import FrontMetrics
 
 log = logging.getLogger("dgemma.front")

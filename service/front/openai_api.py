@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (Starlette): the same request layer as the gRPC servicer.
 
-Each generation route validates its body into a `Job` (service/front/jobs.py) and runs it on the shared
-`Runner`; errors go through the one error table (service/front/errors.py) into OpenAI's error body. A
+Each generation route validates its body into a `Job` (service/request/jobs.py) and runs it on the shared
+`Runner`; errors go through the one error table (service/request/errors.py) into OpenAI's error body. A
 client that disconnects, mid-stream or while waiting, cancels its Triton streams (the engine frees the
 slots within one step).
 """
@@ -22,9 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import InvalidArgument, PayloadTooLarge, Unauthenticated
-from service.front import jobs, layout
+from service.request import jobs, layout
 from service.front.auth import BearerKeys
-from service.front.jobs import OPENAI_PATHS, Job
+from service.request.jobs import OPENAI_PATHS, Job
 from service.front.observe import Call
 from service.front.openai_schema import (
     DEFAULT_GAP_TOKENS,
@@ -35,8 +35,8 @@ from service.front.openai_schema import (
     parse,
     prompt_of,
 )
-from service.front.runner import Runner, Usage, usage_of
-from service.front.triton_client import BackendEvent
+from service.request.runner import Runner, Usage, usage_of
+from service.request.triton_client import BackendEvent
 from service.telemetry.metrics import FrontMetrics
 from service.telemetry.tracing import context_from_traceparent, get_tracer
 

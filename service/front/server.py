@@ -17,13 +17,13 @@ from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
 from service.front.auth import BearerKeys
-from service.front.catalog import ServedModel
+from service.request.catalog import ServedModel
 from service.front.http_server import HttpServer
 from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor
 from service.front.openai_api import OpenAIApi
-from service.front.runner import Runner
+from service.request.runner import Runner
 from service.front.servicer import DiffusionGemmaServicer
-from service.front.triton_client import TritonClient
+from service.request.triton_client import TritonClient
 from service.telemetry.metrics import FrontMetrics, render
 
 log = logging.getLogger("dgemma.front")

@@ -13,11 +13,11 @@ import grpc
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
-from service.front import jobs, layout
+from service.request import jobs, layout
 from service.front.interceptors import current_request_metrics, current_trace_context
-from service.front.jobs import Job
-from service.front.runner import Runner, Usage, usage_of
-from service.front.triton_client import BackendEvent
+from service.request.jobs import Job
+from service.request.runner import Runner, Usage, usage_of
+from service.request.triton_client import BackendEvent
 
 FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
 

@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from service.errors import InvalidArgument
-from service.front.catalog import ServedModel
-from service.front.triton_client import Tensor
+from service.request.catalog import ServedModel
+from service.request.triton_client import Tensor
 from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
 
 MAX_VARIATIONS = 16

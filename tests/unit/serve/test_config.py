@@ -6,7 +6,7 @@ import pytest
 
 from service import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
-from service.front.config import Profile, api_keys, serve_options, tls_config
+from service.serve.config import Profile, api_keys, serve_options, tls_config
 
 
 def test_defaults_serve_the_embedded_model_on_8000():

@@ -14,9 +14,9 @@ from service.errors import (
     Unauthenticated,
     Unavailable,
 )
-from service.front import jobs
-from service.front.catalog import ServedModel
-from service.front.errors import GRPC_STATUS, error_from_triton, public_message, status_for
+from service.request import jobs
+from service.request.catalog import ServedModel
+from service.request.errors import GRPC_STATUS, error_from_triton, public_message, status_for
 
 
 def test_every_domain_error_has_a_status_and_internal_is_generic():
@@ -88,7 +88,7 @@ def test_chat_roles_and_defaults(model):
 
 def test_the_table_gives_http_statuses_and_openai_types():
     from service.errors import DeadlineExceeded, PayloadTooLarge, Unauthenticated, Unavailable, UnknownModel
-    from service.front.errors import public_status
+    from service.request.errors import public_status
 
     cases = {InvalidArgument("a", "b"): (400, "invalid_request_error"), UnknownModel("model", "x"): (404, None),
              PayloadTooLarge("body", "x"): (413, None), Overloaded("x"): (429, "rate_limit_error"),

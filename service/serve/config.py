@@ -13,7 +13,7 @@ from pathlib import Path
 from service import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
 from service.front.server import FrontSettings, TLSConfig
-from service.front.supervisor import ServeOptions
+from service.serve.supervisor import ServeOptions
 from service.triton.launcher import TritonPorts, default_cache_dir, free_port
 from service.triton.repository import RepositorySettings
 

@@ -14,7 +14,7 @@ import grpc
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from service.errors import DeadlineExceeded, DGemmaError, Unavailable
-from service.front.errors import error_from_triton
+from service.request.errors import error_from_triton
 
 # Triton datatype -> the InferTensorContents field that carries it.
 _CONTENTS = {"INT32": "int_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",

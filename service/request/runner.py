@@ -1,6 +1,6 @@
 """The request layer both fronts (gRPC and HTTP) call: admission, one Triton stream per variation, metrics.
 
-A front validates its request into a `Job` (service/front/jobs.py) and iterates `Runner.run`. Leaving the
+A front validates its request into a `Job` (service/request/jobs.py) and iterates `Runner.run`. Leaving the
 iteration early (an error, a client cancel or disconnect, a deadline) cancels every Triton stream, which
 frees the engine's slots within one denoising step.
 """
@@ -14,10 +14,10 @@ from typing import NamedTuple
 from opentelemetry.context import Context
 
 from service.errors import InvalidArgument, Overloaded, UnknownModel
-from service.front import layout
-from service.front.catalog import ServedModel
-from service.front.jobs import Job, tokenizer_of
-from service.front.triton_client import BackendEvent, TritonClient
+from service.request import layout
+from service.request.catalog import ServedModel
+from service.request.jobs import Job, tokenizer_of
+from service.request.triton_client import BackendEvent, TritonClient
 from service.telemetry.metrics import RequestMetrics
 from service.telemetry.tracing import traceparent_metadata
 
