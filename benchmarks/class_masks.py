@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine  # noqa: E402
-from service.model.tokenizer import Tokenizer  # noqa: E402
+from service.text.tokenizer import Tokenizer  # noqa: E402
 from service.sampler.constraints import build_class_masks  # noqa: E402
 from tools.tiny_model.tokenizer import SPECIALS  # noqa: E402  (Gemma's special-token layout)
 

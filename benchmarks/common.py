@@ -46,3 +46,43 @@ def best_time(fn, repeats: int) -> float:
 def machine() -> dict:
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs), q))
+
+
+class Serve:
+    """`dgemma serve` (the embedded model) on 127.0.0.1 with free ports, for the front benchmarks; stopped
+    with SIGTERM on exit."""
+
+    def __init__(self, threads: int = 1) -> None:
+        import os
+        import subprocess
+        import sys
+
+        from service.triton.launcher import free_port
+
+        self.port, self.http_port, self.triton_port = free_port(), free_port(), free_port()
+        env = {**os.environ, "NIM_CACHE_PATH": tempfile.mkdtemp(prefix="dgemma-bench-"),
+               "OMP_NUM_THREADS": str(threads), "NIM_TRITON_GRPC_PORT": str(self.triton_port),
+               "NIM_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--http-port", str(self.http_port), "--metrics-port", str(free_port()), "--threads", str(threads)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def __enter__(self) -> "Serve":
+        line = self.proc.stdout.readline()
+        if "dgemma: serving" not in line:
+            self.__exit__()
+            raise RuntimeError(f"dgemma serve did not start: {line!r}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,14 +23,9 @@ import tritonclient.grpc as triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import Serve, machine, percentile  # noqa: E402
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb  # noqa: E402
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc  # noqa: E402
-from service.triton.launcher import free_port  # noqa: E402
-
-
-def percentile(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
 
 
 def main() -> int:
@@ -43,14 +34,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per request (early stop off)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    port, metrics, triton_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "NIM_CACHE_PATH": tempfile.mkdtemp(prefix="dgemma-bench-"), "OMP_NUM_THREADS": str(a.threads),
-           "NIM_TRITON_GRPC_PORT": str(triton_port), "NIM_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", str(metrics), "--threads", str(a.threads)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert "dgemma: serving" in proc.stdout.readline()
+    with Serve(a.threads) as srv:
+        port, triton_port = srv.port, srv.triton_port
         stub = pb_grpc.DiffusionGemmaStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         params = pb.DiffusionParameters(max_denoising_steps=a.steps, confidence_threshold=0.0)
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2, 545, 226]), max_new_tokens=64,
@@ -96,9 +81,6 @@ def main() -> int:
             out[f"{name}_p99_ms"] = round(percentile(xs, 99), 2)
         out["front_added_p50_ms"] = round(statistics.median(f - t for f, t in zip(times["front"], times["triton"])), 2)
         print(json.dumps(out))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
     return 0
 
 

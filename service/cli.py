@@ -304,16 +304,17 @@ def _env_int(name: str, default: int) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT: Triton plus the public gRPC front, or Triton alone (--triton-only)."""
-    from service.front.config import serve_options
+    """Serve until SIGTERM/SIGINT: Triton plus the public gRPC and HTTP front, or Triton alone (--triton-only)."""
+    from service.serve.config import serve_options
 
     opts = serve_options(os.environ, checkpoint=a.checkpoint, profile=a.profile, port=a.port,
-                         metrics_port=None if a.triton_only else a.metrics_port, host=a.host, threads=a.threads,
+                         metrics_port=None if a.triton_only else a.metrics_port,
+                         http_port=None if a.triton_only else a.http_port, host=a.host, threads=a.threads,
                          reflection=a.reflection)
     if a.triton_only:
         return _serve_triton_only(a, opts)
     from service.telemetry.tracing import setup_tracing
-    from service.front.supervisor import serve
+    from service.serve.supervisor import serve
 
     setup_tracing("dgemma-front")
     return serve(opts)
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--triton-only", action="store_true", help="serve only Triton's KServe v2 gRPC, no front")
     s.add_argument("--grpc-port", type=int, default=None,
                    help="with --triton-only: Triton's gRPC port (env NIM_TRITON_GRPC_PORT, 8001)")
-    s.add_argument("--http-port", type=int, default=None, help="with --triton-only: Triton's HTTP port")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="OpenAI-compatible HTTP port (env NIM_HTTP_PORT, 8080); with --triton-only, Triton's HTTP port")
     s.set_defaults(func=cmd_serve)
     return parser
 

@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
-from service.sampler.params import DIFFUSION_PARAMS
+
+# DiffusionParameters' numeric fields (the proto is the client's only source: it ships without the server)
+DIFFUSION_PARAMS = tuple(f.name for f in pb.DiffusionParameters.DESCRIPTOR.fields if f.name != "sampler")
 
 DEFAULT_TARGET = "127.0.0.1:8000"
 

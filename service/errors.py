@@ -24,6 +24,14 @@ class InvalidArgument(DGemmaError):
         return InvalidArgument(field, self.detail)
 
 
+class UnknownModel(InvalidArgument):
+    """A request names a model this server does not serve."""
+
+
+class PayloadTooLarge(InvalidArgument):
+    """A request body is larger than the server accepts."""
+
+
 class CheckpointError(DGemmaError):
     """A checkpoint directory is missing, malformed or of another architecture."""
 

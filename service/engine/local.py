@@ -14,7 +14,7 @@ from service.engine.scheduler import Limits, Scheduler
 from service.engine.sequence import Sequence
 from service.errors import InvalidArgument
 from service.model.config import read_generation_config, special_ids
-from service.model.tokenizer import Tokenizer, load_tokenizer
+from service.text.tokenizer import Tokenizer, load_tokenizer
 from service.sampler.constraints import build_class_masks, check_classes
 from service.sampler.params import GenerationParams, params_from_generation_config
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hmac
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 
 import grpc
-from opentelemetry import trace
 from opentelemetry.context import Context
 
 from service.errors import Unauthenticated
-from service.front.errors import public_message, status_for
+from service.front.auth import BearerKeys
+from service.request.errors import public_message
+from service.front.observe import Call
 from service.telemetry.metrics import FrontMetrics, RequestMetrics
 from service.telemetry.tracing import context_from_metadata, get_tracer
 
@@ -48,16 +48,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """`authorization: Bearer <key>` must match one of the keys, compared in constant time."""
 
     def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = [k.encode() for k in keys if k]
+        self._keys = BearerKeys(keys)
 
     def _ok(self, metadata: Sequence[tuple[str, str]]) -> bool:
-        given = next((v for k, v in metadata if k == "authorization"), "")
-        scheme, _, token = given.partition(" ")
-        token_b = token.strip().encode()
-        matched = False
-        for key in self._keys:  # no early exit: the time taken does not depend on which key matched
-            matched |= hmac.compare_digest(token_b, key)
-        return scheme.lower() == "bearer" and matched
+        return self._keys.accepts(next((v for k, v in metadata if k == "authorization"), ""))
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -114,24 +108,19 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, unary, stream)
 
 
-class _Call:
-    """One RPC's span, metrics and request id. The span is never attached to the context (a server
-    stream may be closed from another task): the servicer reads it with current_trace_context()."""
+class _Call(Call):
+    """One RPC's span, metrics and request id (see Call); the servicer reads them from context variables."""
 
     def __init__(self, owner: ObservabilityInterceptor, method: str, span_name: str, parent, request) -> None:
-        self.method = method
-        self.rm = owner.metrics.request(method)
-        _request_metrics.set(self.rm)  # this handler's task: the servicer sees this RPC's metrics
         rid = getattr(request, "request_id", None)
         if rid == "":
             rid = uuid.uuid4().hex
             request.request_id = rid  # the servicer and the response carry the same id
-        self.rid = rid or ""
-        self.span = owner.tracer.start_span(
-            span_name, context=parent, kind=trace.SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": "diffusiongemma.v1.DiffusionGemma",
-                        "rpc.method": method, "dgemma.request_id": self.rid})
-        _trace_context.set(trace.set_span_in_context(self.span, parent))
+        super().__init__(owner.metrics, owner.tracer, method, span_name, parent, rid or "",
+                         {"rpc.system": "grpc", "rpc.service": "diffusiongemma.v1.DiffusionGemma",
+                          "rpc.method": method})
+        _request_metrics.set(self.rm)  # this handler's task: the servicer sees this RPC's metrics
+        _trace_context.set(self.trace_context)
 
     @contextlib.asynccontextmanager
     async def guard(self, context):
@@ -139,47 +128,25 @@ class _Call:
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):
-            self.cancelled(context)
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            self.code(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+            raise
+        except grpc.aio.AbortError:  # already aborted (auth): count, log and pass on
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            log.info("request %s: %s", self.rid, code.name, extra=self.extra())
+            self.code(code)
             raise
         except BaseException as e:
-            await self.fail(e, context)
-            raise
+            status, message = self.failed(e)
+            self.span.set_attribute("rpc.grpc.status_code", status.grpc.value[0])
+            await context.abort(status.grpc, message)
         else:
-            self.done(grpc.StatusCode.OK)
+            self.code(grpc.StatusCode.OK)
         finally:
-            self.span.end()
+            self.end()
 
-    def done(self, code: grpc.StatusCode) -> None:
+    def code(self, code: grpc.StatusCode) -> None:
         if code != grpc.StatusCode.OK:
             self.span.set_attribute("rpc.grpc.status_code", code.value[0])
-            self.span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
-        self.rm.finish(code)
-
-    def cancelled(self, context) -> None:
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        self.done(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
-
-    def _extra(self) -> dict:
-        """Log fields: the request id and, when traced, this RPC's trace and span ids."""
-        extra = {"request_id": self.rid}
-        sc = self.span.get_span_context()
-        if sc.is_valid:
-            extra.update(trace_id=format(sc.trace_id, "032x"), span_id=format(sc.span_id, "016x"))
-        return extra
-
-    async def fail(self, e: BaseException, context) -> None:
-        rid, extra = self.rid, self._extra()
-        if isinstance(e, grpc.aio.AbortError):  # already aborted (auth): count, log and pass on
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            log.info("request %s: %s", rid, code.name, extra=extra)
-            self.done(code)
-            return
-        code = status_for(e)
-        message = public_message(e, rid)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("request %s failed", rid, exc_info=e, extra=extra)
-        else:
-            log.info("request %s: %s: %s", rid, code.name, message, extra=extra)
-        self.done(code)
-        await context.abort(code, message)
+        self.done(code.name)

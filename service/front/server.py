@@ -1,4 +1,5 @@
-"""The grpc.aio front server: the public API, health, optional reflection, auth and TLS, graceful shutdown."""
+"""The front: the grpc.aio server (the public API, health, optional reflection) and the OpenAI-compatible
+HTTP server beside it, one request layer (Dispatcher) under both; auth, TLS, health and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
-from service.front.catalog import ServedModel
+from service.front.auth import BearerKeys
+from service.request.catalog import ServedModel
+from service.front.http_server import HttpServer
 from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor
+from service.front.openai_api import OpenAIApi
+from service.request.dispatch import Dispatcher
 from service.front.servicer import DiffusionGemmaServicer
-from service.front.triton_client import TritonClient
-from service.telemetry.metrics import FrontMetrics
+from service.request.triton_client import TritonClient
+from service.telemetry.metrics import FrontMetrics, render
 
 log = logging.getLogger("dgemma.front")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionGemma"].full_name
@@ -54,6 +59,8 @@ class FrontSettings:
     reflection: bool = False
     max_inflight: int = 64
     ready_poll_s: float = 1.0
+    http_port: int | None = 8080  # the OpenAI-compatible HTTP API; None: not served
+    http_max_body_bytes: int = 1 << 20
 
 
 class FrontServer:
@@ -61,14 +68,18 @@ class FrontServer:
     `backend_alive()` holds (the supervisor's view of the Triton process)."""
 
     def __init__(self, settings: FrontSettings, metrics: FrontMetrics,
-                 backend_alive: Callable[[], bool] = lambda: True) -> None:
+                 backend_alive: Callable[[], bool] = lambda: True, backend_metrics_url: str | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.backend_alive = backend_alive
         self.model = ServedModel.load(settings.checkpoint, settings.model_id, settings.profile)
         self.triton = TritonClient(settings.triton_target, settings.triton_model)
+        self.dispatcher = Dispatcher(self.model, self.triton, settings.max_inflight)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.http_port: int | None = None
+        self._http: HttpServer | None = None
+        self._backend_metrics_url = backend_metrics_url
         self._server: grpc.aio.Server | None = None
         self._watch: asyncio.Task | None = None
         self._serving: bool | None = None
@@ -81,7 +92,7 @@ class FrontServer:
         if s.api_keys:
             interceptors.append(AuthInterceptor(s.api_keys))
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        self.servicer = DiffusionGemmaServicer(self.model, self.triton, s.max_inflight)
+        self.servicer = DiffusionGemmaServicer(self.dispatcher)
         pb_grpc.add_DiffusionGemmaServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if s.reflection:
@@ -91,12 +102,21 @@ class FrontServer:
         if not self.port:
             raise InvalidArgument("port", f"cannot listen on {address}")
         await self._set_serving(False)
+        if s.http_port is not None:
+            api = OpenAIApi(self.dispatcher, self.metrics, BearerKeys(s.api_keys), lambda: bool(self._serving),
+                            lambda: render(self.metrics, self._backend_metrics_url), s.http_max_body_bytes)
+            self._http = HttpServer(api.app, s.host, s.http_port, s.tls)
+            self.http_port = await self._http.start()
         await server.start()
         self._server = server
         self._watch = asyncio.create_task(self._watch_ready())
-        log.info("front listening on %s:%d (%s), model %s", s.host, self.port, "TLS" if s.tls else "plaintext",
-                 self.model.id)
+        log.info("front listening on %s:%d, HTTP %s (%s), model %s", s.host, self.port, self.http_port,
+                 "TLS" if s.tls else "plaintext", self.model.id)
         return self.port
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def _set_serving(self, serving: bool) -> None:
         if serving == self._serving or self._stopping:
@@ -106,6 +126,16 @@ class FrontServer:
             await self.health.set(name, status)
         self._serving = serving
         log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+
+    async def wait_serving(self, timeout: float) -> bool:
+        """Poll until Triton and the model answer ready (then SERVING at once), at most `timeout` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.backend_alive() and await self.triton.ready():
+                await self._set_serving(True)
+                return True
+            await asyncio.sleep(0.05)
+        return False
 
     async def _watch_ready(self) -> None:
         while not self._stopping:
@@ -122,8 +152,10 @@ class FrontServer:
         await asyncio.sleep(drain_delay)
         if self._watch:
             self._watch.cancel()
-        if self._server:
-            await self._server.stop(grace)
+        stops = [self._server.stop(grace)] if self._server else []
+        if self._http:
+            stops.append(self._http.stop(grace))
+        await asyncio.gather(*stops)
         await self.triton.close()
 
     async def wait(self) -> None:

@@ -6,20 +6,18 @@ codes. Every RPC's variations run as concurrent Triton streams, so the engine ba
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
-from service.errors import InvalidArgument, Overloaded
-from service.front import jobs, layout
-from service.front.catalog import ServedModel
+from service.errors import InvalidArgument
+from service.request import jobs, layout
 from service.front.interceptors import current_request_metrics, current_trace_context
-from service.front.jobs import Job
-from service.front.triton_client import BackendEvent, TritonClient
-from service.telemetry.tracing import traceparent_metadata
+from service.request.jobs import Job
+from service.request.dispatch import Dispatcher, Usage, usage_of
+from service.request.triton_client import BackendEvent
 
 FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
 
@@ -32,11 +30,8 @@ def _stats(stats: dict) -> pb.DiffusionStats:
     )
 
 
-def _usage(job: Job, finals: list[BackendEvent], completion: int | None = None) -> pb.Usage:
-    if completion is None:
-        completion = sum(int(f.stats.get("generated_tokens", 0)) for f in finals)
-    prompt = len(job.prompt_ids)
-    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def _usage(u: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
 
 
 def _options(o: pb.GenerationOptions) -> jobs.Options:
@@ -50,69 +45,21 @@ def _chat(c: pb.Chat) -> list[tuple[str, str]]:
 
 
 class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
-    def __init__(self, model: ServedModel, triton: TritonClient, max_inflight: int = 64) -> None:
-        self.model = model
-        self.triton = triton
-        self.max_inflight = max_inflight  # backend streams (variations) in flight at once
-        self.inflight = 0
-
-    # ---- running a job ---------------------------------------------------------------------------
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.model = dispatcher.model
 
     def _check_model(self, name: str) -> None:
-        if name and name != self.model.id:
-            raise InvalidArgument("model", f"unknown model {name!r}; this server serves {self.model.id!r}")
+        self.dispatcher.check_model(name)
 
-    async def _run(self, job: Job, context: grpc.aio.ServicerContext, method: str
-                   ) -> AsyncIterator[tuple[int, BackendEvent]]:
-        """Every variation's events, interleaved, until each has its final event. Leaving early (error,
-        client cancel, deadline) cancels every Triton stream, which frees the engine's slots."""
-        n = job.options.num_variations
-        if n > self.max_inflight:
-            raise InvalidArgument("options.num_variations", f"exceeds this server's limit of {self.max_inflight} "
-                                                            "concurrent generations")
-        if self.inflight + n > self.max_inflight:
-            raise Overloaded(f"the server is at its limit of {self.max_inflight} concurrent generations; retry later")
-        self.inflight += n
-        rm = current_request_metrics()
-        timeout = context.time_remaining()
-        metadata = traceparent_metadata(current_trace_context())
-        queue: asyncio.Queue = asyncio.Queue()
+    @staticmethod
+    def _call(context: grpc.aio.ServicerContext) -> dict:
+        """The RPC's deadline, trace and metrics, for the dispatcher."""
+        return dict(timeout=context.time_remaining(), trace_context=current_trace_context(),
+                    metrics=current_request_metrics())
 
-        async def pump(i: int) -> None:
-            try:
-                async for ev in self.triton.stream(job.inputs(i), request_id=f"{job.request_id}/{i}", timeout=timeout,
-                                                   metadata=metadata, field_names=job.field_names):
-                    await queue.put((i, ev))
-            except Exception as e:  # noqa: BLE001 (re-raised by the reader)
-                await queue.put((i, e))
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
-        try:
-            finals = 0
-            while finals < n:
-                i, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if rm is not None:
-                    rm.first_event()
-                    if item.kind == "canvas":
-                        rm.canvas(steps=item.step)
-                    elif item.kind == "final":
-                        rm.canvas(tokens=int(item.stats.get("generated_tokens", 0)))
-                finals += item.kind == "final"
-                yield i, item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.inflight -= n
-
-    async def _finals(self, job: Job, context: grpc.aio.ServicerContext, method: str) -> list[BackendEvent]:
-        finals: list[BackendEvent | None] = [None] * job.options.num_variations
-        async for i, ev in self._run(job, context, method):
-            if ev.kind == "final":
-                finals[i] = ev
-        return finals  # type: ignore[return-value]
+    async def _finals(self, job: Job, context: grpc.aio.ServicerContext) -> list[BackendEvent]:
+        return await self.dispatcher.finals(job, **self._call(context))
 
     # ---- Generate ------------------------------------------------------------------------------
 
@@ -130,18 +77,18 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         choices = [pb.Choice(index=i, text=f.text, token_ids=f.ids, finish_reason=FINISH.get(f.finish_reason, 0),
                              seed=job.seed(i), stats=_stats(f.stats)) for i, f in enumerate(finals)]
         return pb.GenerateResponse(request_id=job.request_id, model=self.model.id, choices=choices,
-                                   usage=_usage(job, finals))
+                                   usage=_usage(usage_of(job, finals)))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         job = self._generate_job(request)
         job.return_drafts = False
-        return self._generate_response(job, await self._finals(job, context, "Generate"))
+        return self._generate_response(job, await self._finals(job, context))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         job = self._generate_job(request)
         finals: list[BackendEvent | None] = [None] * job.options.num_variations
         rid = job.request_id
-        async for i, ev in self._run(job, context, "GenerateStream"):
+        async for i, ev in self.dispatcher.run(job, **self._call(context)):
             if ev.kind == "draft":
                 yield pb.GenerateStreamResponse(request_id=rid, draft=pb.Draft(
                     variation=i, canvas_index=ev.canvas_index, step=ev.step, text=ev.text, token_ids=ev.ids))
@@ -159,23 +106,18 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                    max_new_tokens=lay.max_new_tokens, pin_ids=lay.pin_ids, pin_mask=lay.pin_mask,
                    constraint_ids=lay.constraint_ids, field_names=jobs.field_names(prompt_field, length_field))
 
-    async def _filled(self, r, lay: layout.CanvasLayout, context, method: str, prompt_field: str,
-                      length_field: str):
-        """Run a pinned-canvas job; returns the job, the finals, each one's (text, values, named) and usage
-        (completion tokens: those the holes received, pins excluded)."""
+    async def _filled(self, r, lay: layout.CanvasLayout, context, prompt_field: str, length_field: str):
+        """Run a pinned-canvas job; returns the job, the finals, each one's (text, values, named) and usage."""
         job = self._layout_job(r, lay, prompt_field, length_field)
-        finals = await self._finals(job, context, method)
-        tok = jobs.tokenizer_of(self.model, "model")
-        skip = {self.model.pad_id, self.model.eos_id, *lay.skip_ids}
-        completion = sum(t not in skip for f in finals for ids in lay.slot_token_ids(f.ids) for t in ids)
-        return job, finals, [layout.assemble(lay, f.ids, tok) for f in finals], _usage(job, finals, completion)
+        finals, filled, usage = await self.dispatcher.fill(job, lay, **self._call(context))
+        return job, finals, filled, _usage(usage)
 
     async def Infill(self, request: pb.InfillRequest, context) -> pb.InfillResponse:
         self._check_model(request.model)
         tok = jobs.tokenizer_of(self.model, "prefix")
         lay = layout.infill_layout(tok, self.model.config.canvas_length, request.prefix, request.suffix,
                                    request.gap_tokens, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
-        job, finals, filled, usage = await self._filled(request, lay, context, "Infill", "prefix", "gap_tokens")
+        job, finals, filled, usage = await self._filled(request, lay, context, "prefix", "gap_tokens")
         choices = [pb.InfillChoice(index=i, infill=values[0], text=text, infill_token_ids=lay.slot_token_ids(f.ids)[0],
                                    seed=job.seed(i), stats=_stats(f.stats))
                    for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
@@ -187,7 +129,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         spans = [(s.start, s.end, s.length_tokens) for s in request.editable]
         lay = layout.edit_layout(tok, self.model.config.canvas_length, request.text, spans, request.instruction,
                                  eos_id=self.model.eos_id, pad_id=self.model.pad_id)
-        job, finals, filled, usage = await self._filled(request, lay, context, "Edit", "instruction", "editable")
+        job, finals, filled, usage = await self._filled(request, lay, context, "instruction", "editable")
         choices = [pb.EditChoice(index=i, text=text, replacements=values, seed=job.seed(i), stats=_stats(f.stats))
                    for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
         return pb.EditResponse(request_id=job.request_id, model=self.model.id, choices=choices, usage=usage)
@@ -213,7 +155,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         tok = jobs.tokenizer_of(self.model, "skeleton")
         lay = layout.template_layout(tok, self.model.config.canvas_length, self._template_parts(request),
                                      request.instruction, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
-        job, finals, filled, usage = await self._filled(request, lay, context, "Template", "instruction", "skeleton")
+        job, finals, filled, usage = await self._filled(request, lay, context, "instruction", "skeleton")
         choices = [pb.TemplateChoice(index=i, text=text, values=values, named_values=named, seed=job.seed(i),
                                      stats=_stats(f.stats))
                    for i, (f, (text, values, named)) in enumerate(zip(finals, filled))]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from service.errors import InvalidArgument
-from service.sampler.token_classes import (  # noqa: F401  (re-exported: the engine's names for them)
+from service.text.token_classes import (  # noqa: F401  (re-exported: the engine's names for them)
     CLASS_NAMES,
     FREE,
     JSON_STRING,
@@ -27,7 +27,7 @@ from service.sampler.token_classes import (  # noqa: F401  (re-exported: the eng
 )
 
 if TYPE_CHECKING:
-    from service.model.tokenizer import Tokenizer
+    from service.text.tokenizer import Tokenizer
 
 # What a disallowed logit becomes: finite, so entropy (p * log p with p = 0) stays 0, never NaN.
 BLOCKED = torch.finfo(torch.float32).min

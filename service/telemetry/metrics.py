@@ -147,6 +147,11 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         pass
 
 
+def render(metrics: FrontMetrics, backend_url: str | None = None) -> bytes:
+    """The front's exposition, then (with `backend_url`) Triton's: what every metrics endpoint serves."""
+    return metrics.exposition() + (fetch_text(backend_url) if backend_url else b"")
+
+
 def start_metrics_server(metrics: FrontMetrics, host: str = "0.0.0.0", port: int = 0,
                          backend_url: str | None = None) -> int:
     """Serve `metrics` at http://host:port/metrics from a daemon thread; returns the bound port.
@@ -156,7 +161,7 @@ def start_metrics_server(metrics: FrontMetrics, host: str = "0.0.0.0", port: int
     """
     httpd = ThreadingHTTPServer((host, port), _MetricsHandler)
     httpd.daemon_threads = True
-    httpd.render = lambda: metrics.exposition() + (fetch_text(backend_url) if backend_url else b"")
+    httpd.render = lambda: render(metrics, backend_url)
     threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
     bound = httpd.server_address[1]
     with _servers_lock:

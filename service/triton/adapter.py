@@ -21,7 +21,7 @@ from service.errors import (
     Unavailable,
 )
 from service.model.config import ModelConfig
-from service.model.tokenizer import Tokenizer
+from service.text.tokenizer import Tokenizer
 from service.sampler.constraints import FREE
 from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, Pins
 

@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,23 +31,52 @@ class Serve:
     def __init__(self, tmp: Path, env: dict[str, str] | None = None, api_key: str | None = API_KEY,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.port, self.metrics_port, self.triton_metrics_port = free_port(), free_port(), free_port()
+        self.http_port = free_port()
         self.api_key = api_key
         self.log = tmp / "serve.log"
         full_env = {**os.environ, "NIM_CACHE_PATH": str(tmp / "cache"), "OMP_NUM_THREADS": "1",
                     "NIM_TRITON_METRICS_PORT": str(self.triton_metrics_port), "NIM_LOG_LEVEL": "INFO",
-                    "NIM_TRITON_LOG_FILE": str(tmp / "triton.log"), **(env or {})}
+                    "NIM_TRITON_LOG_FILE": str(tmp / "triton.log"), "NIM_HTTP_PORT": str(self.http_port),
+                    **(env or {})}
         if api_key:
             full_env["NIM_API_KEYS"] = api_key
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--threads", "1"],
             env=full_env, stdout=subprocess.PIPE, stderr=open(self.log, "wb"), text=True)
+        self.http_url = f"{'https' if credentials else 'http'}://127.0.0.1:{self.http_port}"
+        # (live, ready) HTTP statuses seen while the model loads: the front's ports open before Triton starts
+        self.loading_health: list[tuple[int, int]] = []
+        loaded = threading.Event()
+        watcher = threading.Thread(target=self._watch_loading, args=(loaded,), daemon=True)
+        watcher.start()
         line = self.proc.stdout.readline()  # printed once Triton is ready and the front listens
+        loaded.set()
+        watcher.join(10)
         assert "dgemma: serving" in line, f"{line!r}\n{self.log.read_text()[-3000:]}"
         self.target = f"127.0.0.1:{self.port}"
         self.channel = (grpc.secure_channel(self.target, credentials) if credentials
                         else grpc.insecure_channel(self.target))
         self.wait_health("SERVING")
+
+    def _watch_loading(self, loaded: threading.Event) -> None:
+        if self.http_url.startswith("https"):
+            return
+        while not loaded.is_set() and self.proc.poll() is None:
+            statuses = tuple(self.http_status(f"/v1/health/{p}") for p in ("live", "ready"))
+            if statuses[0]:
+                self.loading_health.append(statuses)
+            time.sleep(0.05)
+
+    def http_status(self, path: str) -> int:
+        """The HTTP status of GET `path` (0 when nothing answers)."""
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
 
     def metadata(self, key: str | None = None) -> tuple:
         key = key or self.api_key

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import threading
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import trustme
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -111,5 +113,14 @@ def test_mutual_tls(tmp_path, ca):
         with grpc.insecure_channel(srv.target) as ch:
             with pytest.raises(grpc.RpcError):
                 pb_grpc.DiffusionGemmaStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+        # the HTTP port speaks HTTPS with the same settings: a client certificate is required
+        with client.cert_chain_pems[0].tempfile() as cert_file, client.private_key_pem.tempfile() as key_file:
+            with_cert = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+            with_cert.load_cert_chain(cert_file, key_file)
+            with httpx.Client(verify=with_cert, timeout=10) as https:
+                assert https.get(f"{srv.http_url}/v1/models").json()["data"][0]["id"] == "diffusiongemma"
+        with httpx.Client(verify=ssl.create_default_context(cadata=ca.cert_pem.bytes().decode()), timeout=10) as c:
+            with pytest.raises(httpx.TransportError):  # the handshake (or the first read) is refused
+                c.get(f"{srv.http_url}/v1/models")
     finally:
         assert srv.stop() == 0

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
-from service.model.tokenizer import load_tokenizer
+from service.text.tokenizer import load_tokenizer
 
 FAST = pb.GenerationOptions(parameters=pb.DiffusionParameters(max_denoising_steps=8))
 

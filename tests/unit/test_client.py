@@ -189,3 +189,13 @@ def test_async_client(server):
     generate = next(req for name, req, _ in servicer.calls if name == "Generate")
     assert generate.options.parameters.sampler == pb.SAMPLER_FAST and generate.options.seed == 3
     assert all(md["authorization"] == "Bearer ak" for _, _, md in servicer.calls)
+
+
+def test_the_sdk_imports_nothing_of_the_server():
+    import subprocess
+    import sys
+
+    code = ("import sys, service.client; print(sorted(m for m in sys.modules if m.startswith('service.') "
+            "and not m.startswith(('service.api', 'service.client'))), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["[]", "False"], out.stdout + out.stderr

@@ -126,6 +126,6 @@ def test_bearer_auth_and_open_health(header, ok):
 def test_the_front_imports_without_torch():
     import subprocess
 
-    code = "import sys, service.front.server, service.front.supervisor; print('torch' in sys.modules)"
+    code = "import sys, service.front.server, service.serve.supervisor; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr

@@ -7,7 +7,7 @@ import torch
 
 from service.cli import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
-from service.model.tokenizer import load_tokenizer
+from service.text.tokenizer import load_tokenizer
 from service.sampler import ops, tiles
 from service.sampler.constraints import (
     FREE,

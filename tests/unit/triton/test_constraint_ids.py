@@ -8,7 +8,7 @@ import pytest
 from service.cli import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
 from service.model.config import read_config
-from service.model.tokenizer import load_tokenizer
+from service.text.tokenizer import load_tokenizer
 from service.sampler.constraints import JSON_STRING, NUM_CLASSES, NUMBER_FIRST, NUMBER_REST
 from service.triton.adapter import INPUT_NAMES, request_from_inputs
 from service.triton.repository import RepositorySettings, render_config

@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from service.errors import InvalidArgument
-from service.front.catalog import ServedModel
-from service.front.triton_client import Tensor
+from service.request.catalog import ServedModel
+from service.request.triton_client import Tensor
 from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
 
 MAX_VARIATIONS = 16
@@ -19,6 +19,19 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 ROLES = {"system": "system", "user": "user", "model": "model", "assistant": "model"}
 SAMPLERS = {0: None, 1: "reference", 2: "fast"}  # proto enum Sampler -> the backend's name
 PARAM_FIELDS = DIFFUSION_PARAMS  # DiffusionParameters' numeric fields, named as the backend's inputs
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a front's request keeps each option, for the field paths in error messages."""
+
+    params: str = "options.parameters."  # prefix of the diffusion parameters
+    seed: str = "options.seed"
+    num_variations: str = "options.num_variations"
+
+
+GRPC_PATHS = Paths()
+OPENAI_PATHS = Paths(params="", seed="seed", num_variations="n")  # extension fields at the body's top level
 
 
 @dataclass
@@ -76,27 +89,36 @@ def request_id_of(given: str) -> str:
     return given
 
 
-def options_of(params: dict[str, object], sampler: int, seed: int | None, num_variations: int) -> Options:
-    """Validate the options a client can set; the backend validates parameter values and names them."""
+def options_of(params: dict[str, object], sampler: int | str | None, seed: int | None, num_variations: int,
+               paths: Paths = GRPC_PATHS) -> Options:
+    """Validate the options a client can set; the backend validates parameter values and names them.
+    `sampler` is the proto's enum value or the backend's name (None: the default)."""
     if not 0 <= num_variations <= MAX_VARIATIONS:
-        raise InvalidArgument("options.num_variations", f"must be in [1, {MAX_VARIATIONS}], got {num_variations}")
+        raise InvalidArgument(paths.num_variations, f"must be in [1, {MAX_VARIATIONS}], got {num_variations}")
     n = num_variations or 1
     seed = seed or 0
-    if seed + n > 2**63:
-        raise InvalidArgument("options.seed", "seed + num_variations must stay below 2^63")
+    if not 0 <= seed or seed + n > 2**63:
+        raise InvalidArgument(paths.seed, f"must be >= 0, and seed + {paths.num_variations} below 2^63")
+    if isinstance(sampler, str) or sampler is None:
+        names = {v: k for k, v in SAMPLERS.items()}
+        if sampler not in names:
+            raise InvalidArgument(paths.params + "sampler", f"must be 'reference' or 'fast', got {sampler!r}")
+        sampler = names[sampler]
     if sampler not in SAMPLERS:
-        raise InvalidArgument("options.parameters.sampler", f"unknown sampler {sampler}")
+        raise InvalidArgument(paths.params + "sampler", f"unknown sampler {sampler}")
     values = {k: v for k, v in params.items() if v is not None}
     if SAMPLERS[sampler] is not None:
         values["sampler"] = SAMPLERS[sampler]
     return Options(values, seed, n)
 
 
-def field_names(prompt_field: str, length_field: str = "max_new_tokens") -> dict[str, str]:
-    """The backend's input names as this request's field paths (for errors only the backend can find)."""
-    names = {name: f"options.parameters.{name}" for name in (*PARAM_FIELDS, "sampler")}
-    names.update(seed="options.seed", input_ids=prompt_field, text_input=prompt_field, prompt_ids=prompt_field,
-                 max_new_tokens=length_field)
+def field_names(prompt_field: str, length_field: str = "max_new_tokens", paths: Paths = GRPC_PATHS
+                ) -> dict[str, str]:
+    """The backend's input names as this request's field paths (for errors only the backend can find), and
+    `num_variations` for the front's own limit."""
+    names = {name: paths.params + name for name in (*PARAM_FIELDS, "sampler")}
+    names.update(seed=paths.seed, input_ids=prompt_field, text_input=prompt_field, prompt_ids=prompt_field,
+                 max_new_tokens=length_field, num_variations=paths.num_variations)
     return names
 
 
@@ -104,29 +126,40 @@ def prompt_ids(model: ServedModel, text: str | None, chat: list[tuple[str, str]]
                token_ids: list[int] | None) -> tuple[list[int], str]:
     """The prompt's ids and the field it came from."""
     if text is not None:
-        if not text:
-            raise InvalidArgument("text", "the prompt is empty")
-        return tokenizer_of(model, "text").encode(text), "text"
+        return text_ids(model, text, "text"), "text"
     if chat is not None:
-        return chat_ids(model, chat, "chat"), "chat"
+        return chat_ids(model, chat, "chat.messages"), "chat"
     if token_ids is not None:
-        if not token_ids:
-            raise InvalidArgument("token_ids.ids", "the prompt is empty")
-        vocab = model.config.vocab_size
-        for i, t in enumerate(token_ids):
-            if not 0 <= t < vocab:
-                raise InvalidArgument(f"token_ids.ids[{i}]", f"id {t} is outside the vocabulary [0, {vocab})")
-        return list(token_ids), "token_ids.ids"
+        return checked_ids(model, token_ids, "token_ids.ids"), "token_ids.ids"
     raise InvalidArgument("prompt", "give one of text, chat or token_ids")
 
 
+def text_ids(model: ServedModel, text: str, name: str) -> list[int]:
+    """A plain-text prompt's ids (BOS prepended)."""
+    if not text:
+        raise InvalidArgument(name, "the prompt is empty")
+    return tokenizer_of(model, name).encode(text)
+
+
+def checked_ids(model: ServedModel, token_ids: list[int], name: str) -> list[int]:
+    """Raw prompt ids, each checked against the vocabulary."""
+    if not token_ids:
+        raise InvalidArgument(name, "the prompt is empty")
+    vocab = model.config.vocab_size
+    for i, t in enumerate(token_ids):
+        if not 0 <= t < vocab:
+            raise InvalidArgument(f"{name}[{i}]", f"id {t} is outside the vocabulary [0, {vocab})")
+    return list(token_ids)
+
+
 def chat_ids(model: ServedModel, chat: list[tuple[str, str]], name: str) -> list[int]:
+    """A conversation's ids through the chat template; `name` is the path of the messages field."""
     if not chat:
-        raise InvalidArgument(f"{name}.messages", "the conversation is empty")
+        raise InvalidArgument(name, "the conversation is empty")
     turns = []
     for i, (role, content) in enumerate(chat):
         if role not in ROLES:
-            raise InvalidArgument(f"{name}.messages[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
+            raise InvalidArgument(f"{name}[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
         turns.append((ROLES[role], content))
     return tokenizer_of(model, name).chat_prompt(turns)
 

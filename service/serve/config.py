@@ -13,7 +13,7 @@ from pathlib import Path
 from service import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
 from service.front.server import FrontSettings, TLSConfig
-from service.front.supervisor import ServeOptions
+from service.serve.supervisor import ServeOptions
 from service.triton.launcher import TritonPorts, default_cache_dir, free_port
 from service.triton.repository import RepositorySettings
 
@@ -104,7 +104,8 @@ def tls_config(env: Mapping[str, str]) -> TLSConfig | None:
 
 
 def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, profile: str | None = None,
-                  port: int | None = None, metrics_port: int | None = None, host: str | None = None,
+                  port: int | None = None, metrics_port: int | None = None, http_port: int | None = None,
+                  host: str | None = None,
                   threads: int | None = None, reflection: bool | None = None) -> ServeOptions:
     """Flags (keyword arguments, None when unset) override the environment, which overrides defaults."""
     ckpt = Path(checkpoint or env.get("NIM_MODEL_PATH") or DEFAULT_CHECKPOINT)
@@ -128,6 +129,8 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         api_keys=api_keys(env), tls=tls_config(env),
         reflection=reflection if reflection is not None else env.get("NIM_GRPC_REFLECTION", "").lower() in TRUE,
         max_inflight=_int(env, "NIM_MAX_CONCURRENT_REQUESTS", 64, 1),
+        http_port=http_port if http_port is not None else _int(env, "NIM_HTTP_PORT", 8080),
+        http_max_body_bytes=_int(env, "NIM_HTTP_MAX_BODY_BYTES", 1 << 20, 1024),
     )
     # Triton is internal to the pod: its ports are free ones unless pinned.
     tports = TritonPorts(_int(env, "NIM_TRITON_GRPC_PORT", 0) or free_port(), free_port(),

@@ -6,7 +6,7 @@ import pytest
 
 from service import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
-from service.front.config import Profile, api_keys, serve_options, tls_config
+from service.serve.config import Profile, api_keys, serve_options, tls_config
 
 
 def test_defaults_serve_the_embedded_model_on_8000():
@@ -16,6 +16,7 @@ def test_defaults_serve_the_embedded_model_on_8000():
     assert o.front.api_keys == [] and o.front.tls is None and o.front.reflection is False
     assert o.repository.device == "cpu" and o.repository.instance_kind == "KIND_CPU"
     assert o.front.triton_target == f"127.0.0.1:{o.triton_ports.grpc}"
+    assert o.front.http_port == 8080 and o.front.http_max_body_bytes == 1 << 20
 
 
 def test_flags_override_environment(tmp_path):
@@ -26,13 +27,17 @@ def test_flags_override_environment(tmp_path):
     assert (o.repository.max_live_canvases, o.repository.max_engine_queue) == (4, 3)
     assert (o.front.port, o.metrics_port, o.front.reflection, o.front.max_inflight) == (9000, 9001, True, 7)
     assert o.front.model_id == "dg" and o.cache_dir == tmp_path
-    o = serve_options(env, port=9100, metrics_port=9101, reflection=False, profile="torch-bfloat16-cpu")
-    assert (o.front.port, o.metrics_port, o.front.reflection) == (9100, 9101, False)
+    env.update(NIM_HTTP_PORT="9080", NIM_HTTP_MAX_BODY_BYTES="4096")
+    assert (serve_options(env).front.http_port, serve_options(env).front.http_max_body_bytes) == (9080, 4096)
+    o = serve_options(env, port=9100, metrics_port=9101, http_port=9180, reflection=False, profile="torch-bfloat16-cpu")
+    assert (o.front.port, o.metrics_port, o.front.http_port, o.front.reflection) == (9100, 9101, 9180, False)
     assert o.repository.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("env, field", [
     ({"NIM_SERVER_PORT": "http"}, "NIM_SERVER_PORT"),
+    ({"NIM_HTTP_PORT": "x"}, "NIM_HTTP_PORT"),
+    ({"NIM_HTTP_MAX_BODY_BYTES": "10"}, "NIM_HTTP_MAX_BODY_BYTES"),
     ({"NIM_MAX_CONCURRENT_REQUESTS": "0"}, "NIM_MAX_CONCURRENT_REQUESTS"),
     ({"NIM_MAX_QUEUED_REQUESTS": "0"}, "NIM_MAX_QUEUED_REQUESTS"),
     ({"NIM_MODEL_PROFILE": "torch-fp8-h100"}, "NIM_MODEL_PROFILE"),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.model.config import ModelConfig, read_config, read_generation_config, special_ids
-from service.model.tokenizer import Tokenizer, load_tokenizer
+from service.text.tokenizer import Tokenizer, load_tokenizer
 from service.sampler.params import GenerationParams, params_from_generation_config
 
 

@@ -62,16 +62,19 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):  # before anything starts: a stop during start-up is clean
             loop.add_signal_handler(sig, self.stop_requested.set)
         try:
+            # the front first: its ports answer while the model loads (health NOT_SERVING, HTTP ready 503)
+            backend_metrics = f"http://127.0.0.1:{o.triton_ports.metrics}/metrics"
+            self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive,
+                                     backend_metrics_url=backend_metrics)
+            port = await self.front.start()
             await asyncio.to_thread(self.triton.start, o.startup_timeout_s, o.repository.model_name,
                                     self.stop_requested.is_set)
             if self.stop_requested.is_set():
                 return 0
-            self.metrics_port = start_metrics_server(
-                self.metrics, o.metrics_host, o.metrics_port,
-                backend_url=f"http://127.0.0.1:{o.triton_ports.metrics}/metrics")
-            self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive)
-            port = await self.front.start()
-            print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port} "
+            await self.front.wait_serving(o.startup_timeout_s)  # the front's channel reconnects to it
+            self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port,
+                                                     backend_url=backend_metrics)
+            print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port}, HTTP :{self.front.http_port} "
                   f"(metrics :{self.metrics_port}/metrics, Triton 127.0.0.1:{o.triton_ports.grpc})", flush=True)
             while not self.stop_requested.is_set():
                 try:
@@ -85,6 +88,8 @@ class Supervisor:
             await self.front.stop(o.shutdown_grace_s, o.drain_delay_s)
             return 0
         finally:  # whatever happened, Triton does not outlive us
+            if self.front is not None and not self.front.stopping:
+                await self.front.stop(0, 0)
             rc = await asyncio.to_thread(self.triton.stop)
             if self.metrics_port:
                 stop_metrics_server(self.metrics_port)

@@ -14,9 +14,9 @@ from service.errors import (
     Unauthenticated,
     Unavailable,
 )
-from service.front import jobs
-from service.front.catalog import ServedModel
-from service.front.errors import GRPC_STATUS, error_from_triton, public_message, status_for
+from service.request import jobs
+from service.request.catalog import ServedModel
+from service.request.errors import GRPC_STATUS, error_from_triton, public_message, status_for
 
 
 def test_every_domain_error_has_a_status_and_internal_is_generic():
@@ -84,3 +84,30 @@ def test_chat_roles_and_defaults(model):
     ids, field = jobs.prompt_ids(model, None, [("system", "s"), ("assistant", "a"), ("user", "u")], None)
     assert field == "chat" and ids == model.tokenizer.chat_prompt([("system", "s"), ("model", "a"), ("user", "u")])
     assert jobs.options_of({}, 0, None, 0) == jobs.Options({}, 0, 1)
+
+
+def test_the_table_gives_http_statuses_and_openai_types():
+    from service.errors import DeadlineExceeded, PayloadTooLarge, Unauthenticated, Unavailable, UnknownModel
+    from service.request.errors import public_status
+
+    cases = {InvalidArgument("a", "b"): (400, "invalid_request_error"), UnknownModel("model", "x"): (404, None),
+             PayloadTooLarge("body", "x"): (413, None), Overloaded("x"): (429, "rate_limit_error"),
+             DeadlineExceeded("x"): (504, None), Unauthenticated("x"): (401, "authentication_error"),
+             Unavailable("x"): (503, None), CheckpointError("x"): (500, None), KeyError("x"): (500, None)}
+    for err, (http, type_) in cases.items():
+        s = public_status(err)
+        assert s.http == http and (type_ is None or s.type == type_), err
+    assert status_for(UnknownModel("model", "x")) == grpc.StatusCode.INVALID_ARGUMENT  # gRPC keeps its code
+
+
+def test_openai_paths_name_the_http_fields():
+    with pytest.raises(InvalidArgument) as e:
+        jobs.options_of({}, None, 0, 17, jobs.OPENAI_PATHS)
+    assert e.value.field == "n"
+    with pytest.raises(InvalidArgument) as e:
+        jobs.options_of({}, "greedy", 0, 1, jobs.OPENAI_PATHS)
+    assert e.value.field == "sampler"
+    assert jobs.options_of({}, "fast", 4, 2, jobs.OPENAI_PATHS).params == {"sampler": "fast"}
+    names = jobs.field_names("prompt", "max_tokens", jobs.OPENAI_PATHS)
+    assert names["t_max"] == "t_max" and names["max_new_tokens"] == "max_tokens" and names["seed"] == "seed"
+    assert error_from_triton("INVALID_ARG: t_max: must be >= t_min", names).field == "t_max"

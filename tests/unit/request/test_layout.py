@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import InvalidArgument
-from service.front import layout as L
-from service.front.layout import (
+from service.request import layout as L
+from service.request.layout import (
     Hole,
     LiteralSegment,
     Slot,
@@ -21,7 +21,7 @@ from service.front.layout import (
     template_layout,
 )
 from service.model.config import read_config
-from service.model.tokenizer import load_tokenizer
+from service.text.tokenizer import load_tokenizer
 
 ASSETS = Path(__file__).resolve().parents[3] / "service" / "assets" / "tiny-diffusiongemma"
 CANVAS = 64
@@ -333,8 +333,8 @@ def test_classes_mirror_the_sampler():
 def test_front_layout_and_tokenizer_load_without_torch():
     code = (
         "import sys\n"
-        "from service.front.layout import infill_layout\n"
-        "from service.model.tokenizer import load_tokenizer\n"
+        "from service.request.layout import infill_layout\n"
+        "from service.text.tokenizer import load_tokenizer\n"
         "from service.model.config import read_config\n"
         f"tok = load_tokenizer({str(ASSETS)!r}); read_config({str(ASSETS)!r})\n"
         "infill_layout(tok, 64, 'a', 'b', 3)\n"

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from service.errors import CheckpointError
-from service.model.tokenizer import load_tokenizer
+from service.text.tokenizer import load_tokenizer
 from tools.tiny_model.tokenizer import train_tokenizer
 
 TEXTS = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "user model hello world"] * 20

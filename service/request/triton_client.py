@@ -14,7 +14,7 @@ import grpc
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from service.errors import DeadlineExceeded, DGemmaError, Unavailable
-from service.front.errors import error_from_triton
+from service.request.errors import error_from_triton
 
 # Triton datatype -> the InferTensorContents field that carries it.
 _CONTENTS = {"INT32": "int_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
@@ -68,7 +68,11 @@ class TritonClient:
     def __init__(self, target: str, model: str) -> None:
         self.target = target
         self.model = model
-        self._channel = grpc.aio.insecure_channel(target)
+        # Triton starts after the front and may restart: reconnect within a second, not gRPC's default backoff
+        # (up to 120 s), so calls do not keep failing fast once it is back
+        self._channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def ready(self, timeout: float = 2.0) -> bool:

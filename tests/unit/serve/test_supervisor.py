@@ -2,8 +2,8 @@
 
 import asyncio
 
-from service.front import supervisor as sup
-from service.front.config import serve_options
+from service.serve import supervisor as sup
+from service.serve.config import serve_options
 
 
 def test_failed_restarts_back_off_exponentially_and_a_success_is_counted(tmp_path, monkeypatch):

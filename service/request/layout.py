@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument
-from service.sampler.token_classes import (  # constraint_ids
+from service.text.token_classes import (  # constraint_ids
     FREE,
     JSON_STRING,
     NUMBER_FIRST,
@@ -23,7 +23,7 @@ from service.sampler.token_classes import (  # constraint_ids
 )
 
 if TYPE_CHECKING:
-    from service.model.tokenizer import Tokenizer
+    from service.text.tokenizer import Tokenizer
 
 HOLE_TYPES = ("text", "string", "number")
 # diffusiongemma.v1.HoleType enum values -> hole type names (UNSPECIFIED is text).

@@ -1,0 +1,393 @@
+"""The OpenAI-compatible HTTP API (Starlette): the same request layer as the gRPC servicer.
+
+Each generation route validates its body into a `Job` (service/request/jobs.py) and runs it on the shared
+`Dispatcher`; errors go through the one error table (service/request/errors.py) into OpenAI's error body. A
+client that disconnects, mid-stream or while waiting, cancels its Triton streams (the engine frees the
+slots within one step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.errors import InvalidArgument, PayloadTooLarge, Unauthenticated
+from service.request import jobs, layout
+from service.front.auth import BearerKeys
+from service.request.jobs import OPENAI_PATHS, Job
+from service.front.observe import Call
+from service.front.openai_schema import (
+    DEFAULT_GAP_TOKENS,
+    ChatRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    chat_of,
+    parse,
+    prompt_of,
+)
+from service.request.dispatch import Dispatcher, Usage, usage_of
+from service.request.triton_client import BackendEvent
+from service.telemetry.metrics import FrontMetrics
+from service.telemetry.tracing import context_from_traceparent, get_tracer
+
+FINISH = {"eos": "stop", "length": "length"}
+OWNER = "diffusiongemma-nim"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _param(e: BaseException) -> str | None:
+    return e.field if isinstance(e, InvalidArgument) else None
+
+
+def _usage(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens}
+
+
+def _sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+class _Delta:
+    """One variation's streamed text: the decoded text of its committed canvases, sent as increments (a
+    character split across two canvases is sent once whole)."""
+
+    def __init__(self, decode: Callable[[list[int]], str] | None) -> None:
+        self.decode, self.ids, self.sent = decode, [], ""
+
+    def _step(self, full: str) -> str:
+        if not full.startswith(self.sent):
+            return ""
+        delta = full[len(self.sent):]
+        self.sent = full
+        return delta
+
+    def canvas(self, ev: BackendEvent) -> str:
+        self.ids += ev.ids
+        full = self.decode(self.ids) if self.decode else self.sent + ev.text
+        return self._step(full.rstrip("\ufffd"))
+
+    def final(self, ev: BackendEvent) -> str:
+        return self._step(ev.text)
+
+
+class _Produced:
+    """What a route produced: a JSON body, or (stream) SSE chunks."""
+
+    def __init__(self, body: dict | None = None, chunks: AsyncIterator[dict] | None = None) -> None:
+        self.body, self.chunks = body, chunks
+
+
+class _Exchange:
+    """One API call as an ASGI response: auth, the body (size-limited), the route's work raced against
+    the client's disconnect, errors in OpenAI's shape, and the call's span, metrics and log lines."""
+
+    def __init__(self, api: "OpenAIApi", request: Request, method: str,
+                 work: Callable[[bytes, Call, float | None], Awaitable[_Produced]]) -> None:
+        self.api, self.request, self.method, self.work = api, request, method, work
+        h = request.headers
+        self.rid = h.get("x-request-id", "")
+        parent = context_from_traceparent(h.get("traceparent"), h.get("tracestate"))
+        self.call = Call(api.metrics, api.tracer, method, method, parent, self.rid or "",
+                         {"http.request.method": request.method, "url.path": request.url.path})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._serve(receive, send)
+        finally:
+            self.call.done("CANCELLED", 499)  # unless an outcome was recorded: the client left, or shutdown
+            self.call.end()
+
+    async def _serve(self, receive, send) -> None:
+        try:
+            self.rid = jobs.request_id_of(self.rid) if self.rid else uuid.uuid4().hex
+        except InvalidArgument as e:
+            return await self._error(send, e.renamed("x-request-id"))
+        self.call.rid = self.rid
+        self.call.span.set_attribute("dgemma.request_id", self.rid)
+        if self.api.keys and not self.api.keys.accepts(self.request.headers.get("authorization", "")):
+            return await self._error(send, Unauthenticated("missing or invalid bearer token"))
+        try:
+            body = await self._body(receive)
+            timeout = self._timeout()
+        except InvalidArgument as e:
+            return await self._error(send, e)
+        if body is None:  # the client left while sending
+            return
+        work = asyncio.create_task(self._respond(body, timeout, send))
+        gone = asyncio.create_task(_disconnected(receive))
+        try:  # a client that leaves cancels `work`, and with it the Triton streams
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (work, gone):
+                t.cancel()
+            await asyncio.gather(work, gone, return_exceptions=True)
+
+    async def _body(self, receive) -> bytes | None:
+        limit = self.api.max_body_bytes
+        declared = self.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge("body", f"larger than this server's limit of {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge("body", f"larger than this server's limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _timeout(self) -> float | None:
+        raw = self.request.headers.get("x-request-timeout")
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise InvalidArgument("x-request-timeout", f"must be a number of seconds > 0, got {raw!r}")
+        return value
+
+    async def _error(self, send, e: BaseException) -> None:
+        status, message = self.call.failed(e)
+        await _send_json(send, status.http, error_body(message, status.type, _param(e), status.grpc.name.lower()),
+                         self.rid)
+
+    async def _respond(self, body: bytes, timeout: float | None, send) -> None:
+        try:
+            produced = await self.work(body, self.call, timeout)
+        except Exception as e:  # noqa: BLE001 (the error table decides what the client reads)
+            return await self._error(send, e)
+        if produced.chunks is None:
+            await _send_json(send, 200, produced.body, self.rid)
+            self.call.done("OK", 200)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-request-id", self.rid.encode())]})
+        self.call.span.set_attribute("http.response.status_code", 200)
+        async with contextlib.aclosing(produced.chunks) as chunks:
+            try:
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+            except Exception as e:  # noqa: BLE001 (after the headers: an error event ends the stream)
+                status, message = self.call.failed(e)
+                tail = _sse(error_body(message, status.type, _param(e), status.grpc.name.lower()))
+            else:
+                self.call.done("OK")
+                tail = _sse("[DONE]")
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_json(send, status: int, body: dict, rid: str) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+        (b"x-request-id", rid.encode())]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def _primed(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """`chunks` with its first item already produced: errors before the first event (validation by the
+    backend, overload) become an HTTP status instead of an event in a 200 stream."""
+    first = await anext(chunks)
+
+    async def rest():
+        async with contextlib.aclosing(chunks):
+            yield first
+            async for c in chunks:
+                yield c
+
+    return rest()
+
+
+class OpenAIApi:
+    def __init__(self, dispatcher: Dispatcher, metrics: FrontMetrics, keys: BearerKeys, ready: Callable[[], bool],
+                 render_metrics: Callable[[], bytes], max_body_bytes: int = 1 << 20) -> None:
+        self.dispatcher, self.model = dispatcher, dispatcher.model
+        self.metrics, self.keys, self.ready = metrics, keys, ready
+        self.render_metrics = render_metrics
+        self.max_body_bytes = max_body_bytes
+        self.tracer = get_tracer("dgemma.front.http")
+        routes = [
+            Route("/v1/completions", self._route("POST /v1/completions", self._completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._route("POST /v1/chat/completions", self._chat), methods=["POST"]),
+            Route("/v1/tokenize", self._route("POST /v1/tokenize", self._tokenize), methods=["POST"]),
+            Route("/v1/models", self._route("GET /v1/models", self._models), methods=["GET"]),
+            Route("/v1/health/live", self._live, methods=["GET"]),
+            Route("/v1/health/ready", self._ready, methods=["GET"]),
+            Route("/v1/metrics", self._metrics, methods=["GET"]),
+        ]
+        self.app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+
+    def _route(self, method: str, work):
+        async def endpoint(request: Request):
+            return _Exchange(self, request, method, work)
+        return endpoint
+
+    # ---- open routes ---------------------------------------------------------------------------
+
+    async def _live(self, request: Request) -> Response:
+        return JSONResponse({"object": "health.response", "message": "Service is live."})
+
+    async def _ready(self, request: Request) -> Response:
+        if self.ready():
+            return JSONResponse({"object": "health.response", "message": "Service is ready."})
+        return JSONResponse({"object": "health.response", "message": "Service is not ready."}, status_code=503)
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(await asyncio.to_thread(self.render_metrics), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- models, tokenize -----------------------------------------------------------------------
+
+    async def _models(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+        m, d = self.model, self.model.defaults
+        params = {k: getattr(d, k) for k in (*jobs.PARAM_FIELDS, "sampler")}
+        card = {"id": m.id, "object": "model", "created": 0, "owned_by": OWNER, "canvas_length": m.config.canvas_length,
+                "vocab_size": m.config.vocab_size, "profile": m.profile, "default_parameters": params,
+                "default_max_tokens": d.max_new_tokens}
+        return _Produced({"object": "list", "data": [card]})
+
+    async def _tokenize(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+        r = parse(TokenizeRequest, body)
+        self.dispatcher.check_model(r.model)
+        if (r.prompt is None) == (r.messages is None):
+            raise InvalidArgument("prompt", "give prompt or messages")
+        if r.prompt is not None:
+            ids = jobs.text_ids(self.model, r.prompt, "prompt")
+        else:
+            ids = jobs.chat_ids(self.model, chat_of(r.messages), "messages")
+        tok = jobs.tokenizer_of(self.model, "prompt")
+        return _Produced({"model": self.model.id, "tokens": ids, "token_strs": [tok.id_to_token(i) or "" for i in ids],
+                          "count": len(ids)})
+
+    # ---- completions ---------------------------------------------------------------------------
+
+    def _job(self, r, call: Call, prompt_ids: list[int], prompt_field: str, length_field: str,
+             max_new_tokens: int | None, **kw) -> Job:
+        options = jobs.options_of(r.diffusion_params(), r.sampler, r.seed, r.n, OPENAI_PATHS)
+        return Job(request_id=call.rid, prompt_ids=prompt_ids, options=options, max_new_tokens=max_new_tokens,
+                   field_names=jobs.field_names(prompt_field, length_field, OPENAI_PATHS), **kw)
+
+    def _run_kw(self, call: Call, timeout: float | None) -> dict:
+        return dict(timeout=timeout, trace_context=call.trace_context, metrics=call.rm)
+
+    async def _completions(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+        r = parse(CompletionRequest, body)
+        self.dispatcher.check_model(r.model)
+        prompt = prompt_of(r.prompt)
+        head = {"id": f"cmpl-{call.rid}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model.id}
+        if r.suffix is not None:
+            return await self._infill(r, prompt, head, call, timeout)
+        ids = (jobs.text_ids(self.model, prompt, "prompt") if isinstance(prompt, str)
+               else jobs.checked_ids(self.model, prompt, "prompt"))
+        job = self._job(r, call, ids, "prompt", "max_tokens", r.max_tokens, return_drafts=r.stream and r.return_drafts)
+        if r.stream:
+            return _Produced(chunks=await _primed(self._stream(job, r, head, call, timeout, chat=False)))
+        finals = await self.dispatcher.finals(job, **self._run_kw(call, timeout))
+        choices = [{"index": i, "text": f.text, "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
+                    "token_ids": f.ids, "seed": job.seed(i)} for i, f in enumerate(finals)]
+        return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
+
+    async def _infill(self, r: CompletionRequest, prompt, head: dict, call: Call, timeout: float | None) -> _Produced:
+        if not isinstance(prompt, str):
+            raise InvalidArgument("prompt", "with suffix, the prompt (the text before the gap) must be a string")
+        if r.stream:
+            raise InvalidArgument("stream", "not supported with suffix (an infill is one canvas)")
+        tok = jobs.tokenizer_of(self.model, "prompt")
+        gap = r.max_tokens if r.max_tokens is not None else DEFAULT_GAP_TOKENS
+        try:
+            lay = layout.infill_layout(tok, self.model.config.canvas_length, prompt, r.suffix, gap,
+                                       eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+        except InvalidArgument as e:
+            raise (e.renamed("max_tokens") if e.field == "gap_tokens" else e) from None
+        job = self._job(r, call, lay.prompt_ids, "prompt", "max_tokens", lay.max_new_tokens, pin_ids=lay.pin_ids,
+                        pin_mask=lay.pin_mask, constraint_ids=lay.constraint_ids)
+        finals, filled, usage = await self.dispatcher.fill(job, lay, **self._run_kw(call, timeout))
+        choices = [{"index": i, "text": values[0], "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
+                    "token_ids": lay.slot_token_ids(f.ids)[0], "seed": job.seed(i)}
+                   for i, (f, (_, values, _)) in enumerate(zip(finals, filled))]
+        return _Produced({**head, "choices": choices, "usage": _usage(usage)})
+
+    async def _chat(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+        r = parse(ChatRequest, body)
+        self.dispatcher.check_model(r.model)
+        ids = jobs.chat_ids(self.model, chat_of(r.messages), "messages")
+        length_field = "max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens"
+        max_new = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
+        job = self._job(r, call, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts)
+        head = {"id": f"chatcmpl-{call.rid}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model.id}
+        if r.stream:
+            head["object"] = "chat.completion.chunk"
+            return _Produced(chunks=await _primed(self._stream(job, r, head, call, timeout, chat=True)))
+        finals = await self.dispatcher.finals(job, **self._run_kw(call, timeout))
+        choices = [{"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
+                    "finish_reason": FINISH.get(f.finish_reason), "token_ids": f.ids, "seed": job.seed(i)}
+                   for i, f in enumerate(finals)]
+        return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
+
+    async def _stream(self, job: Job, r, head: dict, call: Call, timeout: float | None, chat: bool
+                      ) -> AsyncIterator[dict]:
+        """One chunk per committed canvas (its text as an increment), a draft chunk per step with
+        return_drafts, each variation's last chunk with its finish_reason, then usage if asked for."""
+        tok = self.model.tokenizer
+        deltas = [_Delta(tok.decode if tok else None) for _ in range(job.options.num_variations)]
+        started = [False] * job.options.num_variations
+        finals: list[BackendEvent] = []
+
+        def choice(i: int, text: str, **extra) -> dict:
+            if chat:
+                delta = {"content": text}
+                if not started[i]:
+                    delta = {"role": "assistant", **delta}
+                started[i] = True
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": None, **extra}
+
+        async for i, ev in self.dispatcher.run(job, **self._run_kw(call, timeout)):
+            if ev.kind == "draft":
+                c = choice(i, "", draft={"canvas_index": ev.canvas_index, "step": ev.step, "text": ev.text,
+                                         "token_ids": ev.ids})
+            elif ev.kind == "canvas":
+                c = choice(i, deltas[i].canvas(ev), canvas_index=ev.canvas_index, steps=ev.step)
+            else:
+                finals.append(ev)
+                c = choice(i, deltas[i].final(ev), token_ids=ev.ids, seed=job.seed(i))
+                c["finish_reason"] = FINISH.get(ev.finish_reason)
+            yield {**head, "choices": [c]}
+        if r.stream_options is not None and r.stream_options.include_usage:
+            yield {**head, "choices": [], "usage": _usage(usage_of(job, finals))}
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return JSONResponse(error_body(f"no route {request.url.path}", "invalid_request_error", None, "not_found"), 404)
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}", "invalid_request_error",
+                                   None, "method_not_allowed"), 405)

@@ -1,0 +1,117 @@
+"""The request layer both fronts (gRPC and HTTP) call: admission, one Triton stream per variation, metrics.
+
+A front validates its request into a `Job` (service/request/jobs.py) and iterates `Dispatcher.run`. Leaving the
+iteration early (an error, a client cancel or disconnect, a deadline) cancels every Triton stream, which
+frees the engine's slots within one denoising step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+from opentelemetry.context import Context
+
+from service.errors import InvalidArgument, Overloaded, UnknownModel
+from service.request import layout
+from service.request.catalog import ServedModel
+from service.request.jobs import Job, tokenizer_of
+from service.request.triton_client import BackendEvent, TritonClient
+from service.telemetry.metrics import RequestMetrics
+from service.telemetry.tracing import traceparent_metadata
+
+
+class Usage(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_of(job: Job, finals: list[BackendEvent], completion: int | None = None) -> Usage:
+    """The prompt counted once; completion: the variations' generated tokens unless given."""
+    if completion is None:
+        completion = sum(int(f.stats.get("generated_tokens", 0)) for f in finals)
+    return Usage(len(job.prompt_ids), completion)
+
+
+class Filled(NamedTuple):
+    """A pinned-canvas job's result: its finals, each one's (text, values, named values) and the usage."""
+
+    finals: list[BackendEvent]
+    filled: list[tuple[str, list[str], dict[str, str]]]
+    usage: Usage
+
+
+class Dispatcher:
+    def __init__(self, model: ServedModel, triton: TritonClient, max_inflight: int = 64) -> None:
+        self.model = model
+        self.triton = triton
+        self.max_inflight = max_inflight  # backend streams (variations) in flight at once, over both fronts
+        self.inflight = 0
+
+    def check_model(self, name: str | None, field: str = "model") -> None:
+        if name and name != self.model.id:
+            raise UnknownModel(field, f"unknown model {name!r}; this server serves {self.model.id!r}")
+
+    async def run(self, job: Job, *, timeout: float | None = None, trace_context: Context | None = None,
+                  metrics: RequestMetrics | None = None) -> AsyncIterator[tuple[int, BackendEvent]]:
+        """Every variation's events as (variation, event), interleaved, until each has its final event."""
+        n = job.options.num_variations
+        if n > self.max_inflight:
+            raise InvalidArgument(job.field_names.get("num_variations", "options.num_variations"),
+                                  f"exceeds this server's limit of {self.max_inflight} concurrent generations")
+        if self.inflight + n > self.max_inflight:
+            raise Overloaded(f"the server is at its limit of {self.max_inflight} concurrent generations; retry later")
+        self.inflight += n
+        metadata = traceparent_metadata(trace_context)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for ev in self.triton.stream(job.inputs(i), request_id=f"{job.request_id}/{i}", timeout=timeout,
+                                                   metadata=metadata, field_names=job.field_names):
+                    await queue.put((i, ev))
+            except Exception as e:  # noqa: BLE001 (re-raised by the reader)
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            finals = 0
+            while finals < n:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if metrics is not None:
+                    metrics.first_event()
+                    if item.kind == "canvas":
+                        metrics.canvas(steps=item.step)
+                    elif item.kind == "final":
+                        metrics.canvas(tokens=int(item.stats.get("generated_tokens", 0)))
+                finals += item.kind == "final"
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.inflight -= n
+
+    async def finals(self, job: Job, **kw) -> list[BackendEvent]:
+        """Each variation's final event (`kw`: as `run`)."""
+        finals: list[BackendEvent | None] = [None] * job.options.num_variations
+        async for i, ev in self.run(job, **kw):
+            if ev.kind == "final":
+                finals[i] = ev
+        return finals  # type: ignore[return-value]
+
+    async def fill(self, job: Job, lay: layout.CanvasLayout, **kw) -> Filled:
+        """Run a pinned-canvas job (Infill, Edit, Template); completion tokens are those the holes received,
+        pins excluded."""
+        finals = await self.finals(job, **kw)
+        tok = tokenizer_of(self.model, "model")
+        skip = {self.model.pad_id, self.model.eos_id, *lay.skip_ids}
+        completion = sum(t not in skip for f in finals for ids in lay.slot_token_ids(f.ids) for t in ids)
+        return Filled(finals, [layout.assemble(lay, f.ids, tok) for f in finals], usage_of(job, finals, completion))

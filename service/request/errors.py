@@ -1,0 +1,85 @@
+"""One table from domain errors to public statuses (gRPC code, HTTP status, OpenAI error type), and
+Triton's streamed errors back to domain errors."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import grpc
+
+from service.errors import (
+    Cancelled,
+    CheckpointError,
+    DeadlineExceeded,
+    DGemmaError,
+    InvalidArgument,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthenticated,
+    Unavailable,
+    UnknownModel,
+)
+
+
+class Status(NamedTuple):
+    grpc: grpc.StatusCode
+    http: int
+    type: str  # OpenAI's error body `type`
+
+
+INTERNAL = Status(grpc.StatusCode.INTERNAL, 500, "internal_error")
+
+# The one table: domain error -> public status. Anything else is INTERNAL with a generic message.
+STATUS: dict[type[DGemmaError], Status] = {
+    InvalidArgument: Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    UnknownModel: Status(grpc.StatusCode.INVALID_ARGUMENT, 404, "invalid_request_error"),
+    PayloadTooLarge: Status(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
+    Overloaded: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error"),
+    # 499: nginx's "client closed request"; the client is gone and never reads it
+    Cancelled: Status(grpc.StatusCode.CANCELLED, 499, "cancelled"),
+    Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
+    Unavailable: Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    CheckpointError: INTERNAL,
+}
+GRPC_STATUS: dict[type[DGemmaError], grpc.StatusCode] = {cls: s.grpc for cls, s in STATUS.items()}
+
+
+def public_status(err: BaseException) -> Status:
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return INTERNAL
+
+
+def status_for(err: BaseException) -> grpc.StatusCode:
+    return public_status(err).grpc
+
+
+def public_message(err: BaseException, request_id: str) -> str:
+    """What the client reads: the domain message, or a generic one (never internals) for the rest."""
+    if isinstance(err, DGemmaError) and public_status(err) != INTERNAL:
+        return err.message
+    return f"internal error (request_id={request_id})"
+
+
+def error_from_triton(text: str, field_names: dict[str, str] | None = None) -> DGemmaError:
+    """A Triton streamed error ("INVALID_ARG: input_ids: …", see docs/api.md) as a domain error.
+
+    `field_names` renames the backend's input names to the public request's field paths.
+    """
+    code, _, message = text.partition(": ")
+    if code == "INVALID_ARG":
+        field, sep, detail = message.partition(": ")
+        if sep:
+            return InvalidArgument((field_names or {}).get(field, field), detail)
+        return InvalidArgument("request", message)
+    if code == "CANCELLED":
+        return Cancelled(message or "request cancelled")
+    if "overloaded" in message or "Exceeds maximum queue size" in text:
+        return Overloaded("the model is overloaded; retry later")
+    if message.startswith("deadline exceeded"):
+        return DeadlineExceeded("deadline exceeded")
+    if code == "UNAVAILABLE":
+        return Unavailable(message or "the model is unavailable")
+    return DGemmaError(text)  # INTERNAL: the text stays in the front's log, never reaches the client
