@@ -1,11 +1,15 @@
 """Peak transient memory of one denoising step at the real vocabulary (262,144), on the CPU.
 
 `python benchmarks/step_memory.py [--batches 1,8,32] [--tile-rows N]` prints one JSON object: for each
-number of live canvases and each sampler, the peak of bytes held by tensors created during one step
-(after the first, so self-conditioning runs), and the largest single tensor. A tiny network (hidden 64)
-keeps the decoder's share small, so what is measured is the vocabulary work: canvas 256, as the real
-model's. Tensors are tracked through a torch dispatch mode (each new storage counted once until its
-last tensor is freed), so the figure holds for any device's allocator.
+number of live canvases and each sampler, two measurements of one step's transient memory. A tiny
+network (hidden 64) keeps the decoder's share small, so what is measured is the vocabulary work:
+canvas 256, as the real model's.
+- `peak_*`: bytes held at once by tensors that ops create during a step (after the first, so
+  self-conditioning runs), tracked through a torch dispatch mode (each new storage counted once until
+  its last tensor is freed), and `largest_tensor_*`. A dispatch mode sees the calling thread only.
+- `rss_*`: the growth of the process's peak resident memory over its first step, in a fresh process
+  per measurement: it sees every thread (the code before the runner seam sampled canvases on a thread
+  pool), at the price of allocator noise.
 
 It runs on the code before the runner seam too (`service.engine.torch_engine`), for a before/after
 comparison in the same way: check out the older commit and run this file there.
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import weakref
@@ -109,13 +115,29 @@ def step_peak(path: Path, canvases: int, sampler: str, tile_rows: int | None) ->
     return mem.peak, mem.largest, code
 
 
+def first_step_rss(path: Path, canvases: int, sampler: str, tile_rows: int | None) -> int:
+    """In this (fresh) process: bytes by which the peak RSS grew over the first step."""
+    sched, _ = scheduler(path, tile_rows)
+    params = GenerationParams(max_new_tokens=CANVAS, max_denoising_steps=8, sampler=sampler)
+    for i in range(canvases):
+        sched.submit(Request([2, 7, 8, 9], params, seed=i))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        sched.step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # ru_maxrss is in KiB
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--tile-rows", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rss-child", nargs=3, metavar=("CKPT", "CANVASES", "SAMPLER"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.rss_child:
+        print(first_step_rss(Path(a.rss_child[0]), int(a.rss_child[1]), a.rss_child[2], a.tile_rows))
+        return 0
     path = checkpoint()
     out: dict = {"vocab": VOCAB, "canvas": CANVAS, "unit": "MiB"}
     for sampler in ("fast", "reference"):
@@ -124,6 +146,11 @@ def main() -> int:
             out[f"peak_{sampler}_{b}"] = round(peak / 2**20, 1)
             out[f"largest_tensor_{sampler}_{b}"] = round(largest / 2**20, 1)
             out["code"] = code
+            cmd = [sys.executable, __file__, "--threads", str(a.threads), "--rss-child", str(path), str(b), sampler]
+            if a.tile_rows:
+                cmd += ["--tile-rows", str(a.tile_rows)]
+            child = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out[f"rss_{sampler}_{b}"] = round(int(child.stdout.strip().splitlines()[-1]) / 2**20, 1)
     out.update(tile_rows=a.tile_rows or "default", **machine())
     print(json.dumps(out))
     return 0
