@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -121,10 +120,19 @@ def first_step_rss(path: Path, canvases: int, sampler: str, tile_rows: int | Non
     params = GenerationParams(max_new_tokens=CANVAS, max_denoising_steps=8, sampler=sampler)
     for i in range(canvases):
         sched.submit(Request([2, 7, 8, 9], params, seed=i))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss()
     with torch.no_grad():
         sched.step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # ru_maxrss is in KiB
+    return peak_rss() - before
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM: unlike getrusage's ru_maxrss, not inherited from the parent
+    across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (this measurement needs Linux)")
 
 
 def main() -> int:
