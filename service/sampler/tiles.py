@@ -27,6 +27,9 @@ from service.sampler.constraints import FREE, constrain_logits_
 
 # Inverse-CDF block width of the fast sampler's two-level search.
 _BLOCK = 256
+# Rows whose reference entropy and float64 uniforms are made at once inside a tile (row-wise work: the
+# same bits as the whole tile at once, a quarter of its transient memory at a one-canvas tile).
+_REFERENCE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,10 @@ def _sample_rows(processed: Tensor, draw: CanvasDraw, u: Tensor | None) -> tuple
     """
     if draw.reference:
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        return probs, ops.token_entropy(processed), reference_draw(probs, draw.generator)
+        parts = [(ops.token_entropy(processed[i : i + _REFERENCE_ROWS]),
+                  reference_draw(probs[i : i + _REFERENCE_ROWS], draw.generator))
+                 for i in range(0, processed.shape[0], _REFERENCE_ROWS)]  # in row order: the stream's order
+        return probs, torch.cat([h for h, _ in parts]), torch.cat([ids for _, ids in parts])
     probs, entropy = ops.fast_probs_and_entropy(processed)
     return probs, entropy, inverse_cdf_draw(probs, u)
 
@@ -151,7 +157,7 @@ def reference_draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     u = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)  # [k, V]
     q = torch.log1p(u.neg_()).neg_().to(probs.dtype)
     del u
-    return (probs / q).argmax(dim=-1)
+    return torch.div(probs, q, out=q).argmax(dim=-1)  # p / q, in q's memory
 
 
 def inverse_cdf_draw(probs: Tensor, u: Tensor) -> Tensor:

@@ -93,10 +93,10 @@ def _draws(n: int, reference: bool, classes: torch.Tensor | None = None) -> list
 @pytest.mark.parametrize("reference", [True, False])
 def test_a_step_in_tiles_equals_each_canvas_alone(reference):
     vocab, w = _vocab(16, 500)
-    hidden = torch.randn(3, 24, 16, generator=torch.Generator().manual_seed(9))
-    batched = tiles.sample_step(vocab, hidden, _draws(3, reference), tile=24)
+    hidden = torch.randn(3, 150, 16, generator=torch.Generator().manual_seed(9))  # 150 rows: 64-row draw chunks
+    batched = tiles.sample_step(vocab, hidden, _draws(3, reference), tile=150)
     for b in range(3):
-        alone = tiles.sample_step(vocab, hidden[b : b + 1], _draws(3, reference)[b : b + 1], tile=24)
+        alone = tiles.sample_step(vocab, hidden[b : b + 1], _draws(3, reference)[b : b + 1], tile=150)
         for name in ("entropy", "argmax", "sampled", "soft"):
             assert torch.equal(getattr(batched, name)[b], getattr(alone, name)[0]), (name, b)
     # against the plain whole-canvas computation (the pre-tile code path)
@@ -127,6 +127,13 @@ def test_tiles_that_cross_canvases_and_a_padded_last_tile():
         assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=draws[i].generator))
     processed = torch.nn.functional.linear(hidden[1], w).div_(ops.temperature(3, 8, 0.4, 0.8))
     assert torch.allclose(out.entropy[1], ops.token_entropy(constrain_logits(processed, classes, masks)), atol=1e-5)
+
+
+def test_row_chunks_of_the_reference_entropy_keep_its_bits():
+    logits = 4 * torch.randn(256, 3000, generator=torch.Generator().manual_seed(8))
+    whole = ops.token_entropy(logits)
+    for step in (1, 7, 64):
+        assert torch.equal(torch.cat([ops.token_entropy(logits[i : i + step]) for i in range(0, 256, step)]), whole)
 
 
 def test_default_tile_is_one_canvas_on_a_cpu():
