@@ -27,7 +27,6 @@ class LocalEngine:
                  on_step=None) -> None:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.runner = runner
-        self.name = runner.name
         self.config = runner.config
         gen = read_generation_config(self.checkpoint_dir)
         self.eos_ids, self.pad_id = special_ids(self.config, gen)

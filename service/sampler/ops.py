@@ -44,8 +44,10 @@ def fast_probs_and_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
     return probs, entropy
 
 
-def accept_mask(entropy: Tensor, bound: float, pinned: Tensor | None = None) -> Tensor:
-    """Accept the lowest-entropy positions while cumsum(H) - H <= bound: [L] -> bool [L].
+def accept_mask(entropy: Tensor, bound: float | Tensor, pinned: Tensor | None = None) -> Tensor:
+    """Accept the lowest-entropy positions while cumsum(H) - H <= bound: [..., L] -> bool [..., L].
+
+    Batched: entropy and pinned [B, L] with bound [B, 1] (one bound per canvas).
 
     Pinned positions count as zero entropy, so they never use up the bound.
     """
