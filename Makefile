@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,build]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,7 +29,7 @@ $(STAMP312): pyproject.toml
 	@test -n "$(PY312)" || { echo "test-py312: no python3.12 found; set PY312=/path/to/python3.12" >&2; exit 2; }
 	test -x $(VENV312)/bin/python || $(PY312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
-	$(VENV312)/bin/python -m pip install -q -e '.[test]'
+	$(VENV312)/bin/python -m pip install -q -e '.[test,build]'
 	touch $(STAMP312)
 
 test-py312: $(STAMP312)
