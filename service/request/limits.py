@@ -64,7 +64,7 @@ def text_sizes(msg: Message, prefix: str = "") -> dict[str, int]:
     out: dict[str, int] = {}
     for fd, value in msg.ListFields():
         path = prefix + fd.name
-        repeated = fd.label == fd.LABEL_REPEATED
+        repeated = fd.is_repeated
         items = list(enumerate(value)) if repeated else [(None, value)]
         for i, v in items:
             at = path if i is None else f"{path}[{i}]"
