@@ -12,6 +12,7 @@ from service.errors import InvalidArgument
 
 DEFAULT_MAX_PROMPT_BYTES = 128 << 10
 DEFAULT_MAX_PROMPT_TOKENS = 8192  # the engine's own limit (NIM_MAX_PROMPT_TOKENS)
+NOT_PROMPT = ("request_id", "model")  # text fields of a request that are checked on their own, not tokenized
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class PromptLimits:
         size = msg.ByteSize()
         if size <= self.max_bytes and -(-size // max(1, self.max_token_bytes)) <= self.max_tokens:
             return
-        self.check_text(text_sizes(msg))
+        self.check_text({k: n for k, n in text_sizes(msg).items() if k not in NOT_PROMPT})
 
 
 def _utf8_len(text: str) -> int:
