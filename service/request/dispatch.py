@@ -144,6 +144,8 @@ class Dispatcher:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.inflight -= n
+            if metrics is not None:
+                metrics.coalesced(events.coalesced)
 
     async def finals(self, job: Job, **kw) -> list[BackendEvent]:
         """Each variation's final event (`kw`: as `run`)."""

@@ -11,6 +11,7 @@ from service.request.catalog import ServedModel
 from service.request.dispatch import Dispatcher, EventBuffer
 from service.request.jobs import Job
 from service.request.triton_client import BackendEvent
+from service.telemetry.metrics import FrontMetrics
 
 DRAFTS_PER_CANVAS, CANVASES = 2000, 3
 
@@ -48,12 +49,15 @@ def test_slow_reader_of_drafts_gets_them_coalesced_and_loses_no_canvas(model):
         d = Dispatcher(model, FloodingTriton(), 8)
         d.stream_buffer = 4
         got: list[tuple[int, BackendEvent]] = []
-        async for i, e in d.run(job(2)):
+        async for i, e in d.run(job(2), metrics=metrics.request("GenerateStream")):
             got.append((i, e))
             await asyncio.sleep(0.001)  # a slow reader: the producers run far ahead of it
         return d, got
 
+    metrics = FrontMetrics()
     d, got = asyncio.run(main())
+    delivered = sum(e.kind == "draft" for _, e in got)
+    assert metrics.drafts_coalesced._value.get() == 2 * CANVASES * DRAFTS_PER_CANVAS - delivered
     for v in range(2):
         mine = [e for i, e in got if i == v]
         assert [e.canvas_index for e in mine if e.kind == "canvas"] == list(range(CANVASES))
