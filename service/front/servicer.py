@@ -122,7 +122,8 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
     def _infill_layout(self, r: pb.InfillRequest) -> layout.CanvasLayout:
         self._admit(r)
         return layout.infill_layout(jobs.tokenizer_of(self.model, "prefix"), self.model.config.canvas_length,
-                                    r.prefix, r.suffix, r.gap_tokens, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+                                    r.prefix, r.suffix, r.gap_tokens, eos_id=self.model.eos_id,
+                                    pad_id=self.model.pad_id)
 
     async def Infill(self, request: pb.InfillRequest, context) -> pb.InfillResponse:
         lay = await asyncio.to_thread(self._infill_layout, request)
