@@ -12,9 +12,9 @@ import grpc
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from tests.e2e.conftest import Serve
 
-STREAMS, UNARY, DRAIN_S, TOKENS = 6, 2, 1.5, 256
+STREAMS, UNARY, DRAIN_S, TOKENS = 6, 2, 1.0, 256
 LONG = pb.GenerateRequest(text="def ", max_new_tokens=TOKENS, options=pb.GenerationOptions(
-    parameters=pb.DiffusionParameters(max_denoising_steps=6, confidence_threshold=0.0)))
+    parameters=pb.DiffusionParameters(max_denoising_steps=10, confidence_threshold=0.0)))
 
 
 def test_sigterm_under_load_drains_then_refuses_and_exits_0(tmp_path):
