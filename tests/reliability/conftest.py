@@ -12,7 +12,7 @@ LIMITS_ENV = {"NIM_MAX_PROMPT_BYTES": str(PROMPT_BYTES), "NIM_GRPC_MAX_MESSAGE_B
               "NIM_STREAM_BUFFER": "8", "NIM_LOG_LEVEL": "WARNING", "NIM_SHUTDOWN_DRAIN_DELAY": "0"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped once tests/reliability is done
 def limited_server(tmp_path_factory):
     srv = Serve(tmp_path_factory.mktemp("limited"), LIMITS_ENV, api_key=None)
     yield srv
