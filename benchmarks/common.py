@@ -58,7 +58,7 @@ class Serve:
     """`dgemma serve` (the embedded model) on 127.0.0.1 with free ports, for the front benchmarks; stopped
     with SIGTERM on exit."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, env: dict[str, str] | None = None) -> None:
         import os
         import subprocess
         import sys
@@ -66,13 +66,15 @@ class Serve:
         from service.triton.launcher import free_port
 
         self.port, self.http_port, self.triton_port = free_port(), free_port(), free_port()
-        env = {**os.environ, "NIM_CACHE_PATH": tempfile.mkdtemp(prefix="dgemma-bench-"),
-               "OMP_NUM_THREADS": str(threads), "NIM_TRITON_GRPC_PORT": str(self.triton_port),
-               "NIM_LOG_LEVEL": "WARNING"}
+        self.metrics_port, self.triton_metrics_port = free_port(), free_port()
+        full_env = {**os.environ, "NIM_CACHE_PATH": tempfile.mkdtemp(prefix="dgemma-bench-"),
+                    "OMP_NUM_THREADS": str(threads), "NIM_TRITON_GRPC_PORT": str(self.triton_port),
+                    "NIM_TRITON_METRICS_PORT": str(self.triton_metrics_port), "NIM_LOG_LEVEL": "WARNING",
+                    **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--http-port", str(self.http_port), "--metrics-port", str(free_port()), "--threads", str(threads)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port), "--threads", str(threads)],
+            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def __enter__(self) -> "Serve":
         line = self.proc.stdout.readline()

@@ -25,6 +25,7 @@ from service.errors import InvalidArgument, PayloadTooLarge, Unauthenticated
 from service.request import jobs, layout
 from service.front.auth import BearerKeys
 from service.request.jobs import OPENAI_PATHS, Job
+from service.request.limits import utf8_sizes
 from service.front.observe import Call
 from service.front.openai_schema import (
     DEFAULT_GAP_TOKENS,
@@ -277,9 +278,10 @@ class OpenAIApi:
         if (r.prompt is None) == (r.messages is None):
             raise InvalidArgument("prompt", "give prompt or messages")
         if r.prompt is not None:
-            ids = jobs.text_ids(self.model, r.prompt, "prompt")
+            self.dispatcher.limits.check_text(utf8_sizes({"prompt": r.prompt}))
+            ids = await asyncio.to_thread(jobs.text_ids, self.model, r.prompt, "prompt")
         else:
-            ids = jobs.chat_ids(self.model, chat_of(r.messages), "messages")
+            ids = await asyncio.to_thread(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
         tok = jobs.tokenizer_of(self.model, "prompt")
         return _Produced({"model": self.model.id, "tokens": ids, "token_strs": [tok.id_to_token(i) or "" for i in ids],
                           "count": len(ids)})
@@ -292,6 +294,12 @@ class OpenAIApi:
         return Job(request_id=call.rid, prompt_ids=prompt_ids, options=options, max_new_tokens=max_new_tokens,
                    field_names=jobs.field_names(prompt_field, length_field, OPENAI_PATHS), **kw)
 
+    def _turns(self, messages) -> list[tuple[str, str]]:
+        """The conversation's turns, their text within the limits (checked before tokenizing)."""
+        turns = chat_of(messages)
+        self.dispatcher.limits.check_text(utf8_sizes({f"messages[{i}].content": c for i, (_, c) in enumerate(turns)}))
+        return turns
+
     def _run_kw(self, call: Call, timeout: float | None) -> dict:
         return dict(timeout=timeout, trace_context=call.trace_context, metrics=call.rm)
 
@@ -299,12 +307,16 @@ class OpenAIApi:
         r = parse(CompletionRequest, body)
         self.dispatcher.check_model(r.model)
         prompt = prompt_of(r.prompt)
+        if isinstance(prompt, str):
+            self.dispatcher.limits.check_text(utf8_sizes({"prompt": prompt, "suffix": r.suffix}))
+        else:
+            self.dispatcher.limits.check_ids("prompt", len(prompt))
         head = {"id": f"cmpl-{call.rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.id}
         if r.suffix is not None:
             return await self._infill(r, prompt, head, call, timeout)
-        ids = (jobs.text_ids(self.model, prompt, "prompt") if isinstance(prompt, str)
-               else jobs.checked_ids(self.model, prompt, "prompt"))
+        ids = await asyncio.to_thread(jobs.text_ids if isinstance(prompt, str) else jobs.checked_ids,
+                                      self.model, prompt, "prompt")
         job = self._job(r, call, ids, "prompt", "max_tokens", r.max_tokens, return_drafts=r.stream and r.return_drafts)
         if r.stream:
             return _Produced(chunks=await _primed(self._stream(job, r, head, call, timeout, chat=False)))
@@ -321,8 +333,8 @@ class OpenAIApi:
         tok = jobs.tokenizer_of(self.model, "prompt")
         gap = r.max_tokens if r.max_tokens is not None else DEFAULT_GAP_TOKENS
         try:
-            lay = layout.infill_layout(tok, self.model.config.canvas_length, prompt, r.suffix, gap,
-                                       eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+            lay = await asyncio.to_thread(layout.infill_layout, tok, self.model.config.canvas_length, prompt,
+                                          r.suffix, gap, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
         except InvalidArgument as e:
             raise (e.renamed("max_tokens") if e.field == "gap_tokens" else e) from None
         job = self._job(r, call, lay.prompt_ids, "prompt", "max_tokens", lay.max_new_tokens, pin_ids=lay.pin_ids,
@@ -336,7 +348,7 @@ class OpenAIApi:
     async def _chat(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
         r = parse(ChatRequest, body)
         self.dispatcher.check_model(r.model)
-        ids = jobs.chat_ids(self.model, chat_of(r.messages), "messages")
+        ids = await asyncio.to_thread(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
         length_field = "max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens"
         max_new = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
         job = self._job(r, call, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts)

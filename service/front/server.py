@@ -22,6 +22,7 @@ from service.front.http_server import HttpServer
 from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor
 from service.front.openai_api import OpenAIApi
 from service.request.dispatch import Dispatcher
+from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS, PromptLimits
 from service.front.servicer import DiffusionGemmaServicer
 from service.request.triton_client import TritonClient
 from service.telemetry.metrics import FrontMetrics, render
@@ -61,6 +62,11 @@ class FrontSettings:
     ready_poll_s: float = 1.0
     http_port: int | None = 8080  # the OpenAI-compatible HTTP API; None: not served
     http_max_body_bytes: int = 1 << 20
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # a request's text, checked before tokenizing
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    stream_buffer: int = 64  # events buffered per request for a slow reader (drafts coalesce beyond)
+    max_concurrent_rpcs: int = 256  # gRPC calls of any kind at once (health included); past it RESOURCE_EXHAUSTED
+    grpc_max_message_bytes: int = 1 << 20  # largest gRPC request message; larger: RESOURCE_EXHAUSTED
 
 
 class FrontServer:
@@ -74,7 +80,10 @@ class FrontServer:
         self.backend_alive = backend_alive
         self.model = ServedModel.load(settings.checkpoint, settings.model_id, settings.profile)
         self.triton = TritonClient(settings.triton_target, settings.triton_model)
-        self.dispatcher = Dispatcher(self.model, self.triton, settings.max_inflight)
+        tok = self.model.tokenizer
+        limits = PromptLimits(settings.max_prompt_bytes, settings.max_prompt_tokens,
+                              tok.longest_token_bytes() if tok else 1)
+        self.dispatcher = Dispatcher(self.model, self.triton, settings.max_inflight, limits, settings.stream_buffer)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.http_port: int | None = None
@@ -91,7 +100,8 @@ class FrontServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
         if s.api_keys:
             interceptors.append(AuthInterceptor(s.api_keys))
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=s.max_concurrent_rpcs, options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", s.grpc_max_message_bytes)])
         self.servicer = DiffusionGemmaServicer(self.dispatcher)
         pb_grpc.add_DiffusionGemmaServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

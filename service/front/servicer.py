@@ -2,10 +2,13 @@
 
 Errors are raised as domain errors; the interceptor (service/front/interceptors.py) maps them to status
 codes. Every RPC's variations run as concurrent Triton streams, so the engine batches them together.
+A request's size is checked first (service/request/limits.py); tokenizing and layout run on a worker thread,
+so a large prompt does not hold up the event loop and the other calls on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -49,8 +52,10 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         self.dispatcher = dispatcher
         self.model = dispatcher.model
 
-    def _check_model(self, name: str) -> None:
-        self.dispatcher.check_model(name)
+    def _admit(self, r) -> None:
+        """Before any tokenizing: the model asked for, and the request's text and ids within the limits."""
+        self.dispatcher.check_model(r.model)
+        self.dispatcher.limits.check_message(r)
 
     @staticmethod
     def _call(context: grpc.aio.ServicerContext) -> dict:
@@ -64,8 +69,10 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
     # ---- Generate ------------------------------------------------------------------------------
 
     def _generate_job(self, r: pb.GenerateRequest) -> Job:
-        self._check_model(r.model)
+        self._admit(r)
         kind = r.WhichOneof("prompt")
+        if kind == "token_ids":
+            self.dispatcher.limits.check_ids("token_ids.ids", len(r.token_ids.ids))
         ids, prompt_field = jobs.prompt_ids(
             self.model, r.text if kind == "text" else None, _chat(r.chat) if kind == "chat" else None,
             list(r.token_ids.ids) if kind == "token_ids" else None)
@@ -80,12 +87,12 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                                    usage=_usage(usage_of(job, finals)))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        job = self._generate_job(request)
+        job = await asyncio.to_thread(self._generate_job, request)
         job.return_drafts = False
         return self._generate_response(job, await self._finals(job, context))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        job = self._generate_job(request)
+        job = await asyncio.to_thread(self._generate_job, request)
         finals: list[BackendEvent | None] = [None] * job.options.num_variations
         rid = job.request_id
         async for i, ev in self.dispatcher.run(job, **self._call(context)):
@@ -112,23 +119,28 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         finals, filled, usage = await self.dispatcher.fill(job, lay, **self._call(context))
         return job, finals, filled, _usage(usage)
 
+    def _infill_layout(self, r: pb.InfillRequest) -> layout.CanvasLayout:
+        self._admit(r)
+        return layout.infill_layout(jobs.tokenizer_of(self.model, "prefix"), self.model.config.canvas_length,
+                                    r.prefix, r.suffix, r.gap_tokens, eos_id=self.model.eos_id,
+                                    pad_id=self.model.pad_id)
+
     async def Infill(self, request: pb.InfillRequest, context) -> pb.InfillResponse:
-        self._check_model(request.model)
-        tok = jobs.tokenizer_of(self.model, "prefix")
-        lay = layout.infill_layout(tok, self.model.config.canvas_length, request.prefix, request.suffix,
-                                   request.gap_tokens, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+        lay = await asyncio.to_thread(self._infill_layout, request)
         job, finals, filled, usage = await self._filled(request, lay, context, "prefix", "gap_tokens")
         choices = [pb.InfillChoice(index=i, infill=values[0], text=text, infill_token_ids=lay.slot_token_ids(f.ids)[0],
                                    seed=job.seed(i), stats=_stats(f.stats))
                    for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
         return pb.InfillResponse(request_id=job.request_id, model=self.model.id, choices=choices, usage=usage)
 
+    def _edit_layout(self, r: pb.EditRequest) -> layout.CanvasLayout:
+        self._admit(r)
+        spans = [(s.start, s.end, s.length_tokens) for s in r.editable]
+        return layout.edit_layout(jobs.tokenizer_of(self.model, "text"), self.model.config.canvas_length, r.text,
+                                  spans, r.instruction, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+
     async def Edit(self, request: pb.EditRequest, context) -> pb.EditResponse:
-        self._check_model(request.model)
-        tok = jobs.tokenizer_of(self.model, "text")
-        spans = [(s.start, s.end, s.length_tokens) for s in request.editable]
-        lay = layout.edit_layout(tok, self.model.config.canvas_length, request.text, spans, request.instruction,
-                                 eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+        lay = await asyncio.to_thread(self._edit_layout, request)
         job, finals, filled, usage = await self._filled(request, lay, context, "instruction", "editable")
         choices = [pb.EditChoice(index=i, text=text, replacements=values, seed=job.seed(i), stats=_stats(f.stats))
                    for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
@@ -150,11 +162,14 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                          layout.Hole(p.hole.name or None, p.hole.type, p.hole.length_tokens))
         return parts
 
+    def _template_layout(self, r: pb.TemplateRequest) -> layout.CanvasLayout:
+        self._admit(r)
+        return layout.template_layout(jobs.tokenizer_of(self.model, "skeleton"), self.model.config.canvas_length,
+                                      self._template_parts(r), r.instruction, eos_id=self.model.eos_id,
+                                      pad_id=self.model.pad_id)
+
     async def Template(self, request: pb.TemplateRequest, context) -> pb.TemplateResponse:
-        self._check_model(request.model)
-        tok = jobs.tokenizer_of(self.model, "skeleton")
-        lay = layout.template_layout(tok, self.model.config.canvas_length, self._template_parts(request),
-                                     request.instruction, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+        lay = await asyncio.to_thread(self._template_layout, request)
         job, finals, filled, usage = await self._filled(request, lay, context, "instruction", "skeleton")
         choices = [pb.TemplateChoice(index=i, text=text, values=values, named_values=named, seed=job.seed(i),
                                      stats=_stats(f.stats))
@@ -163,15 +178,18 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
 
     # ---- Tokenize, ListModels ------------------------------------------------------------------
 
-    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        self._check_model(request.model)
-        kind = request.WhichOneof("input")
+    def _tokenized(self, r: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        self._admit(r)
+        kind = r.WhichOneof("input")
         if kind is None:
             raise InvalidArgument("text", "give text or chat")
-        ids, _ = jobs.prompt_ids(self.model, request.text if kind == "text" else None,
-                                 _chat(request.chat) if kind == "chat" else None, None)
+        ids, _ = jobs.prompt_ids(self.model, r.text if kind == "text" else None,
+                                 _chat(r.chat) if kind == "chat" else None, None)
         tok = jobs.tokenizer_of(self.model, kind)
         return pb.TokenizeResponse(token_ids=ids, tokens=[tok.id_to_token(i) or "" for i in ids])
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        return await asyncio.to_thread(self._tokenized, request)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         m, d = self.model, self.model.defaults

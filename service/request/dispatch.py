@@ -8,6 +8,7 @@ frees the engine's slots within one denoising step.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from service.errors import InvalidArgument, Overloaded, UnknownModel
 from service.request import layout
 from service.request.catalog import ServedModel
 from service.request.jobs import Job, tokenizer_of
+from service.request.limits import PromptLimits
 from service.request.triton_client import BackendEvent, TritonClient
 from service.telemetry.metrics import RequestMetrics
 from service.telemetry.tracing import traceparent_metadata
@@ -46,12 +48,55 @@ class Filled(NamedTuple):
     usage: Usage
 
 
+class EventBuffer:
+    """One request's events on their way to its reader, bounded: at most `bound` canvases, finals and errors
+    (their producers wait beyond that) and at most one draft per variation, since a new draft replaces its
+    variation's unsent one. A slow reader of drafts gets the latest draft, never unbounded memory; canvases,
+    finals and errors are never dropped, and each variation's order is kept."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.coalesced = 0  # drafts replaced before they were read
+        self._items: deque[tuple[int, object, bool]] = deque()
+        self._kept = 0  # items that are not drafts
+        self._changed = asyncio.Condition()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, variation: int, item: "BackendEvent | BaseException") -> None:
+        draft = isinstance(item, BackendEvent) and item.kind == "draft"
+        async with self._changed:
+            if draft:
+                for k, (i, _, was_draft) in enumerate(self._items):
+                    if i == variation and was_draft:
+                        del self._items[k]
+                        self.coalesced += 1
+                        break
+            else:
+                await self._changed.wait_for(lambda: self._kept < self.bound)
+                self._kept += 1
+            self._items.append((variation, item, draft))
+            self._changed.notify_all()
+
+    async def get(self) -> tuple[int, "BackendEvent | BaseException"]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._items))
+            i, item, draft = self._items.popleft()
+            self._kept -= not draft
+            self._changed.notify_all()
+            return i, item  # type: ignore[return-value]
+
+
 class Dispatcher:
-    def __init__(self, model: ServedModel, triton: TritonClient, max_inflight: int = 64) -> None:
+    def __init__(self, model: ServedModel, triton: TritonClient, max_inflight: int = 64,
+                 limits: PromptLimits | None = None, stream_buffer: int = 64) -> None:
         self.model = model
         self.triton = triton
         self.max_inflight = max_inflight  # backend streams (variations) in flight at once, over both fronts
         self.inflight = 0
+        self.limits = limits or PromptLimits()
+        self.stream_buffer = stream_buffer  # events (drafts aside) buffered per request for its reader
 
     def check_model(self, name: str | None, field: str = "model") -> None:
         if name and name != self.model.id:
@@ -66,23 +111,24 @@ class Dispatcher:
                                   f"exceeds this server's limit of {self.max_inflight} concurrent generations")
         if self.inflight + n > self.max_inflight:
             raise Overloaded(f"the server is at its limit of {self.max_inflight} concurrent generations; retry later")
-        self.inflight += n
-        metadata = traceparent_metadata(trace_context)
-        queue: asyncio.Queue = asyncio.Queue()
+        events = EventBuffer(self.stream_buffer)
 
-        async def pump(i: int) -> None:
+        async def pump(i: int, metadata) -> None:
             try:
                 async for ev in self.triton.stream(job.inputs(i), request_id=f"{job.request_id}/{i}", timeout=timeout,
                                                    metadata=metadata, field_names=job.field_names):
-                    await queue.put((i, ev))
+                    await events.put(i, ev)
             except Exception as e:  # noqa: BLE001 (re-raised by the reader)
-                await queue.put((i, e))
+                await events.put(i, e)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
-        try:
+        tasks: list[asyncio.Task] = []
+        self.inflight += n
+        try:  # nothing between the increment and the `try` whose `finally` takes it back
+            metadata = traceparent_metadata(trace_context)
+            tasks = [asyncio.create_task(pump(i, metadata)) for i in range(n)]
             finals = 0
             while finals < n:
-                i, item = await queue.get()
+                i, item = await events.get()
                 if isinstance(item, BaseException):
                     raise item
                 if metrics is not None:
@@ -98,6 +144,8 @@ class Dispatcher:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.inflight -= n
+            if metrics is not None:
+                metrics.coalesced(events.coalesced)
 
     async def finals(self, job: Job, **kw) -> list[BackendEvent]:
         """Each variation's final event (`kw`: as `run`)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from service import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
 from service.front.server import FrontSettings, TLSConfig
+from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS
 from service.serve.supervisor import ServeOptions
 from service.triton.launcher import TritonPorts, default_cache_dir, free_port
 from service.triton.repository import RepositorySettings
@@ -131,6 +132,11 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         max_inflight=_int(env, "NIM_MAX_CONCURRENT_REQUESTS", 64, 1),
         http_port=http_port if http_port is not None else _int(env, "NIM_HTTP_PORT", 8080),
         http_max_body_bytes=_int(env, "NIM_HTTP_MAX_BODY_BYTES", 1 << 20, 1024),
+        max_prompt_bytes=_int(env, "NIM_MAX_PROMPT_BYTES", DEFAULT_MAX_PROMPT_BYTES, 1),
+        max_prompt_tokens=_int(env, "NIM_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS, 1),
+        stream_buffer=_int(env, "NIM_STREAM_BUFFER", 64, 1),
+        max_concurrent_rpcs=_int(env, "NIM_MAX_CONCURRENT_RPCS", 256, 1),
+        grpc_max_message_bytes=_int(env, "NIM_GRPC_MAX_MESSAGE_BYTES", 1 << 20, 1024),
     )
     # Triton is internal to the pod: its ports are free ones unless pinned.
     tports = TritonPorts(_int(env, "NIM_TRITON_GRPC_PORT", 0) or free_port(), free_port(),

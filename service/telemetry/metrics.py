@@ -53,6 +53,8 @@ class FrontMetrics:
                                  "Requests accepted by the front and waiting for their first event from the backend",
                                  registry=r)
         self.inflight = Gauge(p + "inflight_requests", "Requests being served by the front", registry=r)
+        self.drafts_coalesced = Counter(p + "drafts_coalesced", "Drafts replaced by a newer one before a slow "
+                                        "reader read them", registry=r)
         self.backend_restarts = Counter(p + "backend_restarts", "Times the supervisor restarted a dead tritonserver",
                                         registry=r)
 
@@ -82,6 +84,11 @@ class RequestMetrics:
         if self._queued:
             self._queued = False
             self.m.queue_depth.dec()
+
+    def coalesced(self, drafts: int) -> None:
+        """`drafts` drafts were replaced by newer ones before this call's reader took them."""
+        if drafts:
+            self.m.drafts_coalesced.inc(drafts)
 
     def canvas(self, steps: int | None = None, tokens: int = 0) -> None:
         """A canvas was committed after `steps` denoising steps, adding `tokens` tokens."""

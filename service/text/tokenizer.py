@@ -42,6 +42,10 @@ class Tokenizer:
         """Ids of the added tokens marked special (pad, eos, bos, `<|turn>`, ...)."""
         return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
+    def longest_token_bytes(self) -> int:
+        """The longest vocabulary entry in UTF-8 bytes (as stored: a bound on the text one token covers)."""
+        return max((len(t.encode("utf-8")) for t in self._tok.get_vocab()), default=1)
+
     def token_texts(self) -> list[str]:
         """Every id decoded on its own, special tokens kept: entry i is id i's text."""
         return self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)

@@ -34,12 +34,26 @@ def test_flags_override_environment(tmp_path):
     assert o.repository.dtype == "bfloat16"
 
 
+def test_front_limits_from_environment():
+    d = serve_options({}).front
+    assert (d.max_prompt_bytes, d.max_prompt_tokens, d.stream_buffer, d.max_concurrent_rpcs,
+            d.grpc_max_message_bytes) == (128 << 10, 8192, 64, 256, 1 << 20)
+    f = serve_options({"NIM_MAX_PROMPT_BYTES": "100", "NIM_MAX_PROMPT_TOKENS": "50", "NIM_STREAM_BUFFER": "3",
+                       "NIM_MAX_CONCURRENT_RPCS": "9", "NIM_GRPC_MAX_MESSAGE_BYTES": "2048"}).front
+    assert (f.max_prompt_bytes, f.max_prompt_tokens, f.stream_buffer, f.max_concurrent_rpcs,
+            f.grpc_max_message_bytes) == (100, 50, 3, 9, 2048)
+
+
 @pytest.mark.parametrize("env, field", [
     ({"NIM_SERVER_PORT": "http"}, "NIM_SERVER_PORT"),
     ({"NIM_HTTP_PORT": "x"}, "NIM_HTTP_PORT"),
     ({"NIM_HTTP_MAX_BODY_BYTES": "10"}, "NIM_HTTP_MAX_BODY_BYTES"),
     ({"NIM_MAX_CONCURRENT_REQUESTS": "0"}, "NIM_MAX_CONCURRENT_REQUESTS"),
     ({"NIM_MAX_QUEUED_REQUESTS": "0"}, "NIM_MAX_QUEUED_REQUESTS"),
+    ({"NIM_MAX_PROMPT_BYTES": "0"}, "NIM_MAX_PROMPT_BYTES"),
+    ({"NIM_STREAM_BUFFER": "x"}, "NIM_STREAM_BUFFER"),
+    ({"NIM_MAX_CONCURRENT_RPCS": "0"}, "NIM_MAX_CONCURRENT_RPCS"),
+    ({"NIM_GRPC_MAX_MESSAGE_BYTES": "100"}, "NIM_GRPC_MAX_MESSAGE_BYTES"),
     ({"NIM_MODEL_PROFILE": "torch-fp8-h100"}, "NIM_MODEL_PROFILE"),
     ({"NIM_MODEL_PROFILE": "onnx-float32-cpu"}, "NIM_MODEL_PROFILE"),
     ({"NIM_MODEL_PATH": "/nonexistent"}, "checkpoint"),
