@@ -373,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the model: Triton plus the public gRPC front (docs/operations.md)")
     s.add_argument("--checkpoint", type=Path, default=None,
                    help="model directory (env NIM_MODEL_PATH; default: the embedded tiny model)")
-    s.add_argument("--profile", default=None, help="<backend>-<precision>-<target> (env NIM_MODEL_PROFILE, "
-                                                   "torch-float32-cpu)")
+    s.add_argument("--profile", default=None, help="profile name or id (env NIM_MODEL_PROFILE; default: the build's, "
+                                                   "else torch-fp32-cpu on a CPU, torch-bf16-any on a GPU)")
     s.add_argument("--host", default=None, help="listen address (env NIM_SERVER_HOST, 0.0.0.0)")
     s.add_argument("--port", type=int, default=None, help="public gRPC port (env NIM_SERVER_PORT, 8000)")
     s.add_argument("--metrics-port", type=int, default=None,

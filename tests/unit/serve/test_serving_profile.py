@@ -1,0 +1,58 @@
+"""`dgemma serve` picks its profile: from a build's checked manifest, NIM_MODEL_PROFILE, or the machine."""
+
+import shutil
+
+import pytest
+
+from service import DEFAULT_CHECKPOINT
+from service.errors import CheckpointError, InvalidArgument, Unavailable
+from service.model.build_manifest import write_manifest
+from service.serve.config import resolve_serving
+from service.serve.profiles import Machine, find_profile
+
+CPU = Machine(False, None, None, False, False)
+H100 = Machine(True, (9, 0), "H100", False, True)
+A100 = Machine(True, (8, 0), "A100", False, True)
+
+
+def fake_build(tmp_path, profile: str):
+    """A build directory of `profile` around the tiny model's files (the loader is not run here)."""
+    d = tmp_path / "build"
+    shutil.copytree(DEFAULT_CHECKPOINT, d)
+    write_manifest(d, {"profile": find_profile(profile).manifest_entry(), "architecture": "x",
+                       "source": {"sha256": "0" * 64}, "tools": {}, "calibration": None, "verification": {},
+                       "created": "2026-12-01T00:00:00Z"})
+    return d
+
+
+def test_raw_checkpoint_auto_selects_by_machine():
+    assert resolve_serving(DEFAULT_CHECKPOINT, None, "F", CPU).label == "torch-fp32-cpu"
+    s = resolve_serving(DEFAULT_CHECKPOINT, None, "F", A100)
+    assert (s.profile.name, s.device, s.dtype, s.manifest) == ("torch-bf16-any", "cuda", "bfloat16", None)
+    with pytest.raises(InvalidArgument, match="dgemma build --profile torch-fp8-hopper") as e:
+        resolve_serving(DEFAULT_CHECKPOINT, "torch-fp8-hopper", "--profile", H100)
+    assert e.value.field == "--profile"
+
+
+def test_build_fixes_the_profile(tmp_path):
+    d = fake_build(tmp_path, "torch-fp8-hopper")
+    s = resolve_serving(d, None, "NIM_MODEL_PROFILE", CPU)
+    assert (s.device, s.dtype, s.label) == ("cpu", "float32", "torch-fp8-hopper (dequantized on cpu)")
+    assert s.manifest["profile"]["name"] == "torch-fp8-hopper"
+    native = resolve_serving(d, find_profile("torch-fp8-hopper").id, "NIM_MODEL_PROFILE", H100)  # by id
+    assert (native.device, native.dtype, native.label) == ("cuda", "bfloat16", "torch-fp8-hopper")
+    with pytest.raises(InvalidArgument, match="torch-fp32-cpu asked for, but build is a torch-fp8-hopper build"):
+        resolve_serving(d, "torch-fp32-cpu", "NIM_MODEL_PROFILE", CPU)
+
+
+def test_tampered_build_refused_naming_the_file(tmp_path):
+    d = fake_build(tmp_path, "torch-fp32-cpu")
+    (d / "config.json").write_text((d / "config.json").read_text() + " ")
+    with pytest.raises(CheckpointError, match="config.json does not match"):
+        resolve_serving(d, None, "NIM_MODEL_PROFILE", CPU)
+
+
+def test_trtllm_build_fails_clearly_without_tensorrt_llm(tmp_path):
+    d = fake_build(tmp_path, "trtllm-fp8-hopper")
+    with pytest.raises(Unavailable, match="tensorrt_llm"):
+        resolve_serving(d, None, "NIM_MODEL_PROFILE", H100)
