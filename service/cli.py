@@ -320,6 +320,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve(opts)
 
 
+def cmd_list_profiles(a: argparse.Namespace) -> int:
+    """The profiles, NIM `list-model-profiles` style: what this machine can build and run."""
+    from service.serve.profiles import PROFILES, can_build, can_run, probe_machine
+
+    machine = probe_machine()
+    rows = []
+    for p in PROFILES:
+        (b, b_why), (r, r_why) = can_build(p, machine), can_run(p, machine)
+        rows.append({"id": p.id, "name": p.name, "precision": p.precision, "target": p.target,
+                     "buildable": b, "buildable_reason": b_why, "runnable": r, "runnable_reason": r_why})
+    if a.json:
+        print(json.dumps({"machine": machine.describe, "profiles": rows}, indent=2))
+        return 0
+    print(f"MODEL PROFILES on this machine ({machine.describe})")
+    for row in rows:
+        print(f"  {row['id']} ({row['name']})  precision={row['precision']} target={row['target']}  "
+              f"build: {'yes' if row['buildable'] else 'no'}  run: {'yes' if row['runnable'] else 'no'}"
+              f"{'' if row['runnable'] else ' (' + row['runnable_reason'] + ')'}")
+    return 0
+
+
 def _serve_triton_only(a: argparse.Namespace, opts) -> int:
     """Triton alone on its own KServe v2 gRPC port (NIM_TRITON_GRPC_PORT, 8001)."""
     import signal
@@ -416,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_flags(g, json_flag=False, server_default="; without it, generate in process")
     g.set_defaults(func=cmd_generate)
     _add_client_commands(sub)
+
+    lp = sub.add_parser("list-profiles", help="the model profiles and whether this machine can build and run each")
+    lp.add_argument("--json", action="store_true", help="print one JSON object")
+    lp.set_defaults(func=cmd_list_profiles)
 
     s = sub.add_parser("serve", help="serve the model: Triton plus the public gRPC front (docs/operations.md)")
     s.add_argument("--checkpoint", type=Path, default=None,
