@@ -63,8 +63,15 @@ def load_reference(ckpt: str | Path, dtype: torch.dtype = torch.float32) -> torc
         for k, v in _TINY_VISION.items():
             setattr(cfg.vision_config, k, v)
     cfg.architectures = [ARCHITECTURE]  # ModelOpt's export needs it
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        ckpt, config=cfg, dtype=dtype, generation_config=DiffusionGemmaGenerationConfig())
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the placeholder vision tower as "MISSING"
+    try:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            ckpt, config=cfg, dtype=dtype, generation_config=DiffusionGemmaGenerationConfig())
+    finally:
+        hf_logging.set_verbosity(level)
     return model.eval()
 
 
