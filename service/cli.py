@@ -367,6 +367,53 @@ def _serve_triton_only(a: argparse.Namespace, opts) -> int:
     return 0 if rc in (0, None) else 1
 
 
+def cmd_build(a: argparse.Namespace) -> int:
+    """Build a profile from a checkpoint (calibrate, quantize, export, verify, manifest), or re-verify a build."""
+    # The one link from service/ to engine_build, imported only here (it pulls ModelOpt and transformers).
+    from engine_build.build import BuildOptions, build, reverify
+    from engine_build.calibration import CalibrationSettings
+
+    if a.verify is not None:
+        if a.profile or a.output:
+            raise InvalidArgument("--verify", "re-verifies an existing build; give no --profile or --output")
+        result = reverify(a.verify, a.checkpoint, a.min_agreement, a.verify_prompts, a.verify_steps, a.threads)
+        print(json.dumps({"build": str(a.verify), "verification": result}))
+        return 0
+    if not a.profile:
+        raise InvalidArgument("--profile", "give the profile to build (dgemma list-profiles), or --verify DIR")
+    if a.output is None:
+        raise InvalidArgument("--output", "give the build directory to write")
+    opts = BuildOptions(a.checkpoint, a.profile, a.output, a.calibration, a.fp8_scaling, a.min_agreement,
+                        CalibrationSettings(steps=a.calibration_steps), a.verify_prompts, a.verify_steps, a.threads)
+    manifest = build(opts)
+    print(json.dumps({"build": str(a.output), "profile": manifest["profile"], "calibration": manifest["calibration"],
+                      "verification": manifest["verification"]}))
+    return 0
+
+
+def _add_build_command(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("build", help="build a serving profile from a checkpoint (docs/build.md), or --verify one")
+    b.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="source checkpoint directory (default: the embedded tiny model)")
+    b.add_argument("--profile", default=None, help="profile name or id (dgemma list-profiles)")
+    b.add_argument("--output", type=Path, default=None, help="build directory to create (new or empty)")
+    b.add_argument("--verify", type=Path, default=None, metavar="DIR",
+                   help="re-verify the build in DIR against --checkpoint (its source) and record the result")
+    b.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                   help="calibration prompts: one per line, or JSON lines {\"prompt\": ...} in a .jsonl file "
+                        "(default: the built-in set)")
+    b.add_argument("--calibration-steps", type=int, default=8, help="denoising steps per calibration canvas")
+    b.add_argument("--fp8-scaling", choices=["per-tensor", "per-channel"], default="per-tensor",
+                   help="FP8 weight scales (activations are per-tensor either way)")
+    b.add_argument("--min-agreement", type=float, default=None,
+                   help="minimum token agreement to pass (default: 0.95 for fp8/bf16, 0.80 for nvfp4, 1.0 for fp32)")
+    b.add_argument("--verify-prompts", type=int, default=None, help="use the first N held-out prompts (default: all)")
+    b.add_argument("--verify-steps", type=int, default=8, help="denoising steps per canvas when verifying")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 is fastest for the "
+                                                              "tiny model on a busy CPU)")
+    b.set_defaults(func=cmd_build)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma inference microservice")
     parser.add_argument("--log-level", default=None,
@@ -414,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=None,
                    help="OpenAI-compatible HTTP port (env NIM_HTTP_PORT, 8080); with --triton-only, Triton's HTTP port")
     s.set_defaults(func=cmd_serve)
+    _add_build_command(sub)
     return parser
 
 
