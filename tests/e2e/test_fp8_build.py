@@ -1,9 +1,5 @@
-"""An FP8 build of the embedded tiny model, made on the CPU, served by `dgemma serve` through Triton and the gRPC
-and HTTP APIs, dequantized at load; its tokens against the unquantized model's with the same seeds.
-
-The build comes from tests/builds.py (ModelOpt's mtq.quantize + export_hf_checkpoint called directly, then a
-manifest): `dgemma build` is developed on another branch.
-"""
+"""An FP8 build of the embedded tiny model, made on the CPU by `dgemma build` (engine_build), served by `dgemma serve`
+through Triton and the gRPC and HTTP APIs, dequantized at load; its tokens against the unquantized model's."""
 
 from __future__ import annotations
 
@@ -12,21 +8,22 @@ import dataclasses
 import httpx
 import pytest
 
+from engine_build.build import BuildOptions, build
+from engine_build.calibration import CalibrationSettings
 from service import DEFAULT_CHECKPOINT
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.engine.api import Request
 from service.engine.registry import create_engine
+from service.model.build_manifest import read_build
 from service.text.tokenizer import load_tokenizer
-from tests.builds import modelopt_fp8_build
 from tests.e2e.conftest import Serve
 
-CALIBRATION = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)", "import numpy as np\n",
-               "class Queue:\n    def __init__(self):\n        self.items = []"]
 PROMPTS = ["def add(a, b):", "import os\n", "class Stack:", "for i in range(10):"]
 STEPS, NEW_TOKENS = 8, 64
-# Measured (2-core x86_64 VM, no GPU): 0.75 with these seeds; ModelOpt's per-tensor FP8 weights alone
-# (the CPU path dequantizes them; activations stay float32). Below the issue's 0.95: see docs/benchmarks.md.
-MIN_AGREEMENT = 0.7
+# Free-running generations diverge after one flipped token (bf16-rounded weights alone gave 0.77 on these prompts at
+# the serving temperatures), so the 0.95 gate is the build's teacher-forced agreement (verify.json); the served
+# free-running figure is measured here (2-core x86_64 VM: 0.75) and held above this floor.
+MIN_FREE_RUNNING = 0.7
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -43,12 +40,15 @@ def generate_in_process(checkpoint, prompts: list[list[int]]) -> list[list[int]]
 
 @pytest.fixture(scope="module")
 def fp8_build(tmp_path_factory):
-    tok = load_tokenizer(DEFAULT_CHECKPOINT)
-    return modelopt_fp8_build(DEFAULT_CHECKPOINT, tmp_path_factory.mktemp("fp8") / "build",
-                              [tok.encode(t) for t in CALIBRATION])
+    out = tmp_path_factory.mktemp("fp8") / "build"
+    build(BuildOptions(DEFAULT_CHECKPOINT, "torch-fp8-hopper", out, verify_prompts=4, threads=1,
+                       calibration_settings=CalibrationSettings(steps=4)))
+    return out
 
 
 def test_fp8_build_serves_dequantized_and_agrees_with_the_source(fp8_build, tmp_path):
+    verified = read_build(fp8_build)["verification"]  # checked by `dgemma build` through the same loader
+    assert verified["passed"] and verified["token_agreement"] >= 0.95
     tok = load_tokenizer(DEFAULT_CHECKPOINT)
     prompts = [tok.encode(p) for p in PROMPTS]
     srv = Serve(tmp_path, {"NIM_MODEL_PATH": str(fp8_build)})
@@ -71,6 +71,8 @@ def test_fp8_build_serves_dequantized_and_agrees_with_the_source(fp8_build, tmp_
     assert served == generate_in_process(fp8_build, prompts)
     source = generate_in_process(DEFAULT_CHECKPOINT, prompts)
     measured = agreement(served, source)
-    print(f"FP8 build vs unquantized: token agreement {measured:.4f} over {sum(map(len, source))} tokens")
+    print(f"FP8 build served vs unquantized, free-running: token agreement {measured:.4f} over "
+          f"{sum(map(len, source))} tokens; verify.json: {verified['token_agreement']} teacher-forced, "
+          f"KL {verified['mean_kl']:.2e}")
     assert served != source  # the quantization did change something
-    assert measured >= MIN_AGREEMENT
+    assert measured >= MIN_FREE_RUNNING

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from service import DEFAULT_CHECKPOINT
-from tests.builds import float_build
+from tests.builds import copy_as_build
 
 
 def _serve(tmp_path, build, **env) -> subprocess.CompletedProcess:
@@ -29,7 +29,7 @@ def _flip_one_byte(path, offset: int = 1000) -> None:
     (lambda b: (b / "verify.json").unlink(), "build file verify.json is missing"),
 ])
 def test_tampered_or_incomplete_build_refuses_to_start(tmp_path, damage, named):
-    build = float_build(DEFAULT_CHECKPOINT, tmp_path / "build")
+    build = copy_as_build(DEFAULT_CHECKPOINT, tmp_path / "build")
     damage(build)
     out = _serve(tmp_path, build)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -38,7 +38,7 @@ def test_tampered_or_incomplete_build_refuses_to_start(tmp_path, damage, named):
 
 
 def test_profile_must_agree_with_the_build(tmp_path):
-    build = float_build(DEFAULT_CHECKPOINT, tmp_path / "build")
+    build = copy_as_build(DEFAULT_CHECKPOINT, tmp_path / "build")
     out = _serve(tmp_path, build, NIM_MODEL_PROFILE="torch-bf16-any")
     assert out.returncode == 2 and "NIM_MODEL_PROFILE: torch-bf16-any asked for, but build is a torch-fp32-cpu build" \
         in out.stderr, out.stderr[-2000:]

@@ -1,14 +1,12 @@
 """`dgemma serve` picks its profile: from a build's checked manifest, NIM_MODEL_PROFILE, or the machine."""
 
-import shutil
-
 import pytest
 
 from service import DEFAULT_CHECKPOINT
 from service.errors import CheckpointError, InvalidArgument, Unavailable
-from service.model.build_manifest import write_manifest
 from service.serve.config import resolve_serving
 from service.serve.profiles import Machine, find_profile
+from tests.builds import copy_as_build
 
 CPU = Machine(False, None, None, False, False)
 H100 = Machine(True, (9, 0), "H100", False, True)
@@ -16,13 +14,7 @@ A100 = Machine(True, (8, 0), "A100", False, True)
 
 
 def fake_build(tmp_path, profile: str):
-    """A build directory of `profile` around the tiny model's files (the loader is not run here)."""
-    d = tmp_path / "build"
-    shutil.copytree(DEFAULT_CHECKPOINT, d)
-    write_manifest(d, {"profile": find_profile(profile).manifest_entry(), "architecture": "x",
-                       "source": {"sha256": "0" * 64}, "tools": {}, "calibration": None, "verification": {},
-                       "created": "2026-12-01T00:00:00Z"})
-    return d
+    return copy_as_build(DEFAULT_CHECKPOINT, tmp_path / "build", profile)  # the loader is not run here
 
 
 def test_raw_checkpoint_auto_selects_by_machine():
