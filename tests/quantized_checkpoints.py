@@ -62,7 +62,8 @@ def write_quantized(src: Path, dst: Path, algo: str, per_channel: bool = False) 
         else:
             out[key] = t
     save_file(out, str(dst / "model.safetensors"))
-    quant = {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head", "*router*"]}
+    label = "FP8_PER_CHANNEL_PER_TOKEN" if algo == "FP8" and per_channel else algo  # as ModelOpt labels it
+    quant = {"quant_algo": label, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head", "*router*"]}
     if algo == "NVFP4":
         quant["group_size"] = 16
     (dst / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "tests", "version": "0"},

@@ -136,7 +136,7 @@ def load_model(
     model = model.to(device=device, dtype=torch_dtype).eval()
     model.reset_buffers()  # RoPE and embed scale are not in the checkpoint; keep them float32
     quant = read_quant_config(ckpt)
-    if quant is not None and quant.quant_algo == "FP8" and fp8_native_reason(device) is None:
+    if quant is not None and quant.quant_algo.startswith("FP8") and fp8_native_reason(device) is None:
         # UNVERIFIED (no SM89+ GPU here): FP8 weights stay FP8 on the GPU; everything else is as loaded above.
         swapped = apply_fp8(model, stored_tensors(ckpt))
         log.info("FP8 build on %s: %d modules run FP8 kernels (unverified)", device, swapped)

@@ -22,7 +22,7 @@ import torch
 from service.errors import CheckpointError
 
 QUANT_CONFIG = "hf_quant_config.json"
-SUPPORTED = ("FP8", "NVFP4")
+SUPPORTED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4")  # per-channel: weight_scale [out] or [out, 1]
 NVFP4_BLOCK = 16
 # e2m1 code (sign bit 3, exponent bits 2..1, mantissa bit 0) -> value
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -32,7 +32,7 @@ _EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.wei
 
 @dataclass(frozen=True)
 class QuantConfig:
-    quant_algo: str  # "FP8" | "NVFP4"
+    quant_algo: str  # one of SUPPORTED
     kv_cache_quant_algo: str | None
     group_size: int | None
     exclude_modules: tuple[str, ...]
