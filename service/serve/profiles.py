@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.errors import InvalidArgument
 
@@ -112,13 +114,29 @@ def _importable(module: str) -> bool:
         return False
 
 
-def probe_machine() -> Machine:
-    """What this machine has. Imports neither tensorrt_llm nor modelopt (find_spec only)."""
-    import torch
+def _torch_cuda_build() -> bool:
+    """Whether the installed torch is a CUDA build, read from torch/version.py without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except OSError:
+        return True  # unknown: ask torch itself
+    m = re.search(r"^cuda\b[^=]*=\s*(.+)$", text, re.M)
+    return m is None or m.group(1).strip() != "None"
 
-    cuda = torch.cuda.is_available()
-    cc = tuple(torch.cuda.get_device_capability(0)) if cuda else None
-    name = torch.cuda.get_device_name(0) if cuda else None
+
+def probe_machine() -> Machine:
+    """What this machine has. Imports neither tensorrt_llm nor modelopt (find_spec only), and torch only when it
+    is a CUDA build (the serving front stays torch-free on a CPU machine)."""
+    cuda, cc, name = False, None, None
+    if _torch_cuda_build():
+        import torch
+
+        cuda = torch.cuda.is_available()
+        cc = tuple(torch.cuda.get_device_capability(0)) if cuda else None
+        name = torch.cuda.get_device_name(0) if cuda else None
     return Machine(cuda, cc, name, _importable("tensorrt_llm"), _importable("modelopt"))
 
 

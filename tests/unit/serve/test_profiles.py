@@ -73,3 +73,18 @@ def test_select_best_runnable():
     assert select_profile(fp8_only, B200).name == "torch-fp8-hopper"  # SM100 runs fp8 when there is no nvfp4
     with pytest.raises(InvalidArgument, match="no runnable profile"):
         select_profile([find_profile("torch-fp8-hopper")], CPU)
+
+
+def test_probe_keeps_the_serving_front_torch_free_on_a_cpu_torch():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA build of torch is probed by importing it")
+    code = ("import sys; from service.serve.config import serve_options; from service.serve.profiles import "
+            "probe_machine; assert not probe_machine().cuda; print(serve_options({}).front.profile, "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["torch-fp32-cpu", "False"], out.stderr[-2000:]
