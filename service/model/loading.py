@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from service.errors import CheckpointError
 from service.model.config import ModelConfig, read_config
+from service.model.fp8_runtime import apply_fp8, fp8_native_reason
 from service.model.network import DiffusionGemma
 from service.model.quantized import dequantize_state, fuse_experts, read_quant_config
 
@@ -80,6 +81,11 @@ def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return fuse_experts(tensors)
 
 
+def stored_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as stored (FP8 stays FP8), under our names where they map, else their own."""
+    return {_map_key(k) or k: t for f in _safetensor_files(ckpt) for k, t in load_file(str(f)).items()}
+
+
 def load_state(ckpt: Path, model: DiffusionGemma) -> None:
     """Fill `model` from the checkpoint's safetensors files, checking every parameter is present."""
     expected = model.state_dict()
@@ -129,4 +135,9 @@ def load_model(
     load_state(ckpt, model)
     model = model.to(device=device, dtype=torch_dtype).eval()
     model.reset_buffers()  # RoPE and embed scale are not in the checkpoint; keep them float32
+    quant = read_quant_config(ckpt)
+    if quant is not None and quant.quant_algo == "FP8" and fp8_native_reason(device) is None:
+        # UNVERIFIED (no SM89+ GPU here): FP8 weights stay FP8 on the GPU; everything else is as loaded above.
+        swapped = apply_fp8(model, stored_tensors(ckpt))
+        log.info("FP8 build on %s: %d modules run FP8 kernels (unverified)", device, swapped)
     return cfg, model

@@ -59,7 +59,8 @@ def resolve_serving(ckpt: Path, requested: str | None, field: str, machine: Mach
     if profile.backend == "trtllm" and not ok:
         raise Unavailable(f"{profile.name}: {why} (UNVERIFIED backend; serve a torch-* build instead)")
     device = "cuda" if machine.cuda and profile.target != "cpu" else "cpu"
-    if profile.quantized and not ok:
+    native = ok and profile.precision == "fp8"  # service.model.fp8_runtime; NVFP4 has no native kernels here
+    if profile.quantized and not native:
         # Dequantized at load (service.model.quantized); on a CPU in float32, the fast CPU path.
         dtype = "float32" if device == "cpu" else "bfloat16"
         return Serving(profile, device, dtype, f"{profile.name} (dequantized on {device})", manifest)

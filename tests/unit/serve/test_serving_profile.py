@@ -41,6 +41,9 @@ def test_build_fixes_the_profile(tmp_path):
     assert s.manifest["profile"]["name"] == "torch-fp8-hopper"
     native = resolve_serving(d, find_profile("torch-fp8-hopper").id, "NIM_MODEL_PROFILE", H100)  # by id
     assert (native.device, native.dtype, native.label) == ("cuda", "bfloat16", "torch-fp8-hopper")
+    nvfp4 = resolve_serving(fake_build(tmp_path / "b", "torch-nvfp4-blackwell"), None, "F",
+                            Machine(True, (10, 0), "B200", False, True))
+    assert nvfp4.label == "torch-nvfp4-blackwell (dequantized on cuda)"  # no native NVFP4 kernels yet
     with pytest.raises(InvalidArgument, match="torch-fp32-cpu asked for, but build is a torch-fp8-hopper build"):
         resolve_serving(d, "torch-fp32-cpu", "NIM_MODEL_PROFILE", CPU)
 
