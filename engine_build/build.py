@@ -6,10 +6,12 @@ passed verification and its manifest is written; on any failure the partial dire
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -119,9 +121,10 @@ def _make(opts: BuildOptions, profile: Profile, prompts: PromptSet | None, tmp: 
         raise InvalidArgument("--checkpoint", "the source has no tokenizer.json; calibration prompts need one")
     canvas = read_config(opts.source).canvas_length
     loop = forward_loop([tok.encode(p) for p in prompts.prompts], opts.calibration_settings, canvas, eos, pad)
-    model = load_reference(opts.source)
-    quantize.quantize(model, profile.precision, loop, opts.fp8_scaling)
-    quantize.export(model, opts.source, tmp)
+    with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout is the build's JSON line
+        model = load_reference(opts.source)
+        quantize.quantize(model, profile.precision, loop, opts.fp8_scaling)
+        quantize.export(model, opts.source, tmp)
     if profile.backend == "trtllm":
         (tmp / TRTLLM_OPTIONS).write_text(_trtllm_options(profile))
 
@@ -154,6 +157,8 @@ def build(opts: BuildOptions) -> dict:
     try:
         _make(opts, profile, prompts, tmp)
         result = verify(tmp, opts.source, profile.precision, settings, opts.min_agreement)
+        if profile.backend == "trtllm":
+            result["runtime"] += "; serving it on TensorRT-LLM is unverified"
         (tmp / VERIFY).write_text(json.dumps(result, indent=2) + "\n")
         if result["status"] == "failed":
             raise BuildFailed(f"verification failed: token agreement {result['token_agreement']:.4f} is below "

@@ -117,6 +117,7 @@ def test_nvfp4_export_quantizes_the_experts_only(tmp_path):
     assert TRTLLM_OPTIONS in manifest["files"]
     v = manifest["verification"]  # dequantized on the CPU by the serving loader
     assert v["status"] == "passed" and v["token_agreement"] >= v["threshold"] == 0.90
+    assert "dequantized" in v["runtime"] and "TensorRT-LLM is unverified" in v["runtime"]
     assert read_build(opts.output) == manifest
 
 
