@@ -320,6 +320,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return serve(opts)
 
 
+def cmd_list_profiles(a: argparse.Namespace) -> int:
+    """The profiles, NIM `list-model-profiles` style: what this machine can build and run."""
+    from service.serve.profiles import PROFILES, can_build, can_run, probe_machine
+
+    machine = probe_machine()
+    rows = []
+    for p in PROFILES:
+        (b, b_why), (r, r_why) = can_build(p, machine), can_run(p, machine)
+        rows.append({"id": p.id, "name": p.name, "precision": p.precision, "target": p.target,
+                     "buildable": b, "buildable_reason": b_why, "runnable": r, "runnable_reason": r_why})
+    if a.json:
+        print(json.dumps({"machine": machine.describe, "profiles": rows}, indent=2))
+        return 0
+    print(f"MODEL PROFILES on this machine ({machine.describe})")
+    for row in rows:
+        print(f"  {row['id']} ({row['name']})  precision={row['precision']} target={row['target']}  "
+              f"build: {'yes' if row['buildable'] else 'no'}  run: {'yes' if row['runnable'] else 'no'}"
+              f"{'' if row['runnable'] else ' (' + row['runnable_reason'] + ')'}")
+    return 0
+
+
 def _serve_triton_only(a: argparse.Namespace, opts) -> int:
     """Triton alone on its own KServe v2 gRPC port (NIM_TRITON_GRPC_PORT, 8001)."""
     import signal
@@ -346,6 +367,53 @@ def _serve_triton_only(a: argparse.Namespace, opts) -> int:
     return 0 if rc in (0, None) else 1
 
 
+def cmd_build(a: argparse.Namespace) -> int:
+    """Build a profile from a checkpoint (calibrate, quantize, export, verify, manifest), or re-verify a build."""
+    # The one link from service/ to engine_build, imported only here (it pulls ModelOpt and transformers).
+    from engine_build.build import BuildOptions, build, reverify
+    from engine_build.calibration import CalibrationSettings
+
+    if a.verify is not None:
+        if a.profile or a.output:
+            raise InvalidArgument("--verify", "re-verifies an existing build; give no --profile or --output")
+        result = reverify(a.verify, a.checkpoint, a.min_agreement, a.verify_prompts, a.verify_steps, a.threads)
+        print(json.dumps({"build": str(a.verify), "verification": result}))
+        return 0
+    if not a.profile:
+        raise InvalidArgument("--profile", "give the profile to build (dgemma list-profiles), or --verify DIR")
+    if a.output is None:
+        raise InvalidArgument("--output", "give the build directory to write")
+    opts = BuildOptions(a.checkpoint, a.profile, a.output, a.calibration, a.fp8_scaling, a.min_agreement,
+                        CalibrationSettings(steps=a.calibration_steps), a.verify_prompts, a.verify_steps, a.threads)
+    manifest = build(opts)
+    print(json.dumps({"build": str(a.output), "profile": manifest["profile"], "calibration": manifest["calibration"],
+                      "verification": manifest["verification"]}))
+    return 0
+
+
+def _add_build_command(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("build", help="build a serving profile from a checkpoint (docs/build.md), or --verify one")
+    b.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="source checkpoint directory (default: the embedded tiny model)")
+    b.add_argument("--profile", default=None, help="profile name or id (dgemma list-profiles)")
+    b.add_argument("--output", type=Path, default=None, help="build directory to create (new or empty)")
+    b.add_argument("--verify", type=Path, default=None, metavar="DIR",
+                   help="re-verify the build in DIR against --checkpoint (its source) and record the result")
+    b.add_argument("--calibration", type=Path, default=None, metavar="FILE",
+                   help="calibration prompts: one per line, or JSON lines {\"prompt\": ...} in a .jsonl file "
+                        "(default: the built-in set)")
+    b.add_argument("--calibration-steps", type=int, default=8, help="denoising steps per calibration canvas")
+    b.add_argument("--fp8-scaling", choices=["per-tensor", "per-channel"], default="per-tensor",
+                   help="FP8 weight scales (activations are per-tensor either way)")
+    b.add_argument("--min-agreement", type=float, default=None,
+                   help="minimum token agreement to pass (default: 0.95 for fp8/bf16, 0.80 for nvfp4, 1.0 for fp32)")
+    b.add_argument("--verify-prompts", type=int, default=None, help="use the first N held-out prompts (default: all)")
+    b.add_argument("--verify-steps", type=int, default=8, help="denoising steps per canvas when verifying")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 is fastest for the "
+                                                              "tiny model on a busy CPU)")
+    b.set_defaults(func=cmd_build)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma inference microservice")
     parser.add_argument("--log-level", default=None,
@@ -370,11 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     _add_client_commands(sub)
 
+    lp = sub.add_parser("list-profiles", help="the model profiles and whether this machine can build and run each")
+    lp.add_argument("--json", action="store_true", help="print one JSON object")
+    lp.set_defaults(func=cmd_list_profiles)
+
     s = sub.add_parser("serve", help="serve the model: Triton plus the public gRPC front (docs/operations.md)")
     s.add_argument("--checkpoint", type=Path, default=None,
                    help="model directory (env NIM_MODEL_PATH; default: the embedded tiny model)")
-    s.add_argument("--profile", default=None, help="<backend>-<precision>-<target> (env NIM_MODEL_PROFILE, "
-                                                   "torch-float32-cpu)")
+    s.add_argument("--profile", default=None, help="profile name or id (env NIM_MODEL_PROFILE; default: the build's, "
+                                                   "else torch-fp32-cpu on a CPU, torch-bf16-any on a GPU)")
     s.add_argument("--host", default=None, help="listen address (env NIM_SERVER_HOST, 0.0.0.0)")
     s.add_argument("--port", type=int, default=None, help="public gRPC port (env NIM_SERVER_PORT, 8000)")
     s.add_argument("--metrics-port", type=int, default=None,
@@ -389,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=None,
                    help="OpenAI-compatible HTTP port (env NIM_HTTP_PORT, 8080); with --triton-only, Triton's HTTP port")
     s.set_defaults(func=cmd_serve)
+    _add_build_command(sub)
     return parser
 
 

@@ -52,7 +52,7 @@ class FrontSettings:
     triton_target: str  # host:port of Triton's gRPC endpoint
     model_id: str = "diffusiongemma"
     triton_model: str = "diffusiongemma"
-    profile: str = "torch-float32-cpu"
+    profile: str = "torch-fp32-cpu"
     host: str = "0.0.0.0"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)

@@ -207,11 +207,15 @@ class Experts(nn.Module):
             # histc, not bincount: no host sync, so a GPU step stays capturable as a CUDA graph
             counts = torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-            h = grouped_linear(x[rows // k], self.gate_up_proj, offsets)  # [m, 2I]
+            h = self.project(x[rows // k], "gate_up_proj", offsets)  # [m, 2I]
             gate, up = h.chunk(2, dim=-1)
-            y[rows] = grouped_linear(self.act(gate) * up, self.down_proj, offsets)  # [m, H]
+            y[rows] = self.project(self.act(gate) * up, "down_proj", offsets)  # [m, H]
         y = y * weights.reshape(-1).unsqueeze(-1)
         return y.view(n, k, -1).sum(dim=1).to(x.dtype)
+
+    def project(self, x: Tensor, which: str, offsets: Tensor) -> Tensor:
+        """Expert-sorted rows x times weight `which` ("gate_up_proj" | "down_proj"); FP8Experts overrides it."""
+        return grouped_linear(x, getattr(self, which), offsets)
 
     def min_shared_rows(self) -> int | None:
         """`min_invariant_rows` of both projections at the current thread count; None: nothing is shared."""

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from service.errors import CheckpointError
 from service.model.config import ModelConfig, read_config
+from service.model.fp8_runtime import apply_fp8, fp8_native_reason
 from service.model.network import DiffusionGemma
+from service.model.quantized import dequantize_state, fuse_experts, read_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,27 @@ def _map_key(key: str) -> str | None:
     return None
 
 
+def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files, by checkpoint key. A ModelOpt export
+    (hf_quant_config.json) comes back dequantized to float32, its per-expert linears fused as ours."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _safetensor_files(ckpt):
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {f.name}: {e}") from None
+    quant = read_quant_config(ckpt)
+    if quant is not None:
+        log.info("dequantizing a %s checkpoint (%s) to float32 at load", quant.quant_algo, quant.producer)
+        tensors = dequantize_state(tensors)
+    return fuse_experts(tensors)
+
+
+def stored_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as stored (FP8 stays FP8), under our names where they map, else their own."""
+    return {_map_key(k) or k: t for f in _safetensor_files(ckpt) for k, t in load_file(str(f)).items()}
+
+
 def load_state(ckpt: Path, model: DiffusionGemma) -> None:
     """Fill `model` from the checkpoint's safetensors files, checking every parameter is present."""
     expected = model.state_dict()
@@ -70,21 +93,16 @@ def load_state(ckpt: Path, model: DiffusionGemma) -> None:
     ignored: list[str] = []
     unexpected: list[str] = []
     encoder_embed = None
-    for f in _safetensor_files(ckpt):
-        try:
-            tensors = load_file(str(f))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read {f.name}: {e}") from None
-        for key, t in tensors.items():
-            name = _map_key(key)
-            if key == _ENC_EMBED:
-                encoder_embed = t
-            elif name is None:
-                (ignored if _IGNORED.match(key) or _ENC_LAYER.match(key) else unexpected).append(key)
-            elif name not in expected:
-                unexpected.append(key)
-            else:
-                found[name] = t
+    for key, t in read_tensors(ckpt).items():
+        name = _map_key(key)
+        if key == _ENC_EMBED:
+            encoder_embed = t
+        elif name is None:
+            (ignored if _IGNORED.match(key) or _ENC_LAYER.match(key) else unexpected).append(key)
+        elif name not in expected:
+            unexpected.append(key)
+        else:
+            found[name] = t
     if "embed_tokens.weight" not in found and encoder_embed is not None:
         found["embed_tokens.weight"] = encoder_embed
     if any(k.startswith("model.encoder.vision_tower.") for k in ignored):
@@ -117,4 +135,9 @@ def load_model(
     load_state(ckpt, model)
     model = model.to(device=device, dtype=torch_dtype).eval()
     model.reset_buffers()  # RoPE and embed scale are not in the checkpoint; keep them float32
+    quant = read_quant_config(ckpt)
+    if quant is not None and quant.quant_algo.startswith("FP8") and fp8_native_reason(device) is None:
+        # UNVERIFIED (no SM89+ GPU here): FP8 weights stay FP8 on the GPU; everything else is as loaded above.
+        swapped = apply_fp8(model, stored_tensors(ckpt))
+        log.info("FP8 build on %s: %d modules run FP8 kernels (unverified)", device, swapped)
     return cfg, model

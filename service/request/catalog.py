@@ -14,7 +14,7 @@ from service.sampler.params import GenerationParams, params_from_generation_conf
 @dataclass(frozen=True)
 class ServedModel:
     id: str
-    profile: str  # e.g. torch-float32-cpu
+    profile: str  # e.g. torch-fp32-cpu, "torch-fp8-hopper (dequantized on cpu)"
     config: ModelConfig
     tokenizer: Tokenizer | None
     defaults: GenerationParams

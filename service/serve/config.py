@@ -11,47 +11,61 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import DEFAULT_CHECKPOINT
-from service.errors import InvalidArgument
+from service.errors import CheckpointError, InvalidArgument, Unavailable
+from service.model.build_manifest import MANIFEST, is_build, read_build
 from service.front.server import FrontSettings, TLSConfig
 from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS
+from service.serve.profiles import Machine, Profile, can_run, find_profile, probe_machine, select_profile
 from service.serve.supervisor import ServeOptions
 from service.triton.launcher import TritonPorts, default_cache_dir, free_port
 from service.triton.repository import RepositorySettings
 
-BACKENDS = ("torch", "tensorrt_llm")
-PRECISIONS = ("float32", "bfloat16", "float16", "fp8", "nvfp4")
 TRUE = ("1", "true", "yes", "on")
+# Profile backend -> runner name in service.engine.registry.
+RUNNER_OF = {"torch": "torch", "trtllm": "tensorrt_llm"}
 
 
 @dataclass(frozen=True)
-class Profile:
-    """`<backend>-<precision>-<target>`, e.g. torch-float32-cpu, torch-bfloat16-h100, tensorrt_llm-fp8-h100."""
+class Serving:
+    """What `dgemma serve` runs: the profile, where, in which activation dtype, and how it is labelled."""
 
-    backend: str
-    precision: str
-    target: str
+    profile: Profile
+    device: str
+    dtype: str
+    label: str  # ListModels.profile and /v1/models: the name, plus "(dequantized on cpu)" when so
+    manifest: dict | None  # the checked manifest when serving a build
 
-    @property
-    def name(self) -> str:
-        return f"{self.backend}-{self.precision}-{self.target}"
 
-    @property
-    def device(self) -> str:
-        return "cpu" if self.target == "cpu" else "cuda"
-
-    @staticmethod
-    def parse(name: str, field: str = "NIM_MODEL_PROFILE") -> "Profile":
-        parts = name.split("-")
-        if len(parts) != 3 or parts[0] not in BACKENDS or parts[1] not in PRECISIONS or not parts[2]:
-            raise InvalidArgument(field, f"expected <backend>-<precision>-<target> with backend in {BACKENDS} and "
-                                         f"precision in {PRECISIONS} (e.g. torch-float32-cpu), got {name!r}")
-        p = Profile(*parts)
-        if p.backend == "torch" and p.precision in ("fp8", "nvfp4"):
-            raise InvalidArgument(field, f"{p.precision} weights come from `dgemma build` engines, which this "
-                                         "build does not serve yet (unverified: needs a GPU); use a float profile")
-        if p.device == "cpu" and p.precision != "float32" and p.precision != "bfloat16":
-            raise InvalidArgument(field, "on cpu use float32 or bfloat16")
-        return p
+def resolve_serving(ckpt: Path, requested: str | None, field: str, machine: Machine | None = None) -> Serving:
+    """The profile to serve `ckpt` with. A build (manifest.json) is checked file by file and fixes the profile;
+    `requested` (a name or id) must then agree. A raw checkpoint serves fp32 on a CPU and bf16 on a GPU unless
+    told; quantized profiles need a build."""
+    machine = machine or probe_machine()
+    wanted = find_profile(requested, field) if requested else None
+    manifest = read_build(ckpt) if is_build(ckpt) else None
+    if manifest is not None:
+        entry = manifest["profile"]
+        profile = find_profile(str(entry.get("id", "")), MANIFEST) if isinstance(entry, dict) else None
+        if profile is None or entry.get("name") != profile.name:
+            raise CheckpointError(f"{MANIFEST}: its profile does not match a known profile")
+        if wanted is not None and wanted != profile:
+            raise InvalidArgument(field, f"{wanted.name} asked for, but {ckpt.name} is a {profile.name} build; "
+                                         "leave it unset or build that profile")
+    elif wanted is not None and wanted.quantized:
+        raise InvalidArgument(field, f"{wanted.name} serves a build: run `dgemma build --profile {wanted.name}` on "
+                                     "this checkpoint and serve the build directory it writes")
+    else:
+        profile = wanted or select_profile([find_profile("torch-fp32-cpu"), find_profile("torch-bf16-any")], machine)
+    ok, why = can_run(profile, machine)
+    if profile.backend == "trtllm" and not ok:
+        raise Unavailable(f"{profile.name}: {why} (UNVERIFIED backend; serve a torch-* build instead)")
+    device = "cuda" if machine.cuda and profile.target != "cpu" else "cpu"
+    native = ok and profile.precision == "fp8"  # service.model.fp8_runtime; NVFP4 has no native kernels here
+    if profile.quantized and not native:
+        # Dequantized at load (service.model.quantized); on a CPU in float32, the fast CPU path.
+        dtype = "float32" if device == "cpu" else "bfloat16"
+        return Serving(profile, device, dtype, f"{profile.name} (dequantized on {device})", manifest)
+    return Serving(profile, device, profile.activation_dtype, profile.name, manifest)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -112,19 +126,19 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
     ckpt = Path(checkpoint or env.get("NIM_MODEL_PATH") or DEFAULT_CHECKPOINT)
     if not (ckpt / "config.json").is_file():
         raise InvalidArgument("checkpoint", f"no checkpoint (config.json) at {ckpt}")
-    prof = Profile.parse(profile or env.get("NIM_MODEL_PROFILE") or "torch-float32-cpu",
-                         "--profile" if profile else "NIM_MODEL_PROFILE")
+    serving = resolve_serving(ckpt, profile or env.get("NIM_MODEL_PROFILE") or None,
+                              "--profile" if profile else "NIM_MODEL_PROFILE")
     cache = Path(env["NIM_CACHE_PATH"]) if env.get("NIM_CACHE_PATH") else default_cache_dir()
     name = env.get("NIM_SERVED_MODEL_NAME") or "diffusiongemma"
     repo = RepositorySettings(
-        checkpoint_dir=str(ckpt.resolve()), engine_backend=prof.backend, device=prof.device, dtype=prof.precision,
-        instance_kind="KIND_CPU" if prof.device == "cpu" else "KIND_GPU",
+        checkpoint_dir=str(ckpt.resolve()), engine_backend=RUNNER_OF[serving.profile.backend],
+        device=serving.device, dtype=serving.dtype, instance_kind="KIND_CPU" if serving.device == "cpu" else "KIND_GPU",
         max_live_canvases=_int(env, "NIM_MAX_LIVE_CANVASES", 16, 1),
         max_engine_queue=_int(env, "NIM_MAX_QUEUED_REQUESTS", 64, 1), threads=threads or 0,
         tile_rows=_int(env, "NIM_SAMPLER_TILE_ROWS", 0), max_memory_bytes=_int(env, "NIM_MAX_MEMORY_BYTES", 0),
     ).validate()
     front = FrontSettings(
-        checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=prof.name,
+        checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=serving.label,
         host=host or env.get("NIM_SERVER_HOST") or "0.0.0.0",
         port=port if port is not None else _int(env, "NIM_SERVER_PORT", 8000),
         api_keys=api_keys(env), tls=tls_config(env),

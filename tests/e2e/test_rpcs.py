@@ -20,7 +20,7 @@ def call(server, method: str, request, timeout: float = 120):
 def test_list_models_describes_the_served_model(server):
     (info,) = call(server, "ListModels", pb.ListModelsRequest()).models
     assert info.id == "diffusiongemma" and info.canvas_length == 64 and info.vocab_size == 2048
-    assert info.profile == "torch-float32-cpu"
+    assert info.profile == "torch-fp32-cpu"
     assert info.default_parameters.max_denoising_steps == 48 and info.default_max_new_tokens == 256
 
 

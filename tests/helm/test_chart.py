@@ -174,7 +174,7 @@ def test_gpu_defaults(chart):
     spec = deployment(docs)["spec"]["template"]["spec"]
     c = spec["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert env_of(c)["NIM_MODEL_PROFILE"] == "torch-bfloat16-h100"
+    assert env_of(c)["NIM_MODEL_PROFILE"] == "torch-bf16-any"
     (pvc,) = by_kind(docs, "PersistentVolumeClaim")
     store = {v["name"]: v for v in spec["volumes"]}["model-store"]
     assert store["persistentVolumeClaim"] == {"claimName": pvc["metadata"]["name"], "readOnly": True}
@@ -205,7 +205,7 @@ def test_cpu_demo_has_no_gpu_and_no_store(chart):
     docs = render(chart, CASES["cpu-demo"])
     c = deployment(docs)["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
-    assert env_of(c)["NIM_MODEL_PROFILE"] == "torch-float32-cpu" and "NIM_MODEL_PATH" not in env_of(c)
+    assert env_of(c)["NIM_MODEL_PROFILE"] == "torch-fp32-cpu" and "NIM_MODEL_PATH" not in env_of(c)
     assert not by_kind(docs, "PersistentVolumeClaim")
 
 
@@ -285,8 +285,8 @@ def test_schema_rejects_unknown_keys_and_wrong_types(chart, values, where):
 
 @pytest.mark.parametrize("values, message", [
     ({"model": {"path": "m"}, "modelStore": {"enabled": False}}, "enable modelStore"),
-    ({"model": {"profile": "torch-float32-cpu"}}, "set gpu.count to 0"),
-    ({"gpu": {"count": 0}}, "set gpu.count >= 1"),
+    ({"model": {"profile": "torch-fp32-cpu"}}, "set gpu.count to 0"),
+    ({"gpu": {"count": 0}, "model": {"profile": "torch-fp8-hopper"}}, "set gpu.count >= 1"),
     ({"tls": {"mode": "TLS"}}, "tls.secretName is required"),
     ({"grpcRoute": {"enabled": True}}, "grpcRoute.parentRefs"),
     ({"otel": {"enabled": True}}, "otel.endpoint is required"),

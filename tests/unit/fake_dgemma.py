@@ -88,7 +88,7 @@ class FakeServicer(pb_grpc.DiffusionGemmaServicer):
     def ListModels(self, request, context):
         self._record("ListModels", request, context)
         return pb.ListModelsResponse(models=[pb.ModelInfo(id="tiny", canvas_length=16, vocab_size=512,
-                                                          profile="torch-float32-cpu")])
+                                                          profile="torch-fp32-cpu")])
 
 
 @contextmanager

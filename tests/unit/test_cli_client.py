@@ -90,7 +90,7 @@ def test_models_and_tokenize(server, capsys, monkeypatch):
     target, _ = server
     monkeypatch.setenv("DGEMMA_SERVER", target)
     assert cli.main(["models"]) == 0
-    assert capsys.readouterr().out == "tiny\tcanvas_length=16\tvocab_size=512\tprofile=torch-float32-cpu\n"
+    assert capsys.readouterr().out == "tiny\tcanvas_length=16\tvocab_size=512\tprofile=torch-fp32-cpu\n"
     assert cli.main(["tokenize", "ab"]) == 0
     assert capsys.readouterr().out == "2,97,98\n"
     assert cli.main(["tokenize", "ab", "--json"]) == 0

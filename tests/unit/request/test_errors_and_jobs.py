@@ -49,7 +49,7 @@ def test_triton_errors_read_back_as_domain_errors(text, cls, field):
 
 @pytest.fixture(scope="module")
 def model():
-    return ServedModel.load(DEFAULT_CHECKPOINT, "diffusiongemma", "torch-float32-cpu")
+    return ServedModel.load(DEFAULT_CHECKPOINT, "diffusiongemma", "torch-fp32-cpu")
 
 
 def test_job_inputs_carry_only_what_was_set(model):

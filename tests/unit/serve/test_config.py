@@ -6,13 +6,13 @@ import pytest
 
 from service import DEFAULT_CHECKPOINT
 from service.errors import InvalidArgument
-from service.serve.config import Profile, api_keys, serve_options, tls_config
+from service.serve.config import api_keys, serve_options, tls_config
 
 
 def test_defaults_serve_the_embedded_model_on_8000():
     o = serve_options({})
     assert o.front.port == 8000 and o.front.host == "0.0.0.0" and o.metrics_port == 8002
-    assert o.front.checkpoint == DEFAULT_CHECKPOINT and o.front.profile == "torch-float32-cpu"
+    assert o.front.checkpoint == DEFAULT_CHECKPOINT and o.front.profile == "torch-fp32-cpu"
     assert o.front.api_keys == [] and o.front.tls is None and o.front.reflection is False
     assert o.repository.device == "cpu" and o.repository.instance_kind == "KIND_CPU"
     assert o.front.triton_target == f"127.0.0.1:{o.triton_ports.grpc}"
@@ -29,7 +29,7 @@ def test_flags_override_environment(tmp_path):
     assert o.front.model_id == "dg" and o.cache_dir == tmp_path
     env.update(NIM_HTTP_PORT="9080", NIM_HTTP_MAX_BODY_BYTES="4096")
     assert (serve_options(env).front.http_port, serve_options(env).front.http_max_body_bytes) == (9080, 4096)
-    o = serve_options(env, port=9100, metrics_port=9101, http_port=9180, reflection=False, profile="torch-bfloat16-cpu")
+    o = serve_options(env, port=9100, metrics_port=9101, http_port=9180, reflection=False, profile="torch-bf16-any")
     assert (o.front.port, o.metrics_port, o.front.http_port, o.front.reflection) == (9100, 9101, 9180, False)
     assert o.repository.dtype == "bfloat16"
 
@@ -56,6 +56,7 @@ def test_front_limits_from_environment():
     ({"NIM_GRPC_MAX_MESSAGE_BYTES": "100"}, "NIM_GRPC_MAX_MESSAGE_BYTES"),
     ({"NIM_MODEL_PROFILE": "torch-fp8-h100"}, "NIM_MODEL_PROFILE"),
     ({"NIM_MODEL_PROFILE": "onnx-float32-cpu"}, "NIM_MODEL_PROFILE"),
+    ({"NIM_MODEL_PROFILE": "torch-fp8-hopper"}, "NIM_MODEL_PROFILE"),  # a raw checkpoint: build it first
     ({"NIM_MODEL_PATH": "/nonexistent"}, "checkpoint"),
     ({"NIM_SSL_MODE": "TLS"}, "NIM_SSL_CERT_PATH"),
     ({"NIM_SSL_MODE": "maybe"}, "NIM_SSL_MODE"),
@@ -65,12 +66,6 @@ def test_bad_settings_name_the_variable(env, field):
     with pytest.raises(InvalidArgument) as e:
         serve_options(env)
     assert e.value.field == field
-
-
-def test_profiles():
-    p = Profile.parse("torch-bfloat16-h100")
-    assert (p.backend, p.precision, p.device) == ("torch", "bfloat16", "cuda")
-    assert Profile.parse("tensorrt_llm-fp8-h100").device == "cuda"  # served by the (unverified) TRT-LLM backend
 
 
 def test_api_keys_from_env_and_file(tmp_path):
