@@ -39,7 +39,7 @@ class ServeOptions:
     # after SIGTERM, health reads NOT_SERVING (and calls are still served) this long before new calls are
     # refused: load balancers and Kubernetes probes see it and stop routing here
     drain_delay_s: float = 2.0
-    restart_backoff_s: float = 2.0  # doubled after each failed restart, up to restart_backoff_max_s
+    restart_backoff_s: float = 2.0  # the wait after a failed restart, doubled after each, up to restart_backoff_max_s
     restart_backoff_max_s: float = 30.0
     engine_heartbeat_timeout_s: float = 5.0  # an older heartbeat: the engine is dead, Triton is restarted
     triton_log: Path | None = None
@@ -55,7 +55,7 @@ class Supervisor:
         self.restarting = False
         self.restarts = 0
         self.engine_ok = True  # the engine's heartbeat is fresh (checked every poll while Triton runs)
-        self._last_beat = time.monotonic()  # when the heartbeat was last seen fresh (or Triton (re)started)
+        self._last_beat = time.monotonic()  # when Triton's metrics last answered (or Triton (re)started)
         self.stop_requested = asyncio.Event()
         self.front: FrontServer | None = None
         self.metrics_port = 0
@@ -67,15 +67,16 @@ class Supervisor:
         return f"http://127.0.0.1:{self.triton.ports.metrics}/metrics"
 
     async def _check_engine(self) -> bool:
-        """Whether the engine inside Triton is alive: its heartbeat is fresh, or was within the timeout."""
+        """Whether the engine inside Triton is alive: its heartbeat is younger than the timeout. Triton's
+        metrics not answering counts only once that lasts as long as the timeout."""
         beat = await asyncio.to_thread(self.triton.engine_heartbeat)
-        now = time.monotonic()
-        timeout = self.opts.engine_heartbeat_timeout_s
-        fresh = beat is not None and time.time() - beat < timeout
-        if fresh:
+        now, timeout = time.monotonic(), self.opts.engine_heartbeat_timeout_s
+        if beat is not None:
             self._last_beat = now
-        self.engine_ok = fresh or (beat is None and now - self._last_beat < timeout)  # a missed scrape is not death
-        return now - self._last_beat < timeout
+            self.engine_ok = time.time() - beat < timeout
+        else:
+            self.engine_ok = now - self._last_beat < timeout
+        return self.engine_ok
 
     async def _follow_ports(self) -> None:
         """Point the front at Triton's gRPC port again when a start had to move it (a port clash)."""
@@ -136,7 +137,7 @@ class Supervisor:
         else:
             code = self.triton.proc.returncode if self.triton.proc else None
             log.error("tritonserver exited with code %s; restarting", code)
-        backoff = self.opts.restart_backoff_s
+        backoff = 0.0  # the first attempt at once: the model is what takes time to come back
         while not self.stop_requested.is_set():
             await asyncio.sleep(backoff)
             try:
@@ -148,7 +149,7 @@ class Supervisor:
                 log.info("tritonserver restarted (%d restarts)", self.restarts)
                 break
             except Exception:
-                backoff = min(2 * backoff, self.opts.restart_backoff_max_s)
+                backoff = min(2 * backoff or self.opts.restart_backoff_s, self.opts.restart_backoff_max_s)
                 log.exception("tritonserver restart failed; retrying in %.0fs", backoff)
         self._last_beat = time.monotonic()
         self.engine_ok = True
