@@ -120,11 +120,16 @@ def request_from_inputs(
     try:
         return req.validate(cfg)
     except InvalidArgument as e:
-        if e.field == "prompt_ids":  # the engine's name for what this interface calls input_ids
-            raise e.renamed("input_ids" if text is None else "text_input") from None
-        if e.field == "constraints":
-            raise e.renamed("constraint_ids") from None
-        raise
+        raise input_error(e, inputs) from None
+
+
+def input_error(e: InvalidArgument, inputs: Mapping[str, np.ndarray | None]) -> InvalidArgument:
+    """An engine error under this interface's input names (the engine's prompt_ids is input_ids or text_input)."""
+    if e.field == "prompt_ids":
+        return e.renamed("text_input" if inputs.get("text_input") is not None else "input_ids")
+    if e.field == "constraints":
+        return e.renamed("constraint_ids")
+    return e
 
 
 def outputs_for_event(event: Event, detokenize: Callable[[list[int]], str] | None) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ def model(small_ckpt):
     spec.loader.exec_module(mod)
     m = mod.TritonPythonModel()
     params = {"checkpoint_dir": str(small_ckpt), "threads": "1", "max_new_tokens_limit": "64",
-              "max_denoising_steps_limit": "500", "max_request_seconds": "60"}
+              "max_denoising_steps_limit": "500", "max_request_seconds": "60", "max_prompt_tokens": "16"}
     m.initialize({"model_config": json.dumps({
         "name": "diffusiongemma", "output": [{"name": n} for n in OUTPUTS],
         "parameters": {k: {"string_value": v} for k, v in params.items()}})})
@@ -119,3 +119,11 @@ def test_server_caps_refuse_naming_the_input(model, name, value):
     model.execute([req])
     (final,) = finals(req.sender)
     assert final.error.code == "INVALID_ARG" and final.error.msg.startswith(f"INVALID_ARG: {name}: ")
+
+
+def test_the_prompt_limit_is_configurable_and_names_the_input(model):
+    """Finding 5: max_prompt_tokens comes from the model's config (NIM_MAX_PROMPT_TOKENS), no longer fixed."""
+    req = FakeRequest(input_ids=ids(*([2] * 17)), max_new_tokens=ids(16), max_denoising_steps=ids(2))
+    model.execute([req])
+    (final,) = finals(req.sender)
+    assert final.error.msg.startswith("INVALID_ARG: input_ids: longer than the limit of 16 tokens")

@@ -27,7 +27,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from service.engine.api import CanvasEvent, FinalEvent  # noqa: E402
 from service.engine.registry import create_engine  # noqa: E402
 from service.engine.scheduler import Limits  # noqa: E402
-from service.errors import DGemmaError, Unavailable  # noqa: E402
+from service.errors import DGemmaError, InvalidArgument, Unavailable  # noqa: E402
 from service.telemetry.tracing import emit_span, setup_tracing  # noqa: E402
 from service.triton.launcher import HEARTBEAT_METRIC as HEARTBEAT  # noqa: E402
 from service.triton.adapter import (  # noqa: E402
@@ -35,6 +35,7 @@ from service.triton.adapter import (  # noqa: E402
     backend_spans,
     deadline_from_inputs,
     error_code,
+    input_error,
     outputs_for_event,
     request_from_inputs,
     triton_status,
@@ -196,7 +197,9 @@ class TritonPythonModel:
                 sink = self._sink(sender, self._trace_context(request), req.request_id)
                 self.scheduler.submit(req, deadline=deadline, on_event=sink, cancel_check=sender.is_cancelled)
             except Exception as e:
-                if not isinstance(e, DGemmaError):
+                if isinstance(e, InvalidArgument):
+                    e = input_error(e, inputs)
+                elif not isinstance(e, DGemmaError):
                     log.exception("request failed")
                 try:
                     sender.send(pb_utils.InferenceResponse(error=_triton_error(e)), flags=FINAL)
