@@ -156,7 +156,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead = False  # the thread ended on a fault: nothing is served any more
-        self.heartbeat = time.monotonic()  # the loop's last turn (idle waits included)
         self.decoder_passes = 0
         self.canvases_in_last_pass = 0
         self._kv_bytes_per_token = self.runner.kv_bytes_per_token()
@@ -405,11 +404,9 @@ class Scheduler:
             while True:
                 with self._lock:
                     while not self._stopping and not self._waiting and not self._live:
-                        self.heartbeat = time.monotonic()
                         self._lock.wait(timeout=0.5)
                     if self._stopping and not self._live and not self._waiting:
                         return
-                self.heartbeat = time.monotonic()
                 try:
                     self.step()
                 except Exception as e:  # a fault outside a step's work (dropping, admitting): end all, go on
