@@ -184,7 +184,8 @@ class TritonServer:
                     setattr(self.ports, name, free_port())
         raise AssertionError("unreachable")
 
-    def _start_once(self, timeout: float, wait_model: str | None, cancelled: Callable[[], bool] | None) -> "TritonServer":
+    def _start_once(self, timeout: float, wait_model: str | None,
+                    cancelled: Callable[[], bool] | None) -> "TritonServer":
         # The Python backend's stub is another interpreter: give it this one's import path.
         path = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
         env = {**os.environ, **self.install.env, "DGEMMA_PYTHONPATH": path}
