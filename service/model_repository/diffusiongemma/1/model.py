@@ -112,7 +112,8 @@ class TritonPythonModel:
         while self.scheduler.alive and not self._stop.is_set():
             metric.set(time.time())
             self._stop.wait(HEARTBEAT_PERIOD_S)
-        log.error("the engine's scheduler is not running; heartbeat stopped")
+        if not self._stop.is_set():
+            log.error("the engine's scheduler is not running; heartbeat stopped")
 
     def _update_gauges(self):
         self.m_live.set(self.scheduler.live_canvases)
