@@ -127,3 +127,10 @@ def test_the_prompt_limit_is_configurable_and_names_the_input(model):
     model.execute([req])
     (final,) = finals(req.sender)
     assert final.error.msg.startswith("INVALID_ARG: input_ids: longer than the limit of 16 tokens")
+
+
+def test_the_engine_heartbeat_advances_while_the_scheduler_runs(model):
+    beat = model.metrics["dgemma_engine_heartbeat_seconds"]
+    first = beat.value
+    time.sleep(1.5)
+    assert beat.value > first and time.time() - beat.value < 3
