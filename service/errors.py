@@ -54,3 +54,24 @@ class Unavailable(DGemmaError):
 
 class Unauthenticated(DGemmaError):
     """The call carries no valid credentials."""
+
+
+# The one table of the codes that lead the engine's streamed error messages ("OVERLOADED: ..."), from the
+# Triton backend to the front (docs/api.md, "Errors"). The front maps the code back by this table alone.
+WIRE_CODES: dict[str, type[DGemmaError]] = {
+    "INVALID_ARG": InvalidArgument,
+    "OVERLOADED": Overloaded,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "CANCELLED": Cancelled,
+    "UNAVAILABLE": Unavailable,
+    "INTERNAL": DGemmaError,
+}
+
+
+def wire_code(err: BaseException) -> str:
+    """The code of `err` in WIRE_CODES (its nearest class there); INTERNAL for anything else."""
+    by_class = {cls: code for code, cls in WIRE_CODES.items()}
+    for cls in type(err).__mro__:
+        if cls in by_class:
+            return by_class[cls]
+    return "INTERNAL"

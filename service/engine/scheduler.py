@@ -5,6 +5,11 @@ batched encoder pass for every sequence that needs one (new prompts and just-com
 one batched decoder step over every live canvas, whatever its settings. Requests join and leave at
 these step boundaries. Events go to each request's stream as they happen.
 
+Every accepted request ends exactly once: a FinalEvent or one error. A fault in one request's work
+(its sequence, its sampling, its callbacks) fails that request only; a fault of the whole step (the
+network raising) fails the step's requests, each once. The loop itself never dies of an exception; if
+the thread ends anyway, `alive` turns false, waiting streams get Unavailable and new submissions too.
+
 The scheduler reaches the network only through its engine's runner (service/engine/runner.py): it
 holds no module and no tensor of the model. This is the one denoising loop of the codebase: in-process
 generation drives it too (`generate`).
@@ -43,6 +48,9 @@ class Limits:
     # (2 GiB on a CPU, 85% of the GPU memory left free after the weights)
     max_memory_bytes: int | None = None
     max_prompt_tokens: int = 8192
+    max_request_seconds: float | None = None  # a request's longest run, whatever deadline it brings; None: none
+    max_new_tokens: int | None = None  # refused (InvalidArgument) above these; None: the API's own maxima
+    max_denoising_steps: int | None = None
 
 
 class Stream:
@@ -55,31 +63,60 @@ class Stream:
         deadline: float | None,
         on_event: Callable[[object], None] | None = None,
         cancel_check: Callable[[], bool] | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         self.request = request
         self.deadline = deadline
         self.cancelled = threading.Event()
+        self.ended = False  # a terminal item (FinalEvent or error) was put: nothing more is
         self._on_event = on_event
         self._cancel_check = cancel_check
+        self._alive = alive  # the producer's liveness: iteration stops with Unavailable once it is false
         self._events: queue.SimpleQueue = queue.SimpleQueue()
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     def is_cancelled(self) -> bool:
-        if not self.cancelled.is_set() and self._cancel_check is not None and self._cancel_check():
-            self.cancelled.set()
+        """Cancelled by `cancel()` or by `cancel_check()`; a raising `cancel_check` counts as cancelled."""
+        if not self.cancelled.is_set() and self._cancel_check is not None:
+            try:
+                if self._cancel_check():
+                    self.cancelled.set()
+            except Exception:
+                log.warning("cancel_check failed; cancelling the request", exc_info=True)
+                self.cancelled.set()
         return self.cancelled.is_set()
 
     def put(self, item: object) -> None:
-        if self._on_event is not None:
-            self._on_event(item)
-        else:
+        """Deliver one event or the ending error. Never raises; nothing after a terminal item. A failing
+        `on_event` cancels the request and is told its end once (Unavailable), if it was not a terminal."""
+        if self.ended:
+            return
+        terminal = isinstance(item, (FinalEvent, BaseException))
+        self.ended = terminal
+        if self._on_event is None:
             self._events.put(item)
+            return
+        try:
+            self._on_event(item)
+        except Exception:
+            log.warning("on_event failed; ending the request", exc_info=True)
+            self.cancelled.set()
+            if not terminal:
+                self.ended = True
+                try:
+                    self._on_event(Unavailable("the response could not be delivered"))
+                except Exception:
+                    log.warning("on_event failed again; the request's end is lost", exc_info=True)
 
     def __iter__(self) -> Iterator[Event]:
         while True:
-            item = self._events.get()
+            item = self.next_event(timeout=0.5)
+            if item is None:
+                if self._alive is not None and not self._alive():
+                    raise Unavailable("the engine stopped")
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -118,6 +155,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._dead = False  # the thread ended on a fault: nothing is served any more
         self.decoder_passes = 0
         self.canvases_in_last_pass = 0
         self._kv_bytes_per_token = self.runner.kv_bytes_per_token()
@@ -131,14 +169,26 @@ class Scheduler:
         on_event: Callable[[object], None] | None = None,
         cancel_check: Callable[[], bool] | None = None,
     ) -> Stream:
-        """Validate and queue a request. Raises InvalidArgument, Overloaded or Unavailable at once."""
+        """Validate and queue a request. Raises InvalidArgument, Overloaded or Unavailable at once.
+
+        `deadline` (time.monotonic()) is the caller's; the server's cap (max_request_seconds) shortens it."""
         self.engine.validate(request)
-        if len(request.prompt_ids) > self.limits.max_prompt_tokens:
-            raise InvalidArgument("prompt_ids", f"longer than the limit of {self.limits.max_prompt_tokens} tokens")
-        if self._cache_bytes(request) + self.runner.step_bytes(1) > self.limits.max_memory_bytes:
+        lim = self.limits
+        if len(request.prompt_ids) > lim.max_prompt_tokens:
+            raise InvalidArgument("prompt_ids", f"longer than the limit of {lim.max_prompt_tokens} tokens")
+        for name in ("max_new_tokens", "max_denoising_steps"):
+            cap = getattr(lim, name)
+            if cap is not None and getattr(request.params, name) > cap:
+                raise InvalidArgument(name, f"exceeds this server's limit of {cap}")
+        if self._cache_bytes(request) + self.runner.step_bytes(1) > lim.max_memory_bytes:
             raise InvalidArgument("max_new_tokens", "prompt plus output exceed this server's memory budget")
-        stream = Stream(request, deadline, on_event, cancel_check)
+        if lim.max_request_seconds is not None:
+            cap_at = time.monotonic() + lim.max_request_seconds
+            deadline = cap_at if deadline is None else min(deadline, cap_at)
+        stream = Stream(request, deadline, on_event, cancel_check, self._alive_for_stream)
         with self._lock:
+            if self._dead:
+                raise Unavailable("the engine stopped after a fault")
             if self._stopping:
                 raise Unavailable("the engine is shutting down")
             if len(self._waiting) >= self.limits.max_queue:
@@ -173,6 +223,14 @@ class Scheduler:
         return Sequence.max_tokens(request, self.cfg.canvas_length) * self._kv_bytes_per_token
 
     @property
+    def alive(self) -> bool:
+        """False once the scheduler's thread ended on a fault (the engine's heartbeat reads this)."""
+        return not self._dead and (self._thread is None or self._thread.is_alive())
+
+    def _alive_for_stream(self) -> bool:
+        return self.alive or self._stopping
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -205,12 +263,22 @@ class Scheduler:
         try:
             self._encode_pending()
             self._decode_live()
-        except DGemmaError as e:
-            self._fail_all(e)
-        except Exception:  # never leave streams hanging, nor the loop dead, on an unexpected fault
-            log.exception("engine step failed; failing the requests in flight")
-            self._fail_all(Unavailable("internal engine error"))
+        except Exception as e:  # the whole step failed: its requests end (each once), the loop goes on
+            self._fail_all(self._as_error(e, "engine step failed; failing the requests in flight"))
         return True
+
+    @staticmethod
+    def _as_error(e: Exception, what: str) -> DGemmaError:
+        if isinstance(e, DGemmaError):
+            return e
+        log.exception(what)
+        return Unavailable("internal engine error")
+
+    def _fail(self, item: _Live, e: Exception) -> None:
+        """One request's fault: that request alone ends with an error and leaves the batch."""
+        item.stream.put(self._as_error(e, "a request failed; failing it alone"))
+        item.seq.done = True
+        self._live = [x for x in self._live if x is not item]
 
     def _drop_finished(self, now: float) -> None:
         """Free cancelled and expired requests first, then tell their streams."""
@@ -253,43 +321,75 @@ class Scheduler:
                 if self._live and used + need + step > self.limits.max_memory_bytes:
                     break
                 self._waiting.popleft()
-                seq = self.engine.new_sequence(nxt.request)
+                try:
+                    seq = self.engine.new_sequence(nxt.request)
+                except Exception as e:
+                    nxt.put(self._as_error(e, "could not start a request; failing it alone"))
+                    continue
                 self._live.append(_Live(nxt, seq))
                 used += need
 
     def _encode_pending(self) -> None:
         """One batched encoder pass: new prompts (prefill) and committed canvases (commit)."""
-        pending = [item.seq for item in self._live if item.seq.to_encode is not None]
+        for item in [item for item in self._live if item.seq.to_encode is not None and item.seq.cache is None]:
+            try:
+                item.seq.cache = self.runner.new_cache(Sequence.max_tokens(item.seq.request, self.cfg.canvas_length))
+            except Exception as e:
+                self._fail(item, e)
+        pending = [item for item in self._live if item.seq.to_encode is not None]
         if not pending:
             return
-        for seq in pending:
-            if seq.cache is None:
-                seq.cache = self.runner.new_cache(Sequence.max_tokens(seq.request, self.cfg.canvas_length))
-        self.runner.prefill([seq.to_encode for seq in pending], [seq.cache for seq in pending])
-        for seq in pending:
-            seq.begin_canvas()
+        self.runner.prefill([item.seq.to_encode for item in pending], [item.seq.cache for item in pending])
+        for item in pending:
+            try:
+                item.seq.begin_canvas()
+            except Exception as e:
+                self._fail(item, e)
 
     def _decode_live(self) -> None:
-        live = [item for item in self._live if item.seq.denoising]
+        live, inputs = [], []
+        for item in [item for item in self._live if item.seq.denoising]:
+            try:
+                inputs.append(item.seq.step_input())
+                live.append(item)
+            except Exception as e:
+                self._fail(item, e)
         if not live:
             return
-        out = self.runner.step([item.seq.step_input() for item in live])
+        out = self.runner.step(inputs)
         self.decoder_passes += 1
         self.canvases_in_last_pass = len(live)
         shared = len(live) > 1
-        # every canvas's stop flags in one host transfer
-        flags = torch.stack([item.seq.stop_flags(out.argmax[b], out.entropy[b])
-                             for b, item in enumerate(live)]).tolist()
+        rows, flags = [], []
         for b, item in enumerate(live):
-            stable, confident = flags[b]
-            for ev in item.seq.after_step(out.canvas[b], out.argmax[b], out.soft[b], stable, confident, shared):
+            try:
+                flags.append(item.seq.stop_flags(out.argmax[b], out.entropy[b]))
+                rows.append((b, item))
+            except Exception as e:
+                self._fail(item, e)
+        # every canvas's stop flags in one host transfer
+        host = torch.stack(flags).tolist() if flags else []
+        for (b, item), (stable, confident) in zip(rows, host):
+            try:
+                events = list(item.seq.after_step(out.canvas[b], out.argmax[b], out.soft[b], stable, confident,
+                                                  shared))
+            except Exception as e:
+                self._fail(item, e)
+                continue
+            for ev in events:
                 item.stream.put(ev)
         self._live = [item for item in self._live if not item.seq.done]
 
-    def _fail_all(self, error: DGemmaError) -> None:
-        for item in self._live:
-            item.stream.put(error)
+    def _fail_all(self, error: DGemmaError, waiting: bool = False) -> None:
+        """End every live request (and the waiting ones too with `waiting`) with `error`."""
+        streams = [item.stream for item in self._live]
         self._live = []
+        if waiting:
+            with self._lock:
+                streams += list(self._waiting)
+                self._waiting.clear()
+        for s in streams:
+            s.put(error)
 
     # ---- thread ------------------------------------------------------------------------------
 
@@ -300,13 +400,25 @@ class Scheduler:
         return self
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._waiting and not self._live:
-                    self._lock.wait(timeout=0.5)
-                if self._stopping and not self._live and not self._waiting:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not self._live:
+                        self._lock.wait(timeout=0.5)
+                    if self._stopping and not self._live and not self._waiting:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a fault outside a step's work (dropping, admitting): end all, go on
+                    self._fail_all(self._as_error(e, "scheduler iteration failed; failing every request"),
+                                   waiting=True)
+        except BaseException:
+            log.critical("the scheduler thread died; the engine is down", exc_info=True)
+            raise
+        finally:
+            if not (self._stopping and not self._live and not self._waiting):
+                self._dead = True
+                self._fail_all(Unavailable("the engine stopped"), waiting=True)
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop accepting; finish (drain) or cancel what is in flight; join the thread."""

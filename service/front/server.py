@@ -74,7 +74,8 @@ class FrontServer:
     `backend_alive()` holds (the supervisor's view of the Triton process)."""
 
     def __init__(self, settings: FrontSettings, metrics: FrontMetrics,
-                 backend_alive: Callable[[], bool] = lambda: True, backend_metrics_url: str | None = None) -> None:
+                 backend_alive: Callable[[], bool] = lambda: True,
+                 backend_metrics_url: str | Callable[[], str] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.backend_alive = backend_alive

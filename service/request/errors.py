@@ -3,6 +3,7 @@ Triton's streamed errors back to domain errors."""
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import grpc
@@ -18,7 +19,10 @@ from service.errors import (
     Unauthenticated,
     Unavailable,
     UnknownModel,
+    WIRE_CODES,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Status(NamedTuple):
@@ -64,22 +68,24 @@ def public_message(err: BaseException, request_id: str) -> str:
 
 
 def error_from_triton(text: str, field_names: dict[str, str] | None = None) -> DGemmaError:
-    """A Triton streamed error ("INVALID_ARG: input_ids: …", see docs/api.md) as a domain error.
+    """A Triton streamed error as a domain error, by its leading code ("OVERLOADED: …", service.errors.WIRE_CODES;
+    docs/api.md). A message without one is Triton's own (a dead backend stub, a full queue, a model being
+    reloaded): the model cannot serve now, Unavailable; the text stays in the front's log.
 
     `field_names` renames the backend's input names to the public request's field paths.
     """
-    code, _, message = text.partition(": ")
-    if code == "INVALID_ARG":
+    code, sep, message = text.partition(": ")
+    cls = WIRE_CODES.get(code) if sep else None
+    if cls is None:
+        log.warning("backend error without a code: %s", text)
+        return Unavailable("the model is unavailable; retry later")
+    if cls is InvalidArgument:
         field, sep, detail = message.partition(": ")
         if sep:
             return InvalidArgument((field_names or {}).get(field, field), detail)
         return InvalidArgument("request", message)
-    if code == "CANCELLED":
-        return Cancelled(message or "request cancelled")
-    if "overloaded" in message or "Exceeds maximum queue size" in text:
+    if cls is Overloaded:
         return Overloaded("the model is overloaded; retry later")
-    if message.startswith("deadline exceeded"):
-        return DeadlineExceeded("deadline exceeded")
-    if code == "UNAVAILABLE":
-        return Unavailable(message or "the model is unavailable")
-    return DGemmaError(text)  # INTERNAL: the text stays in the front's log, never reaches the client
+    if cls is DGemmaError:
+        return DGemmaError(text)  # INTERNAL: the text stays in the front's log, never reaches the client
+    return cls(message or code.lower().replace("_", " "))

@@ -66,14 +66,23 @@ def _decode(response: service_pb2.ModelInferResponse) -> BackendEvent:
 
 class TritonClient:
     def __init__(self, target: str, model: str) -> None:
-        self.target = target
         self.model = model
+        self._connect(target)
+
+    def _connect(self, target: str) -> None:
+        self.target = target
         # Triton starts after the front and may restart: reconnect within a second, not gRPC's default backoff
         # (up to 120 s), so calls do not keep failing fast once it is back
         self._channel = grpc.aio.insecure_channel(target, options=[
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def retarget(self, target: str) -> None:
+        """Talk to Triton at `target` from now on (it restarted on another port)."""
+        old = self._channel
+        self._connect(target)
+        await old.close()
 
     async def ready(self, timeout: float = 2.0) -> bool:
         """Triton is up and the model is loaded and ready."""
@@ -93,7 +102,12 @@ class TritonClient:
         metadata: Sequence[tuple[str, str]] = (),
         field_names: dict[str, str] | None = None,
     ) -> AsyncIterator[BackendEvent]:
-        """Yield the model's events until the final one; backend errors are raised as domain errors."""
+        """Yield the model's events until the final one; backend errors are raised as domain errors.
+
+        `timeout` (seconds left of the caller's deadline) also travels to the engine as `timeout_ms`, which
+        drops the request at its next step once it passes."""
+        if timeout is not None:
+            inputs = {**inputs, "timeout_ms": Tensor("UINT64", [max(1, int(timeout * 1000))])}
         request = _infer_request(self.model, request_id, inputs)
 
         async def requests():

@@ -81,12 +81,15 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return v
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float | None = None) -> float:
     raw = env.get(name, "")
     try:
-        return float(raw) if raw else default
+        v = float(raw) if raw else default
     except ValueError:
         raise InvalidArgument(name, f"must be a number, got {raw!r}") from None
+    if minimum is not None and not v >= minimum:  # NaN too
+        raise InvalidArgument(name, f"must be >= {minimum}, got {raw!r}")
+    return v
 
 
 def api_keys(env: Mapping[str, str]) -> list[str]:
@@ -136,6 +139,10 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         max_live_canvases=_int(env, "NIM_MAX_LIVE_CANVASES", 16, 1),
         max_engine_queue=_int(env, "NIM_MAX_QUEUED_REQUESTS", 64, 1), threads=threads or 0,
         tile_rows=_int(env, "NIM_SAMPLER_TILE_ROWS", 0), max_memory_bytes=_int(env, "NIM_MAX_MEMORY_BYTES", 0),
+        max_prompt_tokens=_int(env, "NIM_MAX_PROMPT_TOKENS", 8192, 1),
+        max_request_seconds=_float(env, "NIM_MAX_REQUEST_SECONDS", 600.0, 0.0),
+        max_new_tokens_limit=_int(env, "NIM_MAX_NEW_TOKENS_LIMIT", 0),
+        max_denoising_steps_limit=_int(env, "NIM_MAX_DENOISING_STEPS_LIMIT", 0),
     ).validate()
     front = FrontSettings(
         checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=serving.label,
@@ -153,8 +160,10 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         grpc_max_message_bytes=_int(env, "NIM_GRPC_MAX_MESSAGE_BYTES", 1 << 20, 1024),
     )
     # Triton is internal to the pod: its ports are free ones unless pinned.
-    tports = TritonPorts(_int(env, "NIM_TRITON_GRPC_PORT", 0) or free_port(), free_port(),
-                         _int(env, "NIM_TRITON_METRICS_PORT", 0) or free_port())
+    pinned = {"grpc": _int(env, "NIM_TRITON_GRPC_PORT", 0), "http": 0,
+              "metrics": _int(env, "NIM_TRITON_METRICS_PORT", 0)}
+    tports = TritonPorts(*(pin or free_port() for pin in pinned.values()),
+                         movable=tuple(name for name, pin in pinned.items() if not pin))
     front.triton_target = f"127.0.0.1:{tports.grpc}"
     log_path = env.get("NIM_TRITON_LOG_FILE") or cache / "triton.log"
     return ServeOptions(
@@ -164,6 +173,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         startup_timeout_s=_float(env, "NIM_STARTUP_TIMEOUT", 300.0),
         shutdown_grace_s=_float(env, "NIM_SHUTDOWN_GRACE_PERIOD", 30.0),
         drain_delay_s=_float(env, "NIM_SHUTDOWN_DRAIN_DELAY", 2.0),
+        engine_heartbeat_timeout_s=_float(env, "NIM_ENGINE_HEARTBEAT_TIMEOUT", 5.0, 2.0),
         triton_log=Path(log_path),
     )
 

@@ -1,8 +1,11 @@
 """`dgemma serve`: Triton as a supervised child process, the front and the metrics endpoint, one lifecycle.
 
 Start: Triton (bound to 127.0.0.1, ports of its own), then the front (health NOT_SERVING until Triton and
-the model are ready). While running: a dead Triton turns health NOT_SERVING at once and is restarted with
-backoff. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within the grace period, Triton stops, exit 0.
+the model are ready). While running: a dead Triton, or a dead engine inside it (its heartbeat, a gauge
+the model sets every second while its scheduler runs, older than `engine_heartbeat_timeout_s`: the
+backend stub died or its scheduler thread did), turns health NOT_SERVING at once; Triton is then
+(killed and) restarted with backoff, which ends the calls in flight with UNAVAILABLE. SIGTERM/SIGINT:
+NOT_SERVING, in-flight calls finish within the grace period, Triton stops, exit 0.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +39,9 @@ class ServeOptions:
     # after SIGTERM, health reads NOT_SERVING (and calls are still served) this long before new calls are
     # refused: load balancers and Kubernetes probes see it and stop routing here
     drain_delay_s: float = 2.0
-    restart_backoff_s: float = 2.0  # doubled after each failed restart, up to restart_backoff_max_s
+    restart_backoff_s: float = 2.0  # the wait after a failed restart, doubled after each, up to restart_backoff_max_s
     restart_backoff_max_s: float = 30.0
+    engine_heartbeat_timeout_s: float = 5.0  # an older heartbeat: the engine is dead, Triton is restarted
     triton_log: Path | None = None
 
 
@@ -49,12 +54,35 @@ class Supervisor:
         self.metrics = FrontMetrics()
         self.restarting = False
         self.restarts = 0
+        self.engine_ok = True  # the engine's heartbeat is fresh (checked every poll while Triton runs)
+        self._last_beat = time.monotonic()  # when Triton's metrics last answered (or Triton (re)started)
         self.stop_requested = asyncio.Event()
         self.front: FrontServer | None = None
         self.metrics_port = 0
 
     def backend_alive(self) -> bool:
-        return not self.restarting and self.triton.alive()
+        return not self.restarting and self.engine_ok and self.triton.alive()
+
+    def backend_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.triton.ports.metrics}/metrics"
+
+    async def _check_engine(self) -> bool:
+        """Whether the engine inside Triton is alive: its heartbeat is younger than the timeout. Triton's
+        metrics not answering counts only once that lasts as long as the timeout."""
+        beat = await asyncio.to_thread(self.triton.engine_heartbeat)
+        now, timeout = time.monotonic(), self.opts.engine_heartbeat_timeout_s
+        if beat is not None:
+            self._last_beat = now
+            self.engine_ok = time.time() - beat < timeout
+        else:
+            self.engine_ok = now - self._last_beat < timeout
+        return self.engine_ok
+
+    async def _follow_ports(self) -> None:
+        """Point the front at Triton's gRPC port again when a start had to move it (a port clash)."""
+        target = f"127.0.0.1:{self.triton.ports.grpc}"
+        if self.front is not None and self.front.triton.target != target:
+            await self.front.triton.retarget(target)
 
     async def run(self) -> int:
         o = self.opts
@@ -63,17 +91,18 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stop_requested.set)
         try:
             # the front first: its ports answer while the model loads (health NOT_SERVING, HTTP ready 503)
-            backend_metrics = f"http://127.0.0.1:{o.triton_ports.metrics}/metrics"
             self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive,
-                                     backend_metrics_url=backend_metrics)
+                                     backend_metrics_url=self.backend_metrics_url)
             port = await self.front.start()
             await asyncio.to_thread(self.triton.start, o.startup_timeout_s, o.repository.model_name,
                                     self.stop_requested.is_set)
             if self.stop_requested.is_set():
                 return 0
+            await self._follow_ports()
+            self._last_beat = time.monotonic()
             await self.front.wait_serving(o.startup_timeout_s)  # the front's channel reconnects to it
             self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port,
-                                                     backend_url=backend_metrics)
+                                                     backend_url=self.backend_metrics_url)
             print(f"dgemma: serving {o.front.model_id} on gRPC {o.front.host}:{port}, HTTP :{self.front.http_port} "
                   f"(metrics :{self.metrics_port}/metrics, Triton 127.0.0.1:{o.triton_ports.grpc})", flush=True)
             while not self.stop_requested.is_set():
@@ -81,8 +110,12 @@ class Supervisor:
                     await asyncio.wait_for(self.stop_requested.wait(), timeout=0.5)
                 except asyncio.TimeoutError:
                     pass
-                if not self.stop_requested.is_set() and not self.triton.alive():
+                if self.stop_requested.is_set():
+                    break
+                if not self.triton.alive():
                     await self._restart_triton()
+                elif not await self._check_engine():
+                    await self._restart_triton(engine_dead=True)
             log.info("shutting down: NOT_SERVING for %.1fs, then draining for up to %.0fs", o.drain_delay_s,
                      o.shutdown_grace_s)
             await self.front.stop(o.shutdown_grace_s, o.drain_delay_s)
@@ -96,23 +129,30 @@ class Supervisor:
             shutdown_tracing()
             log.info("stopped (tritonserver exit code %s)", rc)
 
-    async def _restart_triton(self) -> None:
+    async def _restart_triton(self, engine_dead: bool = False) -> None:
         self.restarting = True  # health goes NOT_SERVING on the next readiness poll
-        code = self.triton.proc.returncode if self.triton.proc else None
-        log.error("tritonserver exited with code %s; restarting", code)
-        backoff = self.opts.restart_backoff_s
+        if engine_dead:  # Triton runs, the model in it does not: kill it (and its stubs), which ends the calls
+            log.error("the engine's heartbeat stopped (backend stub or scheduler dead); restarting tritonserver")
+            await asyncio.to_thread(self.triton.stop, 0)
+        else:
+            code = self.triton.proc.returncode if self.triton.proc else None
+            log.error("tritonserver exited with code %s; restarting", code)
+        backoff = 0.0  # the first attempt at once: the model is what takes time to come back
         while not self.stop_requested.is_set():
             await asyncio.sleep(backoff)
             try:
                 await asyncio.to_thread(self.triton.start, self.opts.startup_timeout_s,
                                         self.opts.repository.model_name, self.stop_requested.is_set)
+                await self._follow_ports()
                 self.restarts += 1
                 self.metrics.backend_restarts.inc()
                 log.info("tritonserver restarted (%d restarts)", self.restarts)
                 break
             except Exception:
-                backoff = min(2 * backoff, self.opts.restart_backoff_max_s)
+                backoff = min(2 * backoff or self.opts.restart_backoff_s, self.opts.restart_backoff_max_s)
                 log.exception("tritonserver restart failed; retrying in %.0fs", backoff)
+        self._last_beat = time.monotonic()
+        self.engine_ok = True
         self.restarting = False
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -154,13 +155,15 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         pass
 
 
-def render(metrics: FrontMetrics, backend_url: str | None = None) -> bytes:
-    """The front's exposition, then (with `backend_url`) Triton's: what every metrics endpoint serves."""
-    return metrics.exposition() + (fetch_text(backend_url) if backend_url else b"")
+def render(metrics: FrontMetrics, backend_url: str | Callable[[], str] | None = None) -> bytes:
+    """The front's exposition, then (with `backend_url`, or what it returns) Triton's: what every metrics
+    endpoint serves."""
+    url = backend_url() if callable(backend_url) else backend_url
+    return metrics.exposition() + (fetch_text(url) if url else b"")
 
 
 def start_metrics_server(metrics: FrontMetrics, host: str = "0.0.0.0", port: int = 0,
-                         backend_url: str | None = None) -> int:
+                         backend_url: str | Callable[[], str] | None = None) -> int:
     """Serve `metrics` at http://host:port/metrics from a daemon thread; returns the bound port.
 
     With `backend_url`, each scrape also carries that exposition (Triton's metrics, which listen on

@@ -11,39 +11,40 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Request
-from service.errors import (
-    Cancelled,
-    CheckpointError,
-    DeadlineExceeded,
-    DGemmaError,
-    InvalidArgument,
-    Overloaded,
-    Unavailable,
-)
+from service.errors import InvalidArgument, wire_code
 from service.model.config import ModelConfig
 from service.text.tokenizer import Tokenizer
 from service.sampler.constraints import FREE
 from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, Pins
 
-# One table: domain error -> Triton error code name (pb_utils.TritonError.<NAME>).
-TRITON_ERROR_CODES: dict[type[DGemmaError], str] = {
-    InvalidArgument: "INVALID_ARG",
-    Overloaded: "UNAVAILABLE",
-    Unavailable: "UNAVAILABLE",
-    DeadlineExceeded: "UNAVAILABLE",
-    Cancelled: "CANCELLED",
-    CheckpointError: "INTERNAL",
-}
+# The Triton status (pb_utils.TritonError.<NAME>) of the wire codes Triton has no name for; the others
+# (service.errors.WIRE_CODES) are Triton's names too. The code also leads the message: clients of a stream
+# read the message only.
+TRITON_STATUS = {"OVERLOADED": "UNAVAILABLE", "DEADLINE_EXCEEDED": "UNAVAILABLE"}
 
+# `timeout_ms`: milliseconds left of the caller's deadline (0 or absent: none); not a field of Request.
 INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "seed", "return_drafts",
-               "request_id", "sampler", "apply_chat_template", *INT_PARAMS, *FLOAT_PARAMS)
+               "request_id", "sampler", "apply_chat_template", "timeout_ms", *INT_PARAMS, *FLOAT_PARAMS)
 
 
 def error_code(err: BaseException) -> str:
-    for cls in type(err).__mro__:
-        if cls in TRITON_ERROR_CODES:
-            return TRITON_ERROR_CODES[cls]
-    return "INTERNAL"
+    """The wire code of an error (service.errors.WIRE_CODES)."""
+    return wire_code(err)
+
+
+def triton_status(code: str) -> str:
+    """The Triton status name for a wire code."""
+    return TRITON_STATUS.get(code, code)
+
+
+def deadline_from_inputs(inputs: Mapping[str, np.ndarray | None], now: float) -> float | None:
+    """The request's deadline on the clock of `now` (time.monotonic()), from `timeout_ms`; None: none."""
+    ms = _scalar(inputs, "timeout_ms")
+    if ms is None or int(ms) == 0:
+        return None
+    if int(ms) < 0:
+        raise InvalidArgument("timeout_ms", f"must be >= 0, got {ms}")
+    return now + int(ms) / 1000.0
 
 
 def _scalar(inputs: Mapping[str, np.ndarray | None], name: str):
@@ -119,11 +120,16 @@ def request_from_inputs(
     try:
         return req.validate(cfg)
     except InvalidArgument as e:
-        if e.field == "prompt_ids":  # the engine's name for what this interface calls input_ids
-            raise e.renamed("input_ids" if text is None else "text_input") from None
-        if e.field == "constraints":
-            raise e.renamed("constraint_ids") from None
-        raise
+        raise input_error(e, inputs) from None
+
+
+def input_error(e: InvalidArgument, inputs: Mapping[str, np.ndarray | None]) -> InvalidArgument:
+    """An engine error under this interface's input names (the engine's prompt_ids is input_ids or text_input)."""
+    if e.field == "prompt_ids":
+        return e.renamed("text_input" if inputs.get("text_input") is not None else "input_ids")
+    if e.field == "constraints":
+        return e.renamed("constraint_ids")
+    return e
 
 
 def outputs_for_event(event: Event, detokenize: Callable[[list[int]], str] | None) -> dict[str, np.ndarray]:

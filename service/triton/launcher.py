@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 from service.errors import Unavailable
 
 NGC_BINARY = Path("/opt/tritonserver/bin/tritonserver")
+HEARTBEAT_METRIC = "dgemma_engine_heartbeat_seconds"  # set by the model (model.py)
 
 
 @dataclass
@@ -83,10 +85,31 @@ def find_triton(cache_dir: Path | None = None) -> TritonInstall:
     return _prepare_pytriton(cache)
 
 
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, never one this process handed out before. Another process may still
+    take it before it is used: TritonServer.start moves to fresh ports when Triton finds one taken."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with _handed_out_lock:
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+
+
+def port_taken(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT socket does not count
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass
@@ -94,10 +117,12 @@ class TritonPorts:
     grpc: int
     http: int
     metrics: int
+    # the ports picked by free_port() rather than set by the operator: start() moves these on a clash
+    movable: tuple[str, ...] = ()
 
     @staticmethod
     def pick() -> "TritonPorts":
-        return TritonPorts(free_port(), free_port(), free_port())
+        return TritonPorts(free_port(), free_port(), free_port(), movable=("grpc", "http", "metrics"))
 
 
 class TritonServer:
@@ -121,6 +146,7 @@ class TritonServer:
         self.log_file = log_file
         self.explicit_load = explicit_load  # models load only when asked (KServe load API)
         self.proc: subprocess.Popen | None = None
+        self._log = None  # Triton's log file while it runs; closed on stop and before each start
 
     def command(self) -> list[str]:
         p = self.ports
@@ -142,17 +168,37 @@ class TritonServer:
         return cmd
 
     def start(self, timeout: float = 120.0, wait_model: str | None = None,
-              cancelled: Callable[[], bool] | None = None) -> "TritonServer":
-        """Start and wait until ready (and `wait_model` loaded); `cancelled()` true stops waiting and the server."""
+              cancelled: Callable[[], bool] | None = None, attempts: int = 3) -> "TritonServer":
+        """Start and wait until ready (and `wait_model` loaded); `cancelled()` true stops waiting and the server.
+
+        When Triton exits at start because another process took one of its ports, the movable ones
+        (`TritonPorts.movable`) move to fresh ports and it starts again, `attempts` times in all."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout, wait_model, cancelled)
+            except _PortClash as clash:
+                moved = [name for name in clash.names if name in self.ports.movable]
+                if moved != clash.names or attempt + 1 == attempts:
+                    raise Unavailable(f"tritonserver could not listen: {clash}") from None
+                for name in moved:
+                    setattr(self.ports, name, free_port())
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float, wait_model: str | None,
+                    cancelled: Callable[[], bool] | None) -> "TritonServer":
         # The Python backend's stub is another interpreter: give it this one's import path.
         path = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
         env = {**os.environ, **self.install.env, "DGEMMA_PYTHONPATH": path}
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self._close_log()
+        out = self._log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                taken = [name for name in ("grpc", "http", "metrics") if port_taken(getattr(self.ports, name))]
+                if taken:
+                    raise _PortClash(taken, self.ports)
                 raise Unavailable(f"tritonserver exited at start with code {self.proc.returncode}")
             if self.ready(wait_model):
                 return self
@@ -162,6 +208,11 @@ class TritonServer:
             time.sleep(0.25)
         self.stop()
         raise Unavailable(f"tritonserver was not ready within {timeout:.0f}s")
+
+    def _close_log(self) -> None:
+        if self._log is not None and self._log is not subprocess.DEVNULL:
+            self._log.close()
+        self._log = None
 
     def _get(self, path: str) -> int:
         try:
@@ -177,14 +228,37 @@ class TritonServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def engine_heartbeat(self) -> float | None:
+        """The model's last heartbeat (Unix time, the `dgemma_engine_heartbeat_seconds` gauge that the
+        backend sets every second while its scheduler runs); None when Triton's metrics do not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except Exception:  # connection refused, timeouts
+            return None
+        for line in text.splitlines():
+            if line.startswith(HEARTBEAT_METRIC + "{") or line.startswith(HEARTBEAT_METRIC + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
     def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGINT, then SIGKILL to its process group (the backend stubs too) after `timeout` seconds
+        (0: at once)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            if timeout > 0:
+                self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        self._close_log()
         return self.proc.returncode
+
+
+class _PortClash(Exception):
+    def __init__(self, names: list[str], ports: TritonPorts) -> None:
+        super().__init__(", ".join(f"{n} port {getattr(ports, n)} is taken" for n in names))
+        self.names = names

@@ -25,6 +25,10 @@ class RepositorySettings:
     max_live_canvases: int = 16
     max_engine_queue: int = 64
     max_memory_bytes: int = 0  # KV caches plus a step's transient buffers; 0: the runner's default
+    max_prompt_tokens: int = 8192
+    max_request_seconds: float = 0  # a request's longest run in the engine; 0: no cap
+    max_new_tokens_limit: int = 0  # refused above these (INVALID_ARGUMENT); 0: the API's own maxima
+    max_denoising_steps_limit: int = 0
     tile_rows: int = 0  # rows of the sampler's vocabulary tiles; 0: the runner's default for its device
     threads: int = 0
     model_name: str = MODEL_NAME
@@ -32,11 +36,12 @@ class RepositorySettings:
     def validate(self) -> "RepositorySettings":
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
             raise InvalidArgument("instance_kind", "must be KIND_CPU or KIND_GPU")
-        for name in ("max_queue_size", "max_live_canvases", "max_engine_queue"):
+        for name in ("max_queue_size", "max_live_canvases", "max_engine_queue", "max_prompt_tokens"):
             if int(getattr(self, name)) < 1:
                 raise InvalidArgument(name, "must be >= 1")
-        for name in ("tile_rows", "max_memory_bytes"):
-            if int(getattr(self, name)) < 0:
+        for name in ("tile_rows", "max_memory_bytes", "max_request_seconds", "max_new_tokens_limit",
+                     "max_denoising_steps_limit"):
+            if getattr(self, name) < 0:
                 raise InvalidArgument(name, "must be >= 0")
         if '"' in self.checkpoint_dir or "\n" in self.checkpoint_dir:
             raise InvalidArgument("checkpoint_dir", "must not contain quotes or newlines")

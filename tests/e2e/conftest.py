@@ -132,6 +132,32 @@ class Serve:
                 self.proc.kill()
 
 
+def child_pid(parent: int, needle: bytes) -> int | None:
+    """A child process of `parent` whose command line holds `needle` (None: none)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and needle in cmd:
+            return int(entry.name)
+    return None
+
+
+def triton_pid(serve_pid: int) -> int | None:
+    return child_pid(serve_pid, b"tritonserver")
+
+
+def stub_pid(serve_pid: int) -> int | None:
+    """The Python backend's stub process (the model's interpreter) under `dgemma serve`'s Triton."""
+    triton = triton_pid(serve_pid)
+    return None if triton is None else child_pid(triton, b"triton_python_backend_stub")
+
+
 @pytest.fixture(scope="session")
 def otlp():
     with OtlpReceiver() as rx:

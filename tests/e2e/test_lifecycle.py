@@ -7,7 +7,6 @@ import os
 import signal
 import ssl
 import threading
-from pathlib import Path
 
 import grpc
 import httpx
@@ -17,23 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Serve
+from tests.e2e.conftest import Serve, triton_pid
 from tests.e2e.test_operations import SHORT
-
-
-def triton_pid(serve_pid: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == serve_pid and b"tritonserver" in cmd:
-            return int(entry.name)
-    return None
 
 
 def test_reflection_dead_triton_restarted_and_sigterm_drains_streams(tmp_path):

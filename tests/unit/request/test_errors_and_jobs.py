@@ -33,16 +33,23 @@ def test_every_domain_error_has_a_status_and_internal_is_generic():
     ("INVALID_ARG: max_denoising_steps: must be in [1, 1024], got 0", InvalidArgument,
      "options.parameters.max_denoising_steps"),
     ("INVALID_ARG: input_ids: id 9 is outside", InvalidArgument, "text"),
-    ("UNAVAILABLE: engine overloaded: 64 requests already waiting", Overloaded, None),
-    ("Exceeds maximum queue size", Overloaded, None),
-    ("UNAVAILABLE: deadline exceeded", DeadlineExceeded, None),
+    ("OVERLOADED: engine overloaded: 64 requests already waiting", Overloaded, None),
+    # the code alone decides (issue 17, finding 9): words in the message never do
+    ("UNAVAILABLE: engine overloaded: 64 requests already waiting", Unavailable, None),
+    ("DEADLINE_EXCEEDED: deadline exceeded", DeadlineExceeded, None),
+    ("UNAVAILABLE: deadline exceeded", Unavailable, None),
     ("UNAVAILABLE: the engine is shutting down", Unavailable, None),
+    # Triton's own errors carry no code: the model cannot serve now (a dead backend stub: never INTERNAL)
+    ("Failed to process the request(s) for model instance 'diffusiongemma_0_0', message: Stub process "
+     "'diffusiongemma_0_0' is not healthy.", Unavailable, None),
+    ("Exceeds maximum queue size", Unavailable, None),
     ("CANCELLED: request cancelled", Cancelled, None),
     ("INTERNAL: internal error", DGemmaError, None),
 ])
 def test_triton_errors_read_back_as_domain_errors(text, cls, field):
     err = error_from_triton(text, jobs.field_names("text"))
     assert type(err) is cls
+    assert "Stub process" not in public_message(err, "r")
     if field:
         assert err.field == field
 

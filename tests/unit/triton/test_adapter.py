@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 
 from service.engine.api import CanvasEvent, FinalEvent, Stats
-from service.errors import Cancelled, InvalidArgument, Overloaded, Unavailable
+from service.errors import Cancelled, CheckpointError, DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from service.request.errors import error_from_triton
 from service.model.config import read_config
-from service.triton.adapter import error_code, outputs_for_event, request_from_inputs
+from service.triton.adapter import (
+    deadline_from_inputs,
+    error_code,
+    outputs_for_event,
+    request_from_inputs,
+    triton_status,
+)
 from service.triton.launcher import TritonServer, find_triton
 from service.triton.repository import TEMPLATE_DIR, RepositorySettings, render_config
 
@@ -66,10 +73,28 @@ def test_bad_inputs_name_the_input(cfg, inputs, field):
 
 def test_error_table():
     assert error_code(InvalidArgument("x", "y")) == "INVALID_ARG"
-    assert error_code(Overloaded("busy")) == "UNAVAILABLE"
+    assert error_code(Overloaded("busy")) == "OVERLOADED"
+    assert error_code(DeadlineExceeded("late")) == "DEADLINE_EXCEEDED"
     assert error_code(Unavailable("down")) == "UNAVAILABLE"
     assert error_code(Cancelled("c")) == "CANCELLED"
+    assert error_code(CheckpointError("c")) == "INTERNAL"
     assert error_code(RuntimeError()) == "INTERNAL"
+    # every code reads back as the error it came from (one table both ways)
+    for err in (InvalidArgument("max_new_tokens", "too many"), Overloaded("busy"), DeadlineExceeded("late"),
+                Unavailable("down"), Cancelled("c")):
+        assert type(error_from_triton(f"{error_code(err)}: {err.message}")) is type(err)
+    assert triton_status("OVERLOADED") == "UNAVAILABLE" and triton_status("INVALID_ARG") == "INVALID_ARG"
+
+
+def test_timeout_ms_becomes_a_deadline(cfg):
+    assert deadline_from_inputs({}, 100.0) is None
+    assert deadline_from_inputs({"timeout_ms": np.array([0], dtype=np.uint64)}, 100.0) is None
+    assert deadline_from_inputs({"timeout_ms": np.array([1500], dtype=np.uint64)}, 100.0) == 101.5
+    with pytest.raises(InvalidArgument) as e:
+        deadline_from_inputs({"timeout_ms": np.array([-1], dtype=np.int64)}, 100.0)
+    assert e.value.field == "timeout_ms"
+    # a known input of the model, not a request field
+    request_from_inputs({"input_ids": ids(2, 3), "timeout_ms": np.array([10], dtype=np.uint64)}, cfg, None)
 
 
 def test_outputs_for_events():
