@@ -67,16 +67,25 @@ def public_message(err: BaseException, request_id: str) -> str:
     return f"internal error (request_id={request_id})"
 
 
+# Triton's own errors (no code of ours) whose meaning is not "the model cannot serve now": its exact texts
+# (Triton core: the scheduler's queue policy rejects with this one).
+TRITON_OWN_ERRORS: dict[str, type[DGemmaError]] = {"Exceeds maximum queue size": Overloaded}
+
+
 def error_from_triton(text: str, field_names: dict[str, str] | None = None) -> DGemmaError:
     """A Triton streamed error as a domain error, by its leading code ("OVERLOADED: …", service.errors.WIRE_CODES;
     docs/api.md). A message without one is Triton's own (a dead backend stub, a full queue, a model being
-    reloaded): the model cannot serve now, Unavailable; the text stays in the front's log.
+    reloaded): the model cannot serve now, Unavailable (the text stays in the front's log), except Triton's own
+    full-queue refusal (TRITON_OWN_ERRORS), which is Overloaded.
 
     `field_names` renames the backend's input names to the public request's field paths.
     """
     code, sep, message = text.partition(": ")
     cls = WIRE_CODES.get(code) if sep else None
     if cls is None:
+        own = TRITON_OWN_ERRORS.get(text.strip().rstrip("."))
+        if own is Overloaded:
+            return Overloaded("the model is overloaded; retry later")
         log.warning("backend error without a code: %s", text)
         return Unavailable("the model is unavailable; retry later")
     if cls is InvalidArgument:

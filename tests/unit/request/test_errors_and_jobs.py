@@ -42,7 +42,9 @@ def test_every_domain_error_has_a_status_and_internal_is_generic():
     # Triton's own errors carry no code: the model cannot serve now (a dead backend stub: never INTERNAL)
     ("Failed to process the request(s) for model instance 'diffusiongemma_0_0', message: Stub process "
      "'diffusiongemma_0_0' is not healthy.", Unavailable, None),
-    ("Exceeds maximum queue size", Unavailable, None),
+    # ...except Triton's own full-queue refusal, matched as its whole text: overload, clients back off
+    ("Exceeds maximum queue size", Overloaded, None),
+    ("Failed to process: Exceeds maximum queue size", Unavailable, None),
     ("CANCELLED: request cancelled", Cancelled, None),
     ("INTERNAL: internal error", DGemmaError, None),
 ])
