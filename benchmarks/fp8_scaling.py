@@ -43,7 +43,8 @@ def decoder_logits(model, prompt: list[int], canvas: torch.Tensor) -> torch.Tens
     return model(input_ids=torch.tensor([prompt]), cache=cache, decoder_input_ids=canvas[None]).logits[0].float()
 
 
-def inputs(ref, prompts: list[list[int]], canvas: int, eos: list[int], pad: int) -> list[tuple[list[int], torch.Tensor]]:
+def inputs(ref, prompts: list[list[int]], canvas: int, eos: list[int],
+           pad: int) -> list[tuple[list[int], torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     vocab = ref.config.get_text_config().vocab_size
     out = []

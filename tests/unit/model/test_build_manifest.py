@@ -18,7 +18,8 @@ from service.serve.profiles import find_profile
 
 
 def _manifest() -> dict:
-    return {"profile": find_profile("torch-fp32-cpu").manifest_entry(), "architecture": "DiffusionGemmaForBlockDiffusion",
+    return {"profile": find_profile("torch-fp32-cpu").manifest_entry(),
+            "architecture": "DiffusionGemmaForBlockDiffusion",
             "source": {"sha256": "0" * 64}, "tools": {"torch": "x", "modelopt": None, "transformers": None,
                                                      "dgemma": "0"},
             "calibration": None, "verification": {"passed": True}, "created": "2026-12-01T00:00:00Z"}
