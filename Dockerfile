@@ -13,11 +13,14 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
-# A non-editable install: the package, its data (the embedded tiny model under service/assets) and scripts.
+COPY engine_build ./engine_build
+# A non-editable install: the package, its data (the embedded tiny model under service/assets) and scripts,
+# with the build extra (ModelOpt, transformers), so `dgemma build` runs in this image too (docs/build.md).
 RUN python3 -m venv /opt/dgemma/venv \
  && /opt/dgemma/venv/bin/pip install --upgrade pip \
- && /opt/dgemma/venv/bin/pip install . \
- && /opt/dgemma/venv/bin/python -c "import service, service.cli; assert (service.DEFAULT_CHECKPOINT / 'config.json').is_file()"
+ && /opt/dgemma/venv/bin/pip install '.[build]' \
+ && /opt/dgemma/venv/bin/python -c "import service, service.cli; assert (service.DEFAULT_CHECKPOINT / 'config.json').is_file()" \
+ && /opt/dgemma/venv/bin/python -c "import engine_build.build, modelopt.torch.quantization"
 
 # ---- runtime: the same base, the venv copied in (owned by root, read-only to the service user)
 FROM nvcr.io/nvidia/tritonserver:25.10-py3 AS runtime

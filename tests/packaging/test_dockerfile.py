@@ -80,8 +80,18 @@ def test_embedded_model_is_installed_as_package_data():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "assets/**/*" in pyproject["tool"]["setuptools"]["package-data"]["service"]
     text = DOCKERFILE.read_text()
-    assert "COPY service ./service" in text and "pip install ." in text
+    assert "COPY service ./service" in text and "pip install '.[build]'" in text
     assert "DEFAULT_CHECKPOINT / 'config.json'" in text  # the build fails if the model did not make it in
+
+
+def test_the_image_can_run_the_build_stage():
+    """`dgemma build` in the image: engine_build is copied and the build extra (ModelOpt) installed and imported."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("nvidia-modelopt==") for d in pyproject["project"]["optional-dependencies"]["build"])
+    assert "engine_build*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    text = DOCKERFILE.read_text()
+    assert "COPY engine_build ./engine_build" in text
+    assert "import engine_build.build, modelopt.torch.quantization" in text
 
 
 def test_venv_on_path_is_the_one_built(all_stages, final):
