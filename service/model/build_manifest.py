@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from service.errors import CheckpointError
+from service.model.config import read_json_object
 
 BUILD_FORMAT = "dgemma-build/1"
 MANIFEST = "manifest.json"
@@ -83,11 +84,8 @@ def read_build(root: str | Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{MANIFEST} missing in {root.name}: not a complete build")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{MANIFEST} is malformed: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != BUILD_FORMAT:
+    m = read_json_object(path)
+    if m.get("format") != BUILD_FORMAT:
         raise CheckpointError(f"{MANIFEST}: format is not {BUILD_FORMAT!r}")
     missing = [k for k in _REQUIRED if k not in m]
     files = m.get("files")

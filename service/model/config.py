@@ -159,17 +159,22 @@ def parse_config(raw: dict) -> ModelConfig:
     )
 
 
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's or build's JSON file as a dict; CheckpointError naming the file when it is not one."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name} is malformed: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path.name} is malformed: not a JSON object")
+    return raw
+
+
 def read_config(checkpoint_dir: Path) -> ModelConfig:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"checkpoint has no config.json: {checkpoint_dir}")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"config.json is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError("config.json is not a JSON object")
-    return parse_config(raw)
+    return parse_config(read_json_object(path))
 
 
 def read_generation_config(checkpoint_dir: Path) -> dict:

@@ -12,7 +12,6 @@ On-disk formats (ModelOpt 0.47 `export_hf_checkpoint`, seen on this project's ti
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from service.errors import CheckpointError
+from service.model.config import read_json_object
 
 QUANT_CONFIG = "hf_quant_config.json"
 SUPPORTED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4")  # per-channel: weight_scale [out] or [out, 1]
@@ -45,11 +45,11 @@ def read_quant_config(ckpt: str | Path) -> QuantConfig | None:
     path = Path(ckpt) / QUANT_CONFIG
     if not path.is_file():
         return None
+    raw = read_json_object(path)
     try:
-        raw = json.loads(path.read_text())
         q = raw["quantization"]
         algo = q["quant_algo"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{QUANT_CONFIG} is malformed: {e!r}") from None
     if algo not in SUPPORTED:
         raise CheckpointError(f"{QUANT_CONFIG}: quant_algo {algo!r} is not one of {list(SUPPORTED)}")
