@@ -156,6 +156,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead = False  # the thread ended on a fault: nothing is served any more
+        self._busy_since: float | None = None  # time.monotonic() when the running step's network work began
         self.decoder_passes = 0
         self.canvases_in_last_pass = 0
         self._kv_bytes_per_token = self.runner.kv_bytes_per_token()
@@ -260,12 +261,31 @@ class Scheduler:
         self._admit()
         if not self._live:
             return False
+        self._busy_since = time.monotonic()
         try:
             self._encode_pending()
             self._decode_live()
         except Exception as e:  # the whole step failed: its requests end (each once), the loop goes on
             self._fail_all(self._as_error(e, "engine step failed; failing the requests in flight"))
+        finally:
+            self._busy_since = None
         return True
+
+    def step_seconds(self) -> float:
+        """How long the running step's network work has taken so far; 0.0 between steps. A step that never
+        returns (a hung kernel, a deadlocked collective) shows here while `alive` stays true."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def fault(self, step_timeout_s: float | None = None) -> str | None:
+        """Why the engine cannot serve, or None: the thread is dead, or the running step has taken longer than
+        `step_timeout_s` (None: no limit). The model's heartbeat stops on either."""
+        if not self.alive:
+            return "the engine's scheduler is not running"
+        busy = self.step_seconds()
+        if step_timeout_s is not None and busy > step_timeout_s:
+            return f"a denoising step has run for {busy:.1f}s, over the step timeout of {step_timeout_s:g}s"
+        return None
 
     @staticmethod
     def _as_error(e: Exception, what: str) -> DGemmaError:

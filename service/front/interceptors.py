@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 import grpc
 from opentelemetry.context import Context
 
-from service.errors import Unauthenticated
+from service.errors import Overloaded, Unauthenticated
 from service.front.auth import BearerKeys
-from service.request.errors import public_message
+from service.request.errors import public_message, public_status
 from service.front.observe import Call
 from service.telemetry.metrics import FrontMetrics, RequestMetrics
 from service.telemetry.tracing import context_from_metadata, get_tracer
@@ -75,6 +75,57 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if behaviour is not None:
                 return make(denial, handler.request_deserializer, handler.response_serializer)
         return handler
+
+
+class RpcLimitInterceptor(grpc.aio.ServerInterceptor):
+    """At most `limit` calls at once (NIM_MAX_CONCURRENT_RPCS), health checks exempt: a pod at its limit still
+    answers its probes, so it is not restarted for being busy. Past it: RESOURCE_EXHAUSTED at once, by the
+    error table. Counted on the event loop's one thread: no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        refusal = Overloaded(f"too many concurrent calls (this server's limit is {limit}); retry later")
+        self._refusal = (public_status(refusal).grpc, public_message(refusal, ""))
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+
+        kinds = [(handler.unary_unary, grpc.unary_unary_rpc_method_handler, self._unary),
+                 (handler.unary_stream, grpc.unary_stream_rpc_method_handler, self._stream),
+                 (handler.stream_unary, grpc.stream_unary_rpc_method_handler, self._unary),
+                 (handler.stream_stream, grpc.stream_stream_rpc_method_handler, self._stream)]
+        for behaviour, make, limited in kinds:  # every kind of method, reflection's stream included
+            if behaviour is not None:
+                return make(limited(behaviour), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, context):
+        if self.active >= self.limit:
+            await context.abort(*self._refusal)
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    def _unary(self, behaviour: Callable) -> Callable:
+        async def call(request_or_iterator, context):
+            async with self._slot(context):
+                return await behaviour(request_or_iterator, context)
+
+        return call
+
+    def _stream(self, behaviour: Callable) -> Callable:
+        async def call(request_or_iterator, context):
+            async with self._slot(context), contextlib.aclosing(behaviour(request_or_iterator, context)) as out:
+                async for response in out:
+                    yield response
+
+        return call
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):

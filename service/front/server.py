@@ -19,7 +19,7 @@ from service.errors import InvalidArgument
 from service.front.auth import BearerKeys
 from service.request.catalog import ServedModel
 from service.front.http_server import HttpServer
-from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor
+from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor, RpcLimitInterceptor
 from service.front.openai_api import OpenAIApi
 from service.request.dispatch import Dispatcher
 from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS, PromptLimits
@@ -28,6 +28,9 @@ from service.request.triton_client import TritonClient
 from service.telemetry.metrics import FrontMetrics, render
 
 log = logging.getLogger("dgemma.front")
+# gRPC's own cap on calls sits this far above NIM_MAX_CONCURRENT_RPCS (ours, which health checks are exempt
+# from): room for the probes, and a bound on health checks too.
+HEALTH_HEADROOM = 64
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionGemma"].full_name
 
 
@@ -65,7 +68,7 @@ class FrontSettings:
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # a request's text, checked before tokenizing
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     stream_buffer: int = 64  # events buffered per request for a slow reader (drafts coalesce beyond)
-    max_concurrent_rpcs: int = 256  # gRPC calls of any kind at once (health included); past it RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 256  # gRPC calls at once, health checks exempt; past it RESOURCE_EXHAUSTED
     grpc_max_message_bytes: int = 1 << 20  # largest gRPC request message; larger: RESOURCE_EXHAUSTED
 
 
@@ -101,7 +104,10 @@ class FrontServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
         if s.api_keys:
             interceptors.append(AuthInterceptor(s.api_keys))
-        server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=s.max_concurrent_rpcs, options=[
+        self.rpc_limit = RpcLimitInterceptor(s.max_concurrent_rpcs)
+        interceptors.append(self.rpc_limit)
+        server = grpc.aio.server(interceptors=interceptors,
+                                 maximum_concurrent_rpcs=s.max_concurrent_rpcs + HEALTH_HEADROOM, options=[
             ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", s.grpc_max_message_bytes)])
         self.servicer = DiffusionGemmaServicer(self.dispatcher)
         pb_grpc.add_DiffusionGemmaServicer_to_server(self.servicer, server)

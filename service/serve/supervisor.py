@@ -3,9 +3,10 @@
 Start: Triton (bound to 127.0.0.1, ports of its own), then the front (health NOT_SERVING until Triton and
 the model are ready). While running: a dead Triton, or a dead engine inside it (its heartbeat, a gauge
 the model sets every second while its scheduler runs, older than `engine_heartbeat_timeout_s`: the
-backend stub died or its scheduler thread did), turns health NOT_SERVING at once; Triton is then
-(killed and) restarted with backoff, which ends the calls in flight with UNAVAILABLE. SIGTERM/SIGINT:
-NOT_SERVING, in-flight calls finish within the grace period, Triton stops, exit 0.
+backend stub died, its scheduler thread did, or a step has run past NIM_ENGINE_STEP_TIMEOUT), turns
+health NOT_SERVING at once; Triton is then (killed and) restarted with backoff, which ends the calls in
+flight with UNAVAILABLE. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within the grace period,
+Triton stops, exit 0.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class Supervisor:
     async def _restart_triton(self, engine_dead: bool = False) -> None:
         self.restarting = True  # health goes NOT_SERVING on the next readiness poll
         if engine_dead:  # Triton runs, the model in it does not: kill it (and its stubs), which ends the calls
-            log.error("the engine's heartbeat stopped (backend stub or scheduler dead); restarting tritonserver")
+            log.error("the engine's heartbeat stopped (backend stub or scheduler dead, or a step hung); "
+                      "restarting tritonserver")
             await asyncio.to_thread(self.triton.stop, 0)
         else:
             code = self.triton.proc.returncode if self.triton.proc else None

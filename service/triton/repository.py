@@ -29,6 +29,7 @@ class RepositorySettings:
     max_request_seconds: float = 0  # a request's longest run in the engine; 0: no cap
     max_new_tokens_limit: int = 0  # refused above these (INVALID_ARGUMENT); 0: the API's own maxima
     max_denoising_steps_limit: int = 0
+    engine_step_timeout: float = 120.0  # a denoising step running longer is hung: the heartbeat stops; 0: no limit
     tile_rows: int = 0  # rows of the sampler's vocabulary tiles; 0: the runner's default for its device
     threads: int = 0
     model_name: str = MODEL_NAME
@@ -40,7 +41,7 @@ class RepositorySettings:
             if int(getattr(self, name)) < 1:
                 raise InvalidArgument(name, "must be >= 1")
         for name in ("tile_rows", "max_memory_bytes", "max_request_seconds", "max_new_tokens_limit",
-                     "max_denoising_steps_limit"):
+                     "max_denoising_steps_limit", "engine_step_timeout"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(name, "must be >= 0")
         if '"' in self.checkpoint_dir or "\n" in self.checkpoint_dir:

@@ -1,5 +1,6 @@
 """The front's limits on a real `dgemma serve`: oversize text refused before tokenizing with the field named
-(gRPC and HTTP), the gRPC message cap, and the cap on concurrent RPCs; the server stays SERVING."""
+(gRPC and HTTP), the gRPC message cap, and the cap on concurrent RPCs (health checks exempt); the server
+stays SERVING."""
 
 from __future__ import annotations
 
@@ -82,6 +83,9 @@ def test_concurrent_rpc_cap_then_recovery(limited_server):
             next(s)
         e = grpc_error(stub.ListModels, pb.ListModelsRequest())
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"limit is {CONCURRENT_RPCS}" in e.details()
+        # health checks are exempt: a pod at its limit still passes its probes (before: RESOURCE_EXHAUSTED)
+        assert [limited_server.health() for _ in range(3)] == ["SERVING"] * 3
     finally:
         for s in streams:
             s.cancel()

@@ -235,3 +235,34 @@ def test_a_deadline_drops_the_request_at_the_next_step(engine):
         assert sched.live_canvases == 0
     finally:
         sched.stop(timeout=10)
+
+
+def test_a_hung_step_is_reported_while_the_thread_stays_alive(engine, monkeypatch):
+    """A decoder pass that does not return (a hung kernel): `alive` stays true, so only the step's age
+    shows it. `fault()` names it past the step timeout, which stops the model's heartbeat."""
+    sched = Scheduler(engine)
+    entered, release = threading.Event(), threading.Event()
+    real = sched.runner.step
+
+    def hanging(*args, **kwargs):
+        entered.set()
+        assert release.wait(WAIT_S)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sched.runner, "step", hanging)
+    assert sched.step_seconds() == 0.0 and sched.fault(0.2) is None
+    rec = Recorder()
+    sched.submit(request(0, steps=2), on_event=rec)
+    sched.start()
+    try:
+        assert entered.wait(WAIT_S)
+        time.sleep(0.4)
+        assert sched.alive and sched.step_seconds() >= 0.4
+        assert sched.fault(None) is None and sched.fault(60.0) is None
+        assert "a denoising step has run for" in (sched.fault(0.2) or "")
+        release.set()
+        assert isinstance(rec.wait(), FinalEvent)
+        assert sched.step_seconds() < 0.2 and sched.fault(0.2) is None  # between steps: healthy again
+    finally:
+        release.set()
+        sched.stop(timeout=10)

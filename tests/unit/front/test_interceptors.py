@@ -12,7 +12,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument, Overloaded
-from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor, current_request_metrics
+from service.front.interceptors import (
+    AuthInterceptor,
+    ObservabilityInterceptor,
+    RpcLimitInterceptor,
+    current_request_metrics,
+)
 from service.telemetry.metrics import FrontMetrics
 
 
@@ -29,15 +34,17 @@ class Standin(pb_grpc.DiffusionGemmaServicer):
 
     async def GenerateStream(self, request, context):
         yield pb.GenerateStreamResponse(request_id=request.request_id, draft=pb.Draft(step=1))
+        if request.text == "hold":  # holds its call open until the client cancels
+            await asyncio.sleep(60)
         if request.text == "bug":
             raise KeyError("internal")
         yield pb.GenerateStreamResponse(request_id=request.request_id, final=pb.GenerateResponse())
 
 
-def run(keys, body):
+def run(keys, body, extra=()):
     async def main():
         metrics = FrontMetrics()
-        interceptors = [ObservabilityInterceptor(metrics)] + ([AuthInterceptor(keys)] if keys else [])
+        interceptors = [ObservabilityInterceptor(metrics)] + ([AuthInterceptor(keys)] if keys else []) + list(extra)
         server = grpc.aio.server(interceptors=interceptors)
         pb_grpc.add_DiffusionGemmaServicer_to_server(Standin(), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
@@ -121,6 +128,40 @@ def test_bearer_auth_and_open_health(header, ok):
         # refused calls are counted too
         assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="UNAUTHENTICATED") == 1
     assert checked.status == health_pb2.HealthCheckResponse.SERVING  # health never needs a token
+
+
+def test_the_rpc_limit_refuses_every_kind_of_call_but_health_and_frees_its_slots():
+    """NIM_MAX_CONCURRENT_RPCS: with 2 calls held open, unary, streaming and reflection calls are refused
+    (RESOURCE_EXHAUSTED, counted) while health still answers; cancelling the held calls frees the slots."""
+    limiter = RpcLimitInterceptor(2)
+
+    async def body(stub, health_stub, metrics, ch):
+        held = [stub.GenerateStream(pb.GenerateRequest(text="hold")) for _ in range(2)]
+        for call in held:
+            await call.read()  # in the handler: its slot is taken
+        active = limiter.active
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        refused = [await error_of(stub.Generate(pb.GenerateRequest(text="fine"))),
+                   await error_of(stub.GenerateStream(pb.GenerateRequest(text="x")).read()),
+                   await error_of(refl.ServerReflectionInfo(
+                       iter([reflection_pb2.ServerReflectionRequest(list_services="")])).read())]
+        checked = await health_stub.Check(health_pb2.HealthCheckRequest())
+        for call in held:
+            call.cancel()
+        for _ in range(200):  # bounded: 2 s
+            if limiter.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        after = await error_of(stub.Generate(pb.GenerateRequest(text="fine")))
+        return active, refused, checked, limiter.active, after, metrics
+
+    active, refused, checked, freed, after, metrics = run(None, body, [limiter])
+    assert active == 2
+    assert [r[0] for r in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert refused[0][1] == "too many concurrent calls (this server's limit is 2); retry later"
+    assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    assert freed == 0 and after is None
+    assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="RESOURCE_EXHAUSTED") == 1
 
 
 def test_the_front_imports_without_torch():

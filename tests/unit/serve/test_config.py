@@ -96,7 +96,7 @@ def test_engine_limits_travel_to_the_model_config(tmp_path):
 
     env = {"NIM_CACHE_PATH": str(tmp_path), "NIM_MAX_PROMPT_TOKENS": "1000", "NIM_MAX_MEMORY_BYTES": str(3 << 30),
            "NIM_MAX_REQUEST_SECONDS": "12.5", "NIM_MAX_NEW_TOKENS_LIMIT": "2048",
-           "NIM_MAX_DENOISING_STEPS_LIMIT": "128", "NIM_ENGINE_HEARTBEAT_TIMEOUT": "7"}
+           "NIM_MAX_DENOISING_STEPS_LIMIT": "128", "NIM_ENGINE_HEARTBEAT_TIMEOUT": "7", "NIM_ENGINE_STEP_TIMEOUT": "45"}
     o = serve_options(env)
     r = o.repository
     assert (r.max_prompt_tokens, r.max_memory_bytes, r.max_request_seconds) == (1000, 3 << 30, 12.5)
@@ -105,17 +105,19 @@ def test_engine_limits_travel_to_the_model_config(tmp_path):
     text = render_config(r)
     for key, value in [("max_prompt_tokens", "1000"), ("max_memory_bytes", str(3 << 30)),
                        ("max_request_seconds", "12.5"), ("max_new_tokens_limit", "2048"),
-                       ("max_denoising_steps_limit", "128")]:
+                       ("max_denoising_steps_limit", "128"), ("engine_step_timeout", "45.0")]:
         assert f'key: "{key}" value: {{ string_value: "{value}" }}' in text
     assert 'name: "timeout_ms" data_type: TYPE_UINT64' in text
     d = serve_options({"NIM_CACHE_PATH": str(tmp_path)}).repository
     assert (d.max_prompt_tokens, d.max_request_seconds, d.max_new_tokens_limit) == (8192, 600.0, 0)
+    assert d.engine_step_timeout == 120.0
 
 
 @pytest.mark.parametrize("name, value", [("NIM_MAX_PROMPT_TOKENS", "0"), ("NIM_MAX_REQUEST_SECONDS", "-1"),
                                          ("NIM_MAX_REQUEST_SECONDS", "nan"), ("NIM_MAX_NEW_TOKENS_LIMIT", "-5"),
                                          ("NIM_MAX_DENOISING_STEPS_LIMIT", "x"),
-                                         ("NIM_ENGINE_HEARTBEAT_TIMEOUT", "1")])
+                                         ("NIM_ENGINE_HEARTBEAT_TIMEOUT", "1"), ("NIM_ENGINE_STEP_TIMEOUT", "-1"),
+                                         ("NIM_ENGINE_STEP_TIMEOUT", "nan")])
 def test_bad_engine_limits_name_the_variable(tmp_path, name, value):
     with pytest.raises(InvalidArgument) as e:
         serve_options({"NIM_CACHE_PATH": str(tmp_path), name: value})

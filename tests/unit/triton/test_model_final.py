@@ -134,3 +134,24 @@ def test_the_engine_heartbeat_advances_while_the_scheduler_runs(model):
     first = beat.value
     time.sleep(1.5)
     assert beat.value > first and time.time() - beat.value < 3
+
+
+def test_the_heartbeat_stops_when_a_step_hangs(model, monkeypatch):
+    """A step past `engine_step_timeout` stops the heartbeat (the supervisor then restarts Triton), though the
+    scheduler's thread is alive. Its own heartbeat thread, so that the fixture's keeps running."""
+    import threading
+
+    from tests.unit.triton.test_adapter import make_stub
+
+    metric = make_stub().MetricFamily("beat", "", 0).Metric({})
+    monkeypatch.setattr(model, "step_timeout_s", 0.5)
+    hung = {"busy": 0.0}
+    monkeypatch.setattr(model.scheduler, "step_seconds", lambda: hung["busy"])
+    beat = threading.Thread(target=model._heartbeat, args=(metric,), daemon=True)
+    beat.start()
+    time.sleep(0.3)
+    assert beat.is_alive() and metric.value > 0
+    hung["busy"] = 0.8
+    beat.join(3)
+    assert not beat.is_alive(), "the heartbeat went on through a hung step"
+    assert model.scheduler.alive

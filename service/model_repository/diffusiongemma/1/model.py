@@ -76,6 +76,7 @@ class TritonPythonModel:
             threads=int(params.get("threads") or 0) or None, tile_rows=int(params.get("tile_rows") or 0) or None,
         )
         self.scheduler = self.engine.scheduler
+        self.step_timeout_s = opt("engine_step_timeout", float)  # a longer step: hung (None: no limit)
         # Spans of the denoising work, under Triton's own request span (OTEL_* from `dgemma serve`).
         self.tracing = setup_tracing("dgemma-backend")
         self.tokenizer = self.engine.tokenizer
@@ -109,11 +110,13 @@ class TritonPythonModel:
         self._beat.start()
 
     def _heartbeat(self, metric):
-        while self.scheduler.alive and not self._stop.is_set():
+        while not self._stop.is_set():
+            fault = self.scheduler.fault(self.step_timeout_s)
+            if fault is not None:  # the supervisor sees the gauge go stale and restarts Triton
+                log.error("%s; heartbeat stopped", fault)
+                return
             metric.set(time.time())
             self._stop.wait(HEARTBEAT_PERIOD_S)
-        if not self._stop.is_set():
-            log.error("the engine's scheduler is not running; heartbeat stopped")
 
     def _update_gauges(self):
         self.m_live.set(self.scheduler.live_canvases)
