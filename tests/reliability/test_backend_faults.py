@@ -1,8 +1,9 @@
 """Kill the backend mid-load, as a CUDA abort or a segfault in a kernel would, on a real `dgemma serve`:
 first the Python backend's stub process (the model's interpreter inside Triton), then `tritonserver`
-itself. Calls in flight end with UNAVAILABLE (never INTERNAL), health goes NOT_SERVING, the supervisor
-restarts Triton (counted), and the server serves the same outputs as before. Recovery times are
-measured and printed (docs/reliability.md, "Fault tests (backend)")."""
+itself, then the stub is frozen (SIGSTOP: a hang, not a death). Calls in flight end with UNAVAILABLE
+(never INTERNAL), health goes NOT_SERVING, the supervisor restarts Triton (counted), and the server
+serves the same outputs as before. Recovery times are measured and printed (docs/reliability.md,
+"Fault tests (backend)")."""
 
 from __future__ import annotations
 
@@ -63,12 +64,12 @@ class Load:
             t.join(150)
 
 
-def kill_mid_load(srv: Serve, pid: int) -> dict:
-    """SIGKILL `pid` while CLIENTS streams run; the failures and the time back to SERVING."""
+def kill_mid_load(srv: Serve, pid: int, sig: int = signal.SIGKILL) -> dict:
+    """Send `sig` to `pid` while CLIENTS streams run; the failures and the time back to SERVING."""
     with Load(srv) as load:
         time.sleep(0.5)
         killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         srv.wait_health("NOT_SERVING", timeout=20)
         not_serving = time.monotonic() - killed
         srv.wait_health("SERVING", timeout=120)
@@ -81,13 +82,16 @@ def test_backend_stub_and_tritonserver_killed_mid_load_recover(tmp_path):
     srv = Serve(tmp_path, api_key=None)
     try:
         before = srv.stub().Generate(PROBE, timeout=60).choices[0].token_ids
-        results = {}
-        for n, (name, find) in enumerate([("backend stub", stub_pid), ("tritonserver", triton_pid)], start=1):
+        # SIGSTOP: a backend that hangs rather than dies (alive, never answering): it must be killed too
+        faults = [("backend stub", stub_pid, signal.SIGKILL), ("tritonserver", triton_pid, signal.SIGKILL),
+                  ("backend stub", stub_pid, signal.SIGSTOP)]
+        for n, (name, find, sig) in enumerate(faults, start=1):
             pid = find(srv.proc.pid)
             assert pid is not None, f"no {name} process under dgemma serve"
-            r = results[name] = kill_mid_load(srv, pid)
-            print(f"\n{name} killed mid-load: NOT_SERVING after {r['not_serving_s']:.1f}s, SERVING again after "
-                  f"{r['serving_s']:.1f}s; {len(r['failed'])} calls failed: {sorted({c.name for c, _ in r['failed']})}")
+            r = kill_mid_load(srv, pid, sig)
+            print(f"\n{name} sent {signal.Signals(sig).name} mid-load: NOT_SERVING after {r['not_serving_s']:.1f}s, "
+                  f"SERVING again after {r['serving_s']:.1f}s; {len(r['failed'])} calls failed: "
+                  f"{sorted({c.name for c, _ in r['failed']})}")
             # calls in flight at the kill ended with UNAVAILABLE, never INTERNAL
             assert r["failed"], "no call was in flight at the kill"
             assert {code for code, _ in r["failed"]} == {grpc.StatusCode.UNAVAILABLE}, r["failed"]
