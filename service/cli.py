@@ -406,7 +406,7 @@ def _add_build_command(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--fp8-scaling", choices=["per-tensor", "per-channel"], default="per-tensor",
                    help="FP8 weight scales (activations are per-tensor either way)")
     b.add_argument("--min-agreement", type=float, default=None,
-                   help="minimum token agreement to pass (default: 0.95 for fp8/bf16, 0.80 for nvfp4, 1.0 for fp32)")
+                   help="minimum token agreement to pass (default: 0.95 for fp8/bf16, 0.90 for nvfp4, 1.0 for fp32)")
     b.add_argument("--verify-prompts", type=int, default=None, help="use the first N held-out prompts (default: all)")
     b.add_argument("--verify-steps", type=int, default=8, help="denoising steps per canvas when verifying")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 is fastest for the "
