@@ -45,6 +45,7 @@ class BuildOptions:
     verify_prompts: int | None = None  # first N held-out prompts; None: all
     verify_steps: int = 8
     threads: int | None = None  # torch threads for calibration and verification (None: torch's default)
+    if_missing: bool = False  # output already holds this build (same profile and source): check it, build nothing
 
 
 def _tools() -> dict:
@@ -58,9 +59,10 @@ def _tools() -> dict:
             "transformers": version("transformers"), "dgemma": __version__}
 
 
-def _check_output(out: Path, profile: Profile, source_sha: str) -> None:
+def _check_output(out: Path, profile: Profile, source_sha: str, if_missing: bool) -> bool:
+    """Whether `out` already holds this very build (with `if_missing`); raises for anything else it holds."""
     if not out.exists():
-        return
+        return False
     if not out.is_dir():
         raise InvalidArgument("--output", f"{out} exists and is not a directory")
     if is_build(out):
@@ -72,10 +74,13 @@ def _check_output(out: Path, profile: Profile, source_sha: str) -> None:
         if held != profile.name or held_source != source_sha:
             raise InvalidArgument("--output", f"{out} already holds another build ({held} of source "
                                               f"{held_source[:12]}); choose another directory or remove it")
+        if if_missing:
+            return True
         raise InvalidArgument("--output", f"{out} already holds this build ({held}); re-check it with "
                                           f"`dgemma build --verify {out}` or remove it to rebuild")
     if any(out.iterdir()):
         raise InvalidArgument("--output", f"{out} is not empty and holds no build; choose an empty or new directory")
+    return False
 
 
 def _verify_settings(opts: BuildOptions) -> VerifySettings:
@@ -130,7 +135,9 @@ def _make(opts: BuildOptions, profile: Profile, prompts: PromptSet | None, tmp: 
 
 
 def build(opts: BuildOptions) -> dict:
-    """Build, verify and write the manifest; returns the manifest. Raises DGemmaError (nothing left behind)."""
+    """Build, verify and write the manifest; returns the manifest. Raises DGemmaError (nothing left behind).
+    With `if_missing`, an output that already holds this build (profile and source sha256 equal) is checked
+    file by file and its manifest returned: a Job that runs again does no work."""
     from engine_build.reference import check_source
 
     profile = find_profile(opts.profile, "--profile")
@@ -150,7 +157,8 @@ def build(opts: BuildOptions) -> dict:
     settings = _verify_settings(opts)
     source_sha = tree_sha256(opts.source)
     out = opts.output
-    _check_output(out, profile, source_sha)
+    if _check_output(out, profile, source_sha, opts.if_missing):
+        return read_build(out)  # every file checked against the manifest (CheckpointError naming one that is not)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{out.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()

@@ -384,10 +384,11 @@ def cmd_build(a: argparse.Namespace) -> int:
     if a.output is None:
         raise InvalidArgument("--output", "give the build directory to write")
     opts = BuildOptions(a.checkpoint, a.profile, a.output, a.calibration, a.fp8_scaling, a.min_agreement,
-                        CalibrationSettings(steps=a.calibration_steps), a.verify_prompts, a.verify_steps, a.threads)
+                        CalibrationSettings(steps=a.calibration_steps), a.verify_prompts, a.verify_steps, a.threads,
+                        a.if_missing)
     manifest = build(opts)
     print(json.dumps({"build": str(a.output), "profile": manifest["profile"], "calibration": manifest["calibration"],
-                      "verification": manifest["verification"]}))
+                      "verification": manifest["verification"], "created": manifest.get("created")}))
     return 0
 
 
@@ -397,6 +398,9 @@ def _add_build_command(sub: argparse._SubParsersAction) -> None:
                    help="source checkpoint directory (default: the embedded tiny model)")
     b.add_argument("--profile", default=None, help="profile name or id (dgemma list-profiles)")
     b.add_argument("--output", type=Path, default=None, help="build directory to create (new or empty)")
+    b.add_argument("--if-missing", action="store_true",
+                   help="when --output already holds this build (same profile and source), check its files and "
+                        "exit 0 without building (for Jobs that may run again)")
     b.add_argument("--verify", type=Path, default=None, metavar="DIR",
                    help="re-verify the build in DIR against --checkpoint (its source) and record the result")
     b.add_argument("--calibration", type=Path, default=None, metavar="FILE",

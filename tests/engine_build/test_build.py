@@ -145,6 +145,27 @@ def test_output_holding_a_build_or_files_is_refused(fp32_build, tmp_path):
         build(BuildOptions(DEFAULT_CHECKPOINT, "torch-fp32-cpu", other))
 
 
+def test_if_missing_accepts_this_build_only_and_checks_its_files(fp32_build, tmp_path, capsys):
+    """`--if-missing` (a Job that runs again): the same profile and source return the build as it is; another
+    profile is still refused; a changed file is named, not rebuilt over."""
+    manifest, opts = fp32_build
+    before = read_build(opts.output)  # (an earlier test may have re-verified it)
+    again = build(BuildOptions(DEFAULT_CHECKPOINT, "torch-fp32-cpu", opts.output, if_missing=True))
+    assert again == before and again["created"] == manifest["created"]
+    assert main(["build", "--profile", "torch-fp32-cpu", "--output", str(opts.output), "--if-missing"]) == 0
+    assert json.loads(capsys.readouterr().out)["created"] == manifest["created"]
+    with pytest.raises(InvalidArgument, match="another build"):
+        build(BuildOptions(DEFAULT_CHECKPOINT, "torch-bf16-any", opts.output, if_missing=True))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in opts.output.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with (copy / "config.json").open("a") as f:
+        f.write(" ")
+    with pytest.raises(CheckpointError, match="config.json"):
+        build(BuildOptions(DEFAULT_CHECKPOINT, "torch-fp32-cpu", copy, if_missing=True))
+
+
 def test_failed_verification_leaves_nothing(tmp_path):
     with pytest.raises(BuildFailed, match="below 1.01"):
         build(_opts(tmp_path, "torch-fp32-cpu", "out", verify_prompts=1, min_agreement=1.01))

@@ -18,11 +18,13 @@ CASES = {"defaults": {}} | {p.stem: yaml.safe_load(p.read_text()) for p in EXAMP
 KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 # Custom resources: no Kubernetes schema covers them; their shape is checked by the tests below instead.
 CRD_KINDS = {"ServiceMonitor", "GRPCRoute"}
-WORKLOAD_KINDS = {"Deployment", "Pod"}
+WORKLOAD_KINDS = {"Deployment", "Pod", "Job"}
 
 
 def test_every_documented_example_is_here():
-    assert {p.stem for p in EXAMPLES} == {"gpu", "cpu-demo", "tls-api-keys", "headless", "grpcroute"}
+    assert {p.stem for p in EXAMPLES} == {"gpu", "cpu-demo", "tls-api-keys", "headless", "grpcroute", "build-fp8"}
+    documented = (ROOT / "docs" / "operations.md").read_text()
+    assert all(f"`{p.name}`" in documented for p in EXAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +92,17 @@ def test_validation_catches_a_broken_manifest(chart):
 def test_workloads_are_hardened(rendered):
     name, docs = rendered
     workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
-    assert {d["kind"] for d in workloads} == {"Deployment", "Pod"}, name  # the server and the helm test pod
+    # the server and the helm test pod (and the build Job where enabled)
+    assert {d["kind"] for d in workloads} == {"Deployment", "Pod"} | ({"Job"} if name == "build-fp8" else set()), name
     for w in workloads:
-        spec = w["spec"]["template"]["spec"] if w["kind"] == "Deployment" else w["spec"]
+        spec = w["spec"] if w["kind"] == "Pod" else w["spec"]["template"]["spec"]
         pod_sc = spec["securityContext"]
         assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] > 0
         assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
         assert spec["automountServiceAccountToken"] is False
         for vol in spec.get("volumes", []):
             assert "hostPath" not in vol, (name, vol)
-        for c in spec["containers"]:
+        for c in spec["containers"] + spec.get("initContainers", []):
             sc = c["securityContext"]
             assert sc["runAsNonRoot"] is True, (name, c["name"])
             assert sc["readOnlyRootFilesystem"] is True
@@ -111,7 +114,7 @@ def test_workloads_are_hardened(rendered):
             # read-only root: every path the program writes is a volume (/tmp, HOME, NIM_CACHE_PATH, /dev/shm)
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert "/tmp" in mounts and env_of(c).get("HOME") == "/tmp"
-            if w["kind"] == "Deployment":
+            if w["kind"] == "Deployment" and c["name"] == "diffusiongemma":
                 assert {"/opt/nim/.cache", "/dev/shm"} <= mounts
                 assert env_of(c)["NIM_CACHE_PATH"] == "/opt/nim/.cache"
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -318,3 +321,67 @@ def test_inconsistent_values_fail_with_a_message(chart, values, message):
 def test_every_value_key_is_in_the_schema(chart):
     """values.yaml and values.schema.json describe the same keys (the schema refuses the others)."""
     chart.validate_schema(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+def _build_values(**build) -> dict:
+    return {"model": {"profile": "torch-fp8-hopper", "path": "builds/fp8"},
+            "build": {"enabled": True, "source": "dg-26b", "profile": "torch-fp8-hopper", "output": "builds/fp8",
+                      **build}}
+
+
+def test_the_build_job_builds_into_the_store_and_the_server_waits_for_it(chart):
+    docs = render(chart, _build_values(minAgreement=0.97, calibrationFile="calib/prompts.jsonl", threads=8))
+    (job,) = by_kind(docs, "Job")
+    spec = job["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["args"] == ["build", "--checkpoint", "/opt/nim/.cache/models/dg-26b", "--profile", "torch-fp8-hopper",
+                         "--output", "/opt/nim/.cache/models/builds/fp8", "--if-missing", "--fp8-scaling",
+                         "per-tensor", "--calibration", "/opt/nim/.cache/models/calib/prompts.jsonl",
+                         "--min-agreement", "0.97", "--threads", "8"]
+    store = next(m for m in c["volumeMounts"] if m["name"] == "model-store")
+    assert not store.get("readOnly") and spec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+    claim = next(v for v in spec["volumes"] if v["name"] == "model-store")["persistentVolumeClaim"]
+    assert claim == {"claimName": "rel-diffusiongemma-model-store"}
+    # the Service (and PDB, NetworkPolicy) select the server's pods only, never the build's
+    (svc,) = [d for d in by_kind(docs, "Service") if not d["metadata"]["name"].endswith("-headless")]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not set(svc["spec"]["selector"].items()) <= set(labels.items())
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    (wait,) = pod["initContainers"]
+    assert wait["command"][-1] == "/opt/nim/.cache/models/builds/fp8" and "manifest.json" in wait["command"][2]
+    assert env_of(pod["containers"][0])["NIM_MODEL_PATH"] == "/opt/nim/.cache/models/builds/fp8"
+
+
+def test_the_build_job_is_renamed_when_its_values_change_and_absent_by_default(chart):
+    def job_name(values):
+        return [d["metadata"]["name"] for d in by_kind(render(chart, values), "Job")]
+
+    first = job_name(_build_values())
+    assert first == job_name(_build_values()) and first[0].startswith("rel-diffusiongemma-build-")
+    assert job_name(_build_values(fp8Scaling="per-channel")) != first
+    assert job_name({}) == [] and "initContainers" not in deployment(render(chart, {}))["spec"]["template"]["spec"]
+    # a build not served by this release: the Job runs, the server does not wait for it
+    other = render(chart, {"build": {"enabled": True, "source": "a", "profile": "torch-fp8-hopper", "output": "b"}})
+    assert by_kind(other, "Job") and "initContainers" not in deployment(other)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"build": {"enabled": True, "profile": "torch-fp8-hopper", "output": "b"}}, "build.source is required"),
+    ({"build": {"enabled": True, "source": "a", "output": "b"}}, "build.profile is required"),
+    ({"build": {"enabled": True, "source": "a", "profile": "torch-fp8-hopper"}}, "build.output is required"),
+    ({"build": {"enabled": True, "source": "a", "profile": "torch-fp8-hopper", "output": "a"}},
+     "build.output must differ"),
+    ({**_build_values(), "modelStore": {"enabled": False}}, "enable modelStore"),
+    ({**_build_values(), "model": {"profile": "torch-bf16-any", "path": "builds/fp8"}},
+     "set model.profile to the same"),
+])
+def test_inconsistent_build_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        chart.render(values, name="rel", namespace="ns")
+    assert message in str(e.value)
+
+
+def test_schema_refuses_a_bad_build_profile(chart):
+    with pytest.raises(helm_python.HelmValuesError) as e:
+        chart.render(_build_values(profile="fp8"), name="rel", namespace="ns")
+    assert "/build/profile" in str(e.value)
