@@ -11,6 +11,9 @@ a CPU, as `dgemma serve` would load it), then:
   step's noise level, the source's previous logits as self-conditioning), both decoders see identical inputs;
   `token_agreement` is the fraction of positions where their argmax tokens agree and `mean_kl` the mean
   KL(source || build) of their logits. `token_agreement` is what the threshold gates.
+- NVFP4 only, reported: `w4a4_emulated`, the same teacher-forced figures with the experts on the NVFP4 runtime's
+  emulation (service.model.nvfp4_runtime: activations quantized to FP4 as a Blackwell GPU would, the operands
+  decoded and multiplied in float32) instead of weights dequantized at load.
 """
 
 from __future__ import annotations
@@ -115,6 +118,17 @@ def teacher_forced(ref, got, prompt: list[int], drafts: list[list[int]], vocab: 
     return same, total, kls
 
 
+def _teacher_forced_all(ref_model, got_model, prompts: list[list[int]], runs: list[_Run], settings: VerifySettings,
+                        vocab: int) -> tuple[float, float]:
+    """(token agreement, mean KL) of `got_model` against `ref_model` over every source run's trajectory."""
+    same = total = 0
+    kls: list[float] = []
+    for i, run in enumerate(runs):
+        s, t, k = teacher_forced(ref_model, got_model, prompts[i // len(settings.seeds)], run.drafts, vocab, seed=i)
+        same, total, kls = same + s, total + t, kls + k
+    return same / total, _mean(kls)
+
+
 def verify(build: str | Path, source: str | Path, precision: str, settings: VerifySettings,
            threshold: float | None = None) -> dict:
     """Run the verification; returns verify.json's content (`passed` against `threshold`)."""
@@ -136,17 +150,20 @@ def verify(build: str | Path, source: str | Path, precision: str, settings: Veri
         raise CheckpointError("--checkpoint: the source has no tokenizer.json; verification prompts need one")
     prompts = [tok.encode(p) for p in settings.prompts]
     ref, got = _generate_all(ref_engine, prompts, settings), _generate_all(got_engine, prompts, settings)
-    same = total = 0
-    kls: list[float] = []
     ref_model, got_model = ref_engine.runner.model, got_engine.runner.model
-    for i, run in enumerate(ref):
-        s, t, k = teacher_forced(ref_model, got_model, prompts[i // len(settings.seeds)], run.drafts,
-                                 ref_engine.config.vocab_size, seed=i)
-        same, total, kls = same + s, total + t, kls + k
-    token_agreement = same / total
+    vocab = ref_engine.config.vocab_size
+    token_agreement, mean_kl = _teacher_forced_all(ref_model, got_model, prompts, ref, settings, vocab)
     passed = token_agreement >= threshold
+    extra = {}
+    if precision == "nvfp4":  # what a Blackwell GPU computes: the experts' activations in FP4 too (reported)
+        from service.model.loading import stored_tensors
+        from service.model.nvfp4_runtime import apply_nvfp4
+
+        apply_nvfp4(got_model, stored_tensors(build), emulate=True)
+        agreement, kl = _teacher_forced_all(ref_model, got_model, prompts, ref, settings, vocab)
+        extra["w4a4_emulated"] = {"token_agreement": round(agreement, 6), "mean_kl": kl}
     return {"prompts": len(prompts), "seeds": list(settings.seeds), "token_agreement": round(token_agreement, 6),
-            "mean_kl": _mean(kls),
+            "mean_kl": mean_kl, **extra,
             "sequence_agreement": round(sequence_agreement([r.tokens for r in ref], [g.tokens for g in got]), 6),
             "steps_per_canvas": {"reference": _mean([s for r in ref for s in r.steps]),
                                  "build": _mean([s for g in got for s in g.steps])},

@@ -28,9 +28,10 @@ def fp8(w: torch.Tensor, per_channel: bool = False) -> dict[str, torch.Tensor]:
     return {"weight": q, "weight_scale": scale, "input_scale": torch.tensor(0.01)}
 
 
-def nvfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+def nvfp4(w: torch.Tensor, amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`amax`: the global amax when several linears share one global scale (ModelOpt's gate and up do)."""
     out, n = w.shape
-    scale_2 = (w.abs().max() / (E2M1_MAX * FP8_MAX)).float()
+    scale_2 = ((w.abs().max() if amax is None else amax) / (E2M1_MAX * FP8_MAX)).float()
     blocks = w.reshape(out, n // 16, 16)
     block_scale = (blocks.abs().amax(-1) / E2M1_MAX / scale_2).to(torch.float8_e4m3fn)  # [out, n/16]
     scaled = blocks / (block_scale.float().unsqueeze(-1) * scale_2).clamp(min=1e-12)
@@ -40,6 +41,19 @@ def nvfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": scale_2,
             "input_scale": torch.tensor(0.01)}
+
+
+def decoder_logits(models: list, cfg) -> list[torch.Tensor]:
+    """Each model's logits for one seeded prompt and canvas: the same encoder and decoder pass for all."""
+    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(1))
+    out = []
+    with torch.no_grad():
+        for m in models:
+            cache = [m.new_cache(12 + cfg.canvas_length)]
+            m.encode(prompt, [12], cache)
+            out.append(m.logits(m.decode(canvas, None, cache)))
+    return out
 
 
 def write_quantized(src: Path, dst: Path, algo: str, per_channel: bool = False) -> Path:
@@ -54,7 +68,7 @@ def write_quantized(src: Path, dst: Path, algo: str, per_channel: bool = False) 
                 parts = dict(zip(("gate_proj", "up_proj"), t[e].chunk(2))) if kind == "gate_up_proj" else {
                     "down_proj": t[e]}
                 for name, w in parts.items():
-                    q = nvfp4(w) if algo == "NVFP4" else fp8(w, per_channel)
+                    q = nvfp4(w, t[e].abs().max()) if algo == "NVFP4" else fp8(w, per_channel)
                     out.update({f"{prefix}.{e}.{name}.{k}": v.contiguous() for k, v in q.items()})
         elif algo == "FP8" and _LINEAR.search(key) and ".vision" not in key:
             base = key[: -len(".weight")]

@@ -6,7 +6,7 @@ per-expert loop, both against the dequantized weights. The CUDA branch of `FP8Ex
 rowwise scales) has never run. Activations are quantized to float8_e4m3fn per tensor with the export's static
 `input_scale` for dense linears, and per row (dynamic) for the experts.
 
-NVFP4 has no native path here: on every device its weights are dequantized at load (service.model.quantized).
+NVFP4 experts have their own runtime (service.model.nvfp4_runtime, Blackwell only, also unverified).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from service.errors import Unavailable
 from service.model.layers import Experts
+from service.model.native import native_reason
 
 FP8_MAX = 448.0
 MIN_CAPABILITY = (8, 9)
@@ -24,15 +25,9 @@ MIN_CAPABILITY = (8, 9)
 
 def fp8_native_reason(device: torch.device | str) -> str | None:
     """None when FP8 weights can run natively on `device`, else why not (the build is then dequantized)."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return f"FP8 kernels run on CUDA only, not {dev.type}"
-    cc = torch.cuda.get_device_capability(dev)
-    if tuple(cc) < MIN_CAPABILITY:
-        return f"FP8 needs SM89+, this GPU is SM{cc[0]}{cc[1]}"
-    if not hasattr(torch, "_scaled_mm") or not hasattr(F, "scaled_grouped_mm"):
-        return f"torch {torch.__version__} lacks _scaled_mm or scaled_grouped_mm"
-    return None
+    missing = [n for n, ok in (("_scaled_mm", hasattr(torch, "_scaled_mm")),
+                               ("scaled_grouped_mm", hasattr(F, "scaled_grouped_mm"))) if not ok]
+    return native_reason(device, "FP8", MIN_CAPABILITY, "Ada, Hopper", missing)
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:

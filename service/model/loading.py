@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from service.errors import CheckpointError
 from service.model.config import ModelConfig, read_config
 from service.model.fp8_runtime import apply_fp8, fp8_native_reason
+from service.model.nvfp4_runtime import apply_nvfp4, nvfp4_native_reason
 from service.model.network import DiffusionGemma
 from service.model.quantized import dequantize_state, fuse_experts, read_quant_config
 
@@ -140,4 +141,8 @@ def load_model(
         # UNVERIFIED (no SM89+ GPU here): FP8 weights stay FP8 on the GPU; everything else is as loaded above.
         swapped = apply_fp8(model, stored_tensors(ckpt))
         log.info("FP8 build on %s: %d modules run FP8 kernels (unverified)", device, swapped)
+    elif quant is not None and quant.quant_algo == "NVFP4" and nvfp4_native_reason(device) is None:
+        # UNVERIFIED (no Blackwell GPU here): the experts stay NVFP4 (W4A4); the rest is as loaded above.
+        swapped = apply_nvfp4(model, stored_tensors(ckpt))
+        log.info("NVFP4 build on %s: %d expert modules run FP4 kernels (unverified)", device, swapped)
     return cfg, model

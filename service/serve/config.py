@@ -60,7 +60,7 @@ def resolve_serving(ckpt: Path, requested: str | None, field: str, machine: Mach
     if profile.backend == "trtllm" and not ok:
         raise Unavailable(f"{profile.name}: {why} (UNVERIFIED backend; serve a torch-* build instead)")
     device = "cuda" if machine.cuda and profile.target != "cpu" else "cpu"
-    native = ok and profile.precision == "fp8"  # service.model.fp8_runtime; NVFP4 has no native kernels here
+    native = ok and profile.precision in ("fp8", "nvfp4")  # service.model.fp8_runtime / nvfp4_runtime
     if profile.quantized and not native:
         # Dequantized at load (service.model.quantized); on a CPU in float32, the fast CPU path.
         dtype = "float32" if device == "cpu" else "bfloat16"

@@ -9,7 +9,7 @@ from service.errors import Unavailable
 from service.model.fp8_runtime import FP8Experts, FP8Linear, apply_fp8, fp8_native_reason, quantize_rows
 from service.model.loading import load_model, stored_tensors
 from service.model.quantized import dequantize_fp8
-from tests.quantized_checkpoints import fp8, write_quantized
+from tests.quantized_checkpoints import decoder_logits, fp8, write_quantized
 
 
 def _weights(per_channel: bool):
@@ -46,14 +46,7 @@ def test_whole_model_on_fp8_modules_tracks_the_dequantized_model(tmp_path):
     assert apply_fp8(native, raw) == cfg.num_layers * (4 + 3 + 1) + 3 - sum(
         1 for layer in native.layers if layer.self_attn.v_proj is None)  # linears + experts per layer, self-cond
     assert all(isinstance(layer.experts, FP8Experts) for layer in native.layers)
-    prompt = torch.randint(3, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
-    canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), generator=torch.Generator().manual_seed(1))
-    out = []
-    with torch.no_grad():
-        for m in (deq, native):
-            cache = [m.new_cache(12 + cfg.canvas_length)]
-            m.encode(prompt, [12], cache)
-            out.append(m.logits(m.decode(canvas, None, cache)))
+    out = decoder_logits([deq, native], cfg)
     err = ((out[1] - out[0]).norm() / out[0].norm()).item()
     assert 0 < err < 0.05  # activations now FP8 too: close to, not equal to, the dequantized model
 

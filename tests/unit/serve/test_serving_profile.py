@@ -33,9 +33,11 @@ def test_build_fixes_the_profile(tmp_path):
     assert s.manifest["profile"]["name"] == "torch-fp8-hopper"
     native = resolve_serving(d, find_profile("torch-fp8-hopper").id, "NIM_MODEL_PROFILE", H100)  # by id
     assert (native.device, native.dtype, native.label) == ("cuda", "bfloat16", "torch-fp8-hopper")
-    nvfp4 = resolve_serving(fake_build(tmp_path / "b", "torch-nvfp4-blackwell"), None, "F",
-                            Machine(True, (10, 0), "B200", False, True))
-    assert nvfp4.label == "torch-nvfp4-blackwell (dequantized on cuda)"  # no native NVFP4 kernels yet
+    fp4_build = fake_build(tmp_path / "b", "torch-nvfp4-blackwell")
+    nvfp4 = resolve_serving(fp4_build, None, "F", Machine(True, (10, 0), "B200", False, True))
+    assert (nvfp4.device, nvfp4.dtype, nvfp4.label) == ("cuda", "bfloat16", "torch-nvfp4-blackwell")  # FP4 experts
+    on_hopper = resolve_serving(fp4_build, None, "F", H100)  # an NVFP4 build off Blackwell: dequantized
+    assert on_hopper.label == "torch-nvfp4-blackwell (dequantized on cuda)"
     with pytest.raises(InvalidArgument, match="torch-fp32-cpu asked for, but build is a torch-fp8-hopper build"):
         resolve_serving(d, "torch-fp32-cpu", "NIM_MODEL_PROFILE", CPU)
 
