@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.errors import Unavailable
 from service.front.server import FrontServer, FrontSettings
 from service.telemetry.metrics import FrontMetrics, start_metrics_server, stop_metrics_server
 from service.telemetry.tracing import shutdown_tracing, triton_trace_url
@@ -95,9 +96,14 @@ class Supervisor:
             self.front = FrontServer(o.front, self.metrics, backend_alive=self.backend_alive,
                                      backend_metrics_url=self.backend_metrics_url)
             port = await self.front.start()
-            await asyncio.to_thread(self.triton.start, o.startup_timeout_s, o.repository.model_name,
-                                    self.stop_requested.is_set)
-            if self.stop_requested.is_set():
+            try:
+                await asyncio.to_thread(self.triton.start, o.startup_timeout_s, o.repository.model_name,
+                                        self.stop_requested.is_set)
+            except Unavailable:
+                if not self.stop_requested.is_set():
+                    raise
+            if self.stop_requested.is_set():  # SIGTERM during start-up: a clean stop, not an error
+                log.info("stopped during start-up")
                 return 0
             await self._follow_ports()
             self._last_beat = time.monotonic()
