@@ -102,26 +102,31 @@ class RpcLimitInterceptor(grpc.aio.ServerInterceptor):
                 return make(limited(behaviour), handler.request_deserializer, handler.response_serializer)
         return handler
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, context):
+    def _acquire(self, context) -> bool:
+        """Take a slot for this call; it is given back when the call ends for its client (done, cancelled or
+        past its deadline), as gRPC's own cap counts, even if the handler runs on for a moment."""
         if self.active >= self.limit:
-            await context.abort(*self._refusal)
+            return False
         self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
+        context.add_done_callback(self._release)
+        return True
+
+    def _release(self, _context) -> None:
+        self.active -= 1
 
     def _unary(self, behaviour: Callable) -> Callable:
         async def call(request_or_iterator, context):
-            async with self._slot(context):
-                return await behaviour(request_or_iterator, context)
+            if not self._acquire(context):
+                await context.abort(*self._refusal)
+            return await behaviour(request_or_iterator, context)
 
         return call
 
     def _stream(self, behaviour: Callable) -> Callable:
         async def call(request_or_iterator, context):
-            async with self._slot(context), contextlib.aclosing(behaviour(request_or_iterator, context)) as out:
+            if not self._acquire(context):
+                await context.abort(*self._refusal)
+            async with contextlib.aclosing(behaviour(request_or_iterator, context)) as out:
                 async for response in out:
                     yield response
 

@@ -8,6 +8,7 @@ frees the engine's slots within one denoising step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -102,10 +103,20 @@ class Dispatcher:
         if name and name != self.model.id:
             raise UnknownModel(field, f"unknown model {name!r}; this server serves {self.model.id!r}")
 
+    def check_params(self, job: Job) -> None:
+        """The job's parameters over the model's defaults, validated as the engine will (its own caps aside), under
+        the request's field names."""
+        length = {} if job.max_new_tokens is None else {"max_new_tokens": job.max_new_tokens}
+        try:
+            dataclasses.replace(self.model.defaults, **job.options.params, **length).validate()
+        except InvalidArgument as e:
+            raise e.renamed(job.field_names.get(e.field, e.field)) from None
+
     async def run(self, job: Job, *, timeout: float | None = None, trace_context: Context | None = None,
                   metrics: RequestMetrics | None = None) -> AsyncIterator[tuple[int, BackendEvent]]:
         """Every variation's events as (variation, event), interleaved, until each has its final event."""
         n = job.options.num_variations
+        self.check_params(job)  # bad values are refused as such, never as overload, whatever the load
         if n > self.max_inflight:
             raise InvalidArgument(job.field_names.get("num_variations", "options.num_variations"),
                                   f"exceeds this server's limit of {self.max_inflight} concurrent generations")

@@ -29,6 +29,12 @@ class Standin(pb_grpc.DiffusionGemmaServicer):
             raise Overloaded("the server is at its limit; retry later")
         if request.text == "bug":
             raise RuntimeError("secret internals at /srv/app/model.py line 3")
+        if request.text == "linger":  # works on past its client's deadline (a generation until the engine's next step)
+            for _ in range(20):
+                try:
+                    await asyncio.sleep(0.05)
+                except asyncio.CancelledError:
+                    pass
         current_request_metrics().canvas(steps=3, tokens=5)
         return pb.GenerateResponse(request_id=request.request_id)
 
@@ -36,6 +42,9 @@ class Standin(pb_grpc.DiffusionGemmaServicer):
         yield pb.GenerateStreamResponse(request_id=request.request_id, draft=pb.Draft(step=1))
         if request.text == "hold":  # holds its call open until the client cancels
             await asyncio.sleep(60)
+        if request.text == "flood":  # more than flow control lets through to a client that stopped reading
+            for _ in range(10_000):
+                yield pb.GenerateStreamResponse(request_id="x" * 60_000, draft=pb.Draft(step=1))
         if request.text == "bug":
             raise KeyError("internal")
         yield pb.GenerateStreamResponse(request_id=request.request_id, final=pb.GenerateResponse())
@@ -148,7 +157,7 @@ def test_the_rpc_limit_refuses_every_kind_of_call_but_health_and_frees_its_slots
         checked = await health_stub.Check(health_pb2.HealthCheckRequest())
         for call in held:
             call.cancel()
-        for _ in range(200):  # bounded: 2 s
+        for _ in range(500):  # bounded: 5 s
             if limiter.active == 0:
                 break
             await asyncio.sleep(0.01)
@@ -156,12 +165,57 @@ def test_the_rpc_limit_refuses_every_kind_of_call_but_health_and_frees_its_slots
         return active, refused, checked, limiter.active, after, metrics
 
     active, refused, checked, freed, after, metrics = run(None, body, [limiter])
-    assert active == 2
-    assert [r[0] for r in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert active == 2, (active, refused, freed, after)
+    assert [r[0] for r in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3, refused
     assert refused[0][1] == "too many concurrent calls (this server's limit is 2); retry later"
     assert checked.status == health_pb2.HealthCheckResponse.SERVING
-    assert freed == 0 and after is None
+    assert freed == 0 and after is None, (freed, after)
     assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="RESOURCE_EXHAUSTED") == 1
+
+
+def test_rpc_slots_come_back_when_clients_cancel_in_any_state():
+    """A client that cancels while the server is blocked writing to it (flow control: the servicer's stream is
+    parked at a yield, not awaiting anything of its own) frees its slot as surely as one cancelled mid-work; the
+    soak found slots leaking there (refusals with only 64 clients under a limit of 256)."""
+    limiter = RpcLimitInterceptor(4)
+
+    async def body(stub, health_stub, metrics, ch):
+        for _ in range(3):
+            calls = [stub.GenerateStream(pb.GenerateRequest(text=t)) for t in ("flood", "flood", "hold", "hold")]
+            for call in calls:
+                await call.read()
+            await asyncio.sleep(0.3)  # the floods fill the windows and block in their writes
+            for call in calls:
+                call.cancel()
+            for _ in range(500):  # bounded: 5 s
+                if limiter.active == 0:
+                    break
+                await asyncio.sleep(0.01)
+            if limiter.active:
+                return limiter.active
+        return await error_of(stub.Generate(pb.GenerateRequest(text="fine")))
+
+    assert run(None, body, [limiter]) is None
+
+
+def test_a_call_past_its_deadline_holds_its_slot_until_its_handler_ends_then_frees_it():
+    """A handler that works on past its client's deadline (a generation until the engine's next step) keeps its
+    slot, as gRPC's own cap counts its calls, and gives it back when it ends: the done callback, however the
+    call ended."""
+    limiter = RpcLimitInterceptor(2)
+
+    async def body(stub, health_stub, metrics, ch):
+        late = [await error_of(stub.Generate(pb.GenerateRequest(text="linger"), timeout=0.1)) for _ in range(2)]
+        held = limiter.active
+        for _ in range(300):  # bounded: 3 s (each handler lingers about 1 s)
+            if limiter.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        return late, held, limiter.active, await error_of(stub.Generate(pb.GenerateRequest(text="fine")))
+
+    late, held, active, after = run(None, body, [limiter])
+    assert [code for code, _ in late] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    assert held >= 1 and active == 0 and after is None
 
 
 def test_the_front_imports_without_torch():

@@ -113,3 +113,27 @@ def test_inflight_count_comes_back_when_the_setup_fails(model, monkeypatch):
         return d.inflight
 
     assert asyncio.run(main()) == 0
+
+
+@pytest.mark.parametrize("params, length, field", [
+    ({"max_denoising_steps": 0}, None, "options.parameters.max_denoising_steps"),
+    ({"t_min": 0.9, "t_max": 0.5}, None, "options.parameters.t_max"),
+    ({}, 0, "max_new_tokens"),
+])
+def test_bad_parameters_are_refused_as_such_even_when_full(model, params, length, field):
+    """The soak found bad values refused as overload (RESOURCE_EXHAUSTED) while the front was at its limit:
+    they were only checked by the engine, after admission. Now checked first, under the request's field names."""
+    from service.errors import InvalidArgument
+
+    async def main():
+        d = Dispatcher(model, FloodingTriton(), 4)
+        d.inflight = 4  # full
+        bad = Job(request_id="r", prompt_ids=[2, 5], options=jobs.Options(params=params), max_new_tokens=length,
+                  field_names=jobs.field_names("text"))
+        with pytest.raises(InvalidArgument) as e:
+            async for _ in d.run(bad):
+                pass
+        return e.value
+
+    e = asyncio.run(main())
+    assert e.field == field, e
