@@ -77,6 +77,14 @@ async def error_of(coro):
     return None
 
 
+async def slots_free(limiter: RpcLimitInterceptor, seconds: float) -> None:
+    """Wait (at most `seconds`) until the limiter holds no slot."""
+    for _ in range(int(seconds * 100)):
+        if limiter.active == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
 def sample(metrics, name, **labels):
     return metrics.registry.get_sample_value(name, labels)
 
@@ -157,10 +165,7 @@ def test_the_rpc_limit_refuses_every_kind_of_call_but_health_and_frees_its_slots
         checked = await health_stub.Check(health_pb2.HealthCheckRequest())
         for call in held:
             call.cancel()
-        for _ in range(500):  # bounded: 5 s
-            if limiter.active == 0:
-                break
-            await asyncio.sleep(0.01)
+        await slots_free(limiter, 5.0)
         after = await error_of(stub.Generate(pb.GenerateRequest(text="fine")))
         return active, refused, checked, limiter.active, after, metrics
 
@@ -187,10 +192,7 @@ def test_rpc_slots_come_back_when_clients_cancel_in_any_state():
             await asyncio.sleep(0.3)  # the floods fill the windows and block in their writes
             for call in calls:
                 call.cancel()
-            for _ in range(500):  # bounded: 5 s
-                if limiter.active == 0:
-                    break
-                await asyncio.sleep(0.01)
+            await slots_free(limiter, 5.0)
             if limiter.active:
                 return limiter.active
         return await error_of(stub.Generate(pb.GenerateRequest(text="fine")))
@@ -207,10 +209,7 @@ def test_a_call_past_its_deadline_holds_its_slot_until_its_handler_ends_then_fre
     async def body(stub, health_stub, metrics, ch):
         late = [await error_of(stub.Generate(pb.GenerateRequest(text="linger"), timeout=0.1)) for _ in range(2)]
         held = limiter.active
-        for _ in range(300):  # bounded: 3 s (each handler lingers about 1 s)
-            if limiter.active == 0:
-                break
-            await asyncio.sleep(0.01)
+        await slots_free(limiter, 3.0)  # each handler lingers about 1 s
         return late, held, limiter.active, await error_of(stub.Generate(pb.GenerateRequest(text="fine")))
 
     late, held, active, after = run(None, body, [limiter])
