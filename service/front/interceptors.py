@@ -102,33 +102,46 @@ class RpcLimitInterceptor(grpc.aio.ServerInterceptor):
                 return make(limited(behaviour), handler.request_deserializer, handler.response_serializer)
         return handler
 
-    def _acquire(self, context) -> bool:
-        """Take a slot for this call; it is given back when the call ends for its client (done, cancelled or
-        past its deadline), as gRPC's own cap counts, even if the handler runs on for a moment."""
+    def _acquire(self, context) -> Callable[..., None] | None:
+        """Take a slot for this call, or None at the limit. The slot comes back once, on whichever comes first:
+        the handler's end (the returned release, called in a `finally`) or gRPC's done callback for the call."""
         if self.active >= self.limit:
-            return False
+            return None
         self.active += 1
-        context.add_done_callback(self._release)
-        return True
+        released = False
 
-    def _release(self, _context) -> None:
-        self.active -= 1
+        def release(*_context) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+
+        context.add_done_callback(release)
+        return release
 
     def _unary(self, behaviour: Callable) -> Callable:
         async def call(request_or_iterator, context):
-            if not self._acquire(context):
+            release = self._acquire(context)
+            if release is None:
                 await context.abort(*self._refusal)
-            return await behaviour(request_or_iterator, context)
+            try:
+                return await behaviour(request_or_iterator, context)
+            finally:
+                release()
 
         return call
 
     def _stream(self, behaviour: Callable) -> Callable:
         async def call(request_or_iterator, context):
-            if not self._acquire(context):
+            release = self._acquire(context)
+            if release is None:
                 await context.abort(*self._refusal)
-            async with contextlib.aclosing(behaviour(request_or_iterator, context)) as out:
-                async for response in out:
-                    yield response
+            try:
+                async with contextlib.aclosing(behaviour(request_or_iterator, context)) as out:
+                    async for response in out:
+                        yield response
+            finally:
+                release()
 
         return call
 

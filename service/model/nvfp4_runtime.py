@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from service.errors import Unavailable
 from service.model.layers import Experts
 from service.model.native import native_reason
-from service.model.quantized import NVFP4_BLOCK, unpack_e2m1
+from service.model.quantized import NVFP4_BLOCK, dequantize_nvfp4
 
 FP4_MAX = 6.0
 E4M3_MAX = 448.0
@@ -65,11 +65,6 @@ def quantize_nvfp4(x: Tensor, global_scale: Tensor) -> tuple[Tensor, Tensor]:
     return pack_e2m1(encode_e2m1(values).reshape(m, k)), scale
 
 
-def decode_nvfp4(packed: Tensor, block_scale: Tensor, global_scale: Tensor) -> Tensor:
-    """The inverse of quantize_nvfp4: packed [M, K/2], scales [M, K/16] -> float32 [M, K]."""
-    return unpack_e2m1(packed) * block_scale.float().repeat_interleave(NVFP4_BLOCK, dim=1) * global_scale.float()
-
-
 def to_blocked(scales: Tensor) -> Tensor:
     """Block scales [R, C] -> cuBLAS's swizzled layout (flat): padded to 128-row x 4-column tiles, each tile
     stored as [32, 4, 4] (row % 32, row // 32 within the tile, column)."""
@@ -82,16 +77,18 @@ def to_blocked(scales: Tensor) -> Tensor:
 
 
 def nvfp4_mm(xq: Tensor, xs: Tensor, xg: Tensor, wq: Tensor, ws: Tensor, wg: Tensor, out_dtype: torch.dtype,
-             emulate: bool) -> Tensor:
+             emulate: bool, ws_blocked: Tensor | None = None) -> Tensor:
     """x @ w^T for NVFP4 x [M, K/2] (scales xs [M, K/16], global xg) and w [N, K/2] (ws [N, K/16], wg) -> [M, N].
-    `emulate`: decode both and multiply in float32 (the CPU's check of the operands) instead of the kernel."""
+    `emulate`: decode both (service.model.quantized.dequantize_nvfp4, the loader's own decoding) and multiply in
+    float32, the CPU's check of the operands, instead of the kernel. `ws_blocked`: to_blocked(ws), made once."""
     if emulate:
-        return (decode_nvfp4(xq, xs, xg) @ decode_nvfp4(wq, ws, wg).t()).to(out_dtype)
+        return (dequantize_nvfp4(xq, xs, xg) @ dequantize_nvfp4(wq, ws, wg).t()).to(out_dtype)
     recipe = [F.ScalingType.BlockWise1x16, F.ScalingType.TensorWise]  # UNVERIFIED: never run on Blackwell
     swizzle = [F.SwizzleType.SWIZZLE_32_4_4, F.SwizzleType.NO_SWIZZLE]
     fp4 = torch.float4_e2m1fn_x2
+    wsb = to_blocked(ws) if ws_blocked is None else ws_blocked
     return F.scaled_mm(xq.view(fp4), wq.view(fp4).t(), scale_a=[to_blocked(xs), xg.float().reshape(1)],
-                       scale_recipe_a=recipe, scale_b=[to_blocked(ws), wg.float().reshape(1)], scale_recipe_b=recipe,
+                       scale_recipe_a=recipe, scale_b=[wsb, wg.float().reshape(1)], scale_recipe_b=recipe,
                        swizzle_a=swizzle, swizzle_b=swizzle, output_dtype=out_dtype)
 
 
@@ -105,15 +102,19 @@ class NVFP4Experts(Experts):
         del self.gate_up_proj, self.down_proj  # the dequantized copies: FP4 is what the GPU reads
         for name, t in tensors.items():
             self.register_buffer(name, t)
+        for p in ("gate_up", "down"):  # the weights' scales in the kernel's layout, once, not every step
+            scales = getattr(self, f"{p}_scale")
+            self.register_buffer(f"{p}_scale_blocked", torch.stack([to_blocked(s) for s in scales]))
 
     def project(self, x: Tensor, which: str, offsets: Tensor) -> Tensor:
         p = "gate_up" if which == "gate_up_proj" else "down"
-        w, ws, wg, xg = (getattr(self, f"{p}_{s}") for s in ("weight", "scale", "scale_2", "input_scale"))
+        w, ws, wsb, wg, xg = (getattr(self, f"{p}_{s}") for s in ("weight", "scale", "scale_blocked", "scale_2",
+                                                                   "input_scale"))
         parts, start = [], 0
         for e, end in enumerate(offsets.tolist()):  # host sync: see the module's docstring
             if end > start:
                 xq, xs = quantize_nvfp4(x[start:end], xg[e])
-                parts.append(nvfp4_mm(xq, xs, xg[e], w[e], ws[e], wg[e], x.dtype, self.emulate))
+                parts.append(nvfp4_mm(xq, xs, xg[e], w[e], ws[e], wg[e], x.dtype, self.emulate, wsb[e]))
             start = end
         return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
 

@@ -8,9 +8,9 @@ import torch
 from service import DEFAULT_CHECKPOINT
 from service.errors import Unavailable
 from service.model.loading import load_model, stored_tensors
-from service.model.nvfp4_runtime import (NVFP4Experts, apply_nvfp4, decode_nvfp4, encode_e2m1, nvfp4_native_reason,
+from service.model.nvfp4_runtime import (NVFP4Experts, apply_nvfp4, encode_e2m1, nvfp4_native_reason,
                                          pack_e2m1, quantize_nvfp4, to_blocked)
-from service.model.quantized import E2M1_VALUES, unpack_e2m1
+from service.model.quantized import E2M1_VALUES, dequantize_nvfp4, unpack_e2m1
 from tests.quantized_checkpoints import decoder_logits, write_quantized
 
 
@@ -41,14 +41,14 @@ def test_quantizing_nvfp4_values_is_exact_and_other_values_close():
     codes[:, ::16] = 7
     scales = (torch.rand(8, 4, generator=g) * 300 + 1).to(torch.float8_e4m3fn)
     glob = torch.tensor(0.0125)
-    x = decode_nvfp4(pack_e2m1(codes), scales, glob)
+    x = dequantize_nvfp4(pack_e2m1(codes), scales, glob)
     packed, got_scales = quantize_nvfp4(x, glob)
     assert torch.equal(got_scales.view(torch.uint8), scales.view(torch.uint8))
-    assert torch.equal(decode_nvfp4(packed, got_scales, glob), x)
+    assert torch.equal(dequantize_nvfp4(packed, got_scales, glob), x)
     y = torch.randn(16, 128, generator=g) * 3
-    yq = decode_nvfp4(*quantize_nvfp4(y, y.abs().max() / (6 * 448)), y.abs().max() / (6 * 448))
+    yq = dequantize_nvfp4(*quantize_nvfp4(y, y.abs().max() / (6 * 448)), y.abs().max() / (6 * 448))
     assert (yq - y).norm() / y.norm() < 0.12  # about 20 dB, as 4-bit blocks give
-    assert torch.equal(decode_nvfp4(*quantize_nvfp4(torch.zeros(2, 16), glob), glob), torch.zeros(2, 16))
+    assert torch.equal(dequantize_nvfp4(*quantize_nvfp4(torch.zeros(2, 16), glob), glob), torch.zeros(2, 16))
 
 
 def test_swizzled_scales_follow_cublas_tile_layout():
