@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 
 import torch
 from torch import Tensor
@@ -80,8 +79,8 @@ class Sequence:
         return self.canvas is not None
 
     def state_nbytes(self) -> int:
-        """Bytes this request keeps between steps (canvas, argmax, history, self-conditioning input)."""
-        tensors = [self.canvas, self.soft, getattr(self, "argmax", None), *getattr(self, "history", [])]
+        """Bytes this request keeps between steps (canvas, argmax, stable-run counter, self-conditioning input)."""
+        tensors = [self.canvas, self.soft, getattr(self, "argmax", None), getattr(self, "stable_run", None)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def begin_canvas(self) -> None:
@@ -102,9 +101,11 @@ class Sequence:
         self.soft = None
         self.step = self.params.max_denoising_steps  # n counts down N..1
         self.steps = 0
-        thr = self.params.stability_threshold
-        never = torch.full((self.length,), -1, device=self.device)
-        self.history: deque[Tensor] = deque([never] * thr, maxlen=max(thr, 1))
+        # Steps in a row whose argmax equalled the one before: "unchanged for stability_threshold steps" is
+        # this count reaching the threshold, in O(1) memory and work whatever the threshold. The first
+        # step's argmax has no predecessor (the canvas is noise), so the count starts at 0 there.
+        self.stable_run = torch.zeros((), dtype=torch.long, device=self.device)
+        self._next_run = self.stable_run
 
     def step_input(self) -> CanvasStep:
         """What the runner needs of this canvas for the next decoder step."""
@@ -118,9 +119,9 @@ class Sequence:
         """bool [2] on the device: (argmax stable over the history, mean free entropy under the threshold).
         The scheduler reads every canvas's flags in one host transfer."""
         p = self.params
-        stable = torch.ones((), dtype=torch.bool, device=argmax.device)
-        for h in self.history if p.stability_threshold else ():
-            stable = stable & (h == argmax).all()
+        same = (argmax == self.argmax).all() if self.steps else torch.zeros((), dtype=torch.bool, device=argmax.device)
+        self._next_run = torch.where(same, self.stable_run + 1, 0)
+        stable = self._next_run >= p.stability_threshold
         return torch.stack([stable, ops.mean_entropy(entropy, self.pin_mask) < p.confidence_threshold])
 
     def after_step(self, canvas: Tensor, argmax: Tensor, soft: Tensor, stable: bool, confident: bool,
@@ -131,8 +132,7 @@ class Sequence:
         self.shared_passes += int(shared)
         self.steps += 1
         self.canvas = canvas
-        if p.stability_threshold:
-            self.history.append(argmax)
+        self.stable_run = self._next_run
         self.argmax = argmax
         events: list[Event] = []
         if self.request.return_drafts:

@@ -161,7 +161,10 @@ def chat_ids(model: ServedModel, chat: list[tuple[str, str]], name: str) -> list
         if role not in ROLES:
             raise InvalidArgument(f"{name}[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
         turns.append((ROLES[role], content))
-    return tokenizer_of(model, name).chat_prompt(turns)
+    try:
+        return tokenizer_of(model, name).chat_prompt(turns)
+    except InvalidArgument as e:  # the chat template refused the conversation
+        raise e.renamed(name) from None
 
 
 def tokenizer_of(model: ServedModel, name: str):

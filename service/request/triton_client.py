@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
-from service.errors import DeadlineExceeded, DGemmaError, Unavailable
+from service.errors import DeadlineExceeded, DGemmaError, InvalidArgument, Unavailable
 from service.request.errors import error_from_triton
 
 # Triton datatype -> the InferTensorContents field that carries it.
@@ -45,7 +45,10 @@ def _infer_request(model: str, request_id: str, inputs: dict[str, Tensor]) -> se
     for name, t in inputs.items():
         tensor = req.inputs.add(name=name, datatype=t.datatype, shape=[len(t.values)])
         values = [v.encode() if isinstance(v, str) else v for v in t.values]
-        getattr(tensor.contents, _CONTENTS[t.datatype]).extend(values)
+        try:
+            getattr(tensor.contents, _CONTENTS[t.datatype]).extend(values)
+        except (TypeError, ValueError):  # a value its type cannot hold: the request layer's ranges missed it
+            raise InvalidArgument(name, f"a value does not fit the backend's {t.datatype}") from None
     return req
 
 
@@ -108,7 +111,10 @@ class TritonClient:
         drops the request at its next step once it passes."""
         if timeout is not None:
             inputs = {**inputs, "timeout_ms": Tensor("UINT64", [max(1, int(timeout * 1000))])}
-        request = _infer_request(self.model, request_id, inputs)
+        try:
+            request = _infer_request(self.model, request_id, inputs)
+        except InvalidArgument as e:
+            raise e.renamed((field_names or {}).get(e.field, e.field)) from None
 
         async def requests():
             yield request  # then half-close: Triton still sends every response

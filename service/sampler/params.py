@@ -31,6 +31,13 @@ DIFFUSION_PARAMS = tuple(k for k in DEFAULTS if k != "max_new_tokens")
 SAMPLERS = ("reference", "fast")
 MAX_DENOISING_STEPS = 1024
 MAX_NEW_TOKENS = 1 << 16
+# Temperatures: at or above MIN_T_MAX the last step's temperature (>= t_max / max_denoising_steps, about 1e-6)
+# keeps the soft-capped logits / T finite in float32; past MAX_TEMPERATURE sampling is uniform anyway.
+MIN_T_MAX = 1e-3
+MAX_TEMPERATURE = 100.0
+# Entropies in nats: a canvas's summed entropy is at most canvas_length * ln(vocab) (about 3,200 at the real
+# shape), so larger bounds mean "everything"; the cap keeps the value a float32.
+MAX_ENTROPY = 1e6
 
 
 def _number(name: str, v: object) -> float:
@@ -43,6 +50,11 @@ def _integer(name: str, v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidArgument(name, f"must be an integer, got {v!r}")
     return v
+
+
+def _in(name: str, v: float, lo: float, hi: float) -> None:
+    if not lo <= v <= hi:
+        raise InvalidArgument(name, f"must be in [{lo:g}, {hi:g}], got {v:g}")
 
 
 @dataclass(frozen=True)
@@ -61,24 +73,19 @@ class GenerationParams:
     sampler: str = "fast"
 
     def validate(self) -> "GenerationParams":
-        n = _integer("max_new_tokens", self.max_new_tokens)
-        if not 1 <= n <= MAX_NEW_TOKENS:
-            raise InvalidArgument("max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS}], got {n}")
-        s = _integer("max_denoising_steps", self.max_denoising_steps)
-        if not 1 <= s <= MAX_DENOISING_STEPS:
-            raise InvalidArgument("max_denoising_steps", f"must be in [1, {MAX_DENOISING_STEPS}], got {s}")
-        if _number("entropy_bound", self.entropy_bound) < 0:
-            raise InvalidArgument("entropy_bound", f"must be >= 0, got {self.entropy_bound}")
-        if _number("t_min", self.t_min) < 0:
-            raise InvalidArgument("t_min", f"must be >= 0, got {self.t_min}")
-        if _number("t_max", self.t_max) <= 0:
-            raise InvalidArgument("t_max", f"must be > 0, got {self.t_max}")
+        """Every value within its documented range (docs/api.md, "Parameters"), the field named otherwise. No
+        value makes a step cost more than its shape: a request's cost is its steps times the step's."""
+        _in("max_new_tokens", _integer("max_new_tokens", self.max_new_tokens), 1, MAX_NEW_TOKENS)
+        steps = _integer("max_denoising_steps", self.max_denoising_steps)
+        _in("max_denoising_steps", steps, 1, MAX_DENOISING_STEPS)
+        _in("entropy_bound", _number("entropy_bound", self.entropy_bound), 0, MAX_ENTROPY)
+        _in("t_min", _number("t_min", self.t_min), 0, MAX_TEMPERATURE)
+        _in("t_max", _number("t_max", self.t_max), MIN_T_MAX, MAX_TEMPERATURE)
         if self.t_max < self.t_min:
-            raise InvalidArgument("t_max", f"must be >= t_min ({self.t_min}), got {self.t_max}")
-        if _integer("stability_threshold", self.stability_threshold) < 0:
-            raise InvalidArgument("stability_threshold", f"must be >= 0, got {self.stability_threshold}")
-        if _number("confidence_threshold", self.confidence_threshold) < 0:
-            raise InvalidArgument("confidence_threshold", f"must be >= 0, got {self.confidence_threshold}")
+            raise InvalidArgument("t_max", f"must be >= t_min ({self.t_min:g}), got {self.t_max:g}")
+        # a canvas runs at most max_denoising_steps steps: a longer stability window could never be met
+        _in("stability_threshold", _integer("stability_threshold", self.stability_threshold), 0, steps)
+        _in("confidence_threshold", _number("confidence_threshold", self.confidence_threshold), 0, MAX_ENTROPY)
         if self.sampler not in SAMPLERS:
             raise InvalidArgument("sampler", f"must be one of {SAMPLERS}, got {self.sampler!r}")
         return self

@@ -9,7 +9,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from service.errors import CheckpointError
+from service.errors import CheckpointError, InvalidArgument
 
 # Gemma chat format: <bos><|turn>user\n…<turn|>\n<|turn>model\n
 TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"
@@ -24,6 +24,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.vocab_size = self._tok.get_vocab_size()
         self.chat_template = chat_template
+        self._template = None  # compiled on first use, once
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -50,6 +51,11 @@ class Tokenizer:
         """Every id decoded on its own, special tokens kept: entry i is id i's text."""
         return self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
 
+    def _compiled(self):
+        if self._template is None:
+            self._template = _compile(self.chat_template)
+        return self._template
+
     def chat_prompt(self, messages: list[tuple[str, str]]) -> list[int]:
         """The checkpoint's chat template when it has one, else the Gemma turn format; ends with an open
         model turn. (role, content) pairs in order."""
@@ -58,14 +64,28 @@ class Tokenizer:
             return self.encode(text + f"{TURN_OPEN}model\n")
         bos = self._tok.id_to_token(self.bos_id) or ""
         try:
-            text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-                self.chat_template
-            ).render(messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=True,
-                     bos_token=bos)
+            text = self._compiled().render(messages=[{"role": r, "content": c} for r, c in messages],
+                                           add_generation_prompt=True, bos_token=bos)
+        except _RefusedByTemplate as e:  # the template's own check of the conversation: the client's to fix
+            raise InvalidArgument("messages", f"the chat template refused the conversation: {e}") from None
         except TemplateError as e:
             raise CheckpointError(f"the checkpoint's chat template failed: {e}") from None
         ids = self.encode(text, add_bos=False)
         return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
+
+
+class _RefusedByTemplate(TemplateError):
+    """Raised by a template's `raise_exception(message)`, as transformers' chat templates call it."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _RefusedByTemplate(str(message)[:500])
+
+
+def _compile(template: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
 
 
 def load_chat_template(checkpoint_dir: Path) -> str | None:

@@ -118,8 +118,8 @@ def test_a_step_keeps_every_tensor_on_the_runners_device(small_ckpt):
             flags = [s.stop_flags(out.argmax[b], out.entropy[b]) for b, s in enumerate(seqs)]
             for b, s in enumerate(seqs):
                 s.canvas, s.soft = out.canvas[b], out.soft[b]
-                s.history.append(out.argmax[b])
-                s.step -= 1
+                s.stable_run, s.argmax = s._next_run, out.argmax[b]
+                s.step, s.steps = s.step - 1, s.steps + 1
     off = {(op, str(dev)) for op, dev, _, _ in rec.outputs if dev.type != "meta"}
     assert not off, off
     assert len(rec.outputs) > 100 and all(f.device.type == "meta" for f in flags)

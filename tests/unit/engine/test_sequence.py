@@ -63,3 +63,29 @@ def test_different_seeds_differ(engine):
     a = list(engine.generate(Request([2, 3], p, seed=1)))[-1].token_ids
     b = list(engine.generate(Request([2, 3], p, seed=2)))[-1].token_ids
     assert a != b
+
+
+@settings(max_examples=60, deadline=None)
+@given(thr=st.integers(0, 6), pattern=st.lists(st.integers(0, 2), min_size=1, max_size=14))
+def test_stability_window_is_the_last_threshold_argmaxes_unchanged(thr, pattern):
+    """The stop flag's stability half over scripted argmax canvases equals its definition (the reference's:
+    the argmax equals each of the last `thr` argmaxes of this canvas), at O(1) state whatever `thr`."""
+    import torch
+
+    from types import SimpleNamespace
+
+    from service.engine.sequence import Sequence
+
+    cfg = SimpleNamespace(vocab_size=8, canvas_length=4)  # all a Sequence reads of its config
+    req = Request([2], GenerationParams(max_denoising_steps=len(pattern) + 1, stability_threshold=thr))
+    seq = Sequence(req, cfg, (1,), 0, torch.Generator(), torch.device("cpu"))
+    seq.begin_canvas()
+    history: list[int] = []
+    for p in pattern:
+        argmax = torch.full((4,), p)
+        stable, _ = seq.stop_flags(argmax, torch.zeros(4)).tolist()
+        expected = len(history) >= thr and all(h == p for h in history[len(history) - thr:])
+        assert stable == expected, (thr, history, p)
+        seq.after_step(argmax, argmax, torch.zeros(4, 2), stable=False, confident=False)
+        history.append(p)
+    assert seq.state_nbytes() <= 3 * 4 * 8 + 2 * 4 * 8 + 8  # canvas, argmax, soft, one counter

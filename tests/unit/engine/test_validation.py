@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from service.engine.api import Request
+from service.engine.api import FinalEvent, Request
 from service.engine.registry import create_engine
 from service.errors import CheckpointError, InvalidArgument, Unavailable
 from service.model.loading import load_model
@@ -36,6 +36,16 @@ def run(engine, req):
         (dict(prompt_ids=[2], params=GenerationParams(entropy_bound=-0.5)), "entropy_bound"),
         (dict(prompt_ids=[2], params=GenerationParams(confidence_threshold=-1.0)), "confidence_threshold"),
         (dict(prompt_ids=[2], params=GenerationParams(entropy_bound=float("nan"))), "entropy_bound"),
+        # the documented ranges' upper ends (docs/api.md, "Parameters")
+        (dict(prompt_ids=[2], params=GenerationParams(stability_threshold=49)), "stability_threshold"),
+        (dict(prompt_ids=[2], params=GenerationParams(max_denoising_steps=4, stability_threshold=5)),
+         "stability_threshold"),
+        (dict(prompt_ids=[2], params=GenerationParams(stability_threshold=10**8)), "stability_threshold"),
+        (dict(prompt_ids=[2], params=GenerationParams(t_max=1e-4, t_min=0.0)), "t_max"),
+        (dict(prompt_ids=[2], params=GenerationParams(t_max=1e3)), "t_max"),
+        (dict(prompt_ids=[2], params=GenerationParams(t_min=101.0, t_max=101.0)), "t_min"),
+        (dict(prompt_ids=[2], params=GenerationParams(entropy_bound=1e300)), "entropy_bound"),
+        (dict(prompt_ids=[2], params=GenerationParams(confidence_threshold=float("inf"))), "confidence_threshold"),
     ],
 )
 def test_invalid_requests_name_the_field(engine, kwargs, field):
@@ -57,6 +67,14 @@ def test_pin_ids_outside_vocab_and_mask_length(engine):
         run(engine, Request([2], pins=Pins.from_lists([10**7])))
     with pytest.raises(InvalidArgument, match="pin_mask"):
         Pins.from_lists([3, 4], [True])
+
+
+def test_range_ends_are_accepted(engine):
+    """Each documented range's ends run (one short canvas each)."""
+    for kw in (dict(stability_threshold=2), dict(stability_threshold=0), dict(t_min=0.0, t_max=1e-3),
+               dict(t_min=100.0, t_max=100.0), dict(entropy_bound=1e6, confidence_threshold=1e6)):
+        p = GenerationParams(max_new_tokens=4, max_denoising_steps=2, **kw)
+        assert isinstance(run(engine, Request([2, 5], p))[-1], FinalEvent), kw
 
 
 def test_missing_checkpoint(tmp_path):

@@ -44,3 +44,21 @@ def test_the_deadline_travels_as_timeout_ms(timeout, want):
 
     inputs = asyncio.run(run())
     assert inputs.get("timeout_ms") == want
+
+
+@pytest.mark.parametrize("tensor", [Tensor("INT32", [2**31]), Tensor("UINT64", [-1]), Tensor("INT32", ["x"])])
+def test_a_value_its_type_cannot_hold_is_the_named_fields_error(tensor):
+    """A value past its Triton type's range is refused naming the request's field, never an internal error."""
+    from service.errors import InvalidArgument
+
+    async def run():
+        client = TritonClient("127.0.0.1:1", "diffusiongemma")
+        client._stub.ModelStreamInfer = lambda *a, **k: pytest.fail("nothing is sent")
+        with pytest.raises(InvalidArgument) as e:
+            async for _ in client.stream({"stability_threshold": tensor},
+                                         field_names={"stability_threshold": "options.parameters.stability_threshold"}):
+                pass
+        await client.close()
+        return e.value
+
+    assert asyncio.run(run()).field == "options.parameters.stability_threshold"

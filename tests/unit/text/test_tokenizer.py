@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from service.errors import CheckpointError
+from service.errors import CheckpointError, InvalidArgument
+from service.text import tokenizer as tokenizer_module
 from service.text.tokenizer import load_tokenizer
 from tools.tiny_model.tokenizer import train_tokenizer
 
@@ -43,3 +44,22 @@ def test_broken_template_is_a_checkpoint_error(ckpt):
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
     with pytest.raises(CheckpointError, match="chat template"):
         load_tokenizer(ckpt).chat_prompt([("user", "x")])
+
+
+def test_template_raise_exception_is_the_clients_error_and_compiles_once(ckpt, monkeypatch):
+    """Real chat templates call raise_exception for conversations they refuse (roles that don't alternate):
+    that is an InvalidArgument with the template's message, not a server fault; the template compiles once."""
+    (ckpt / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/model/user/model/...') }}{% endif %}"
+        "[{{ m.role }}]{{ m.content }}{% endfor %}[model]")
+    compiled = []
+    real = tokenizer_module._compile
+    monkeypatch.setattr(tokenizer_module, "_compile", lambda t: compiled.append(t) or real(t))
+    tok = load_tokenizer(ckpt)
+    with pytest.raises(InvalidArgument, match="roles must alternate") as e:
+        tok.chat_prompt([("user", "a"), ("user", "b")])
+    assert e.value.field == "messages"
+    for _ in range(3):
+        assert tok.decode(tok.chat_prompt([("user", "a"), ("model", "b")]), skip_special=False).endswith("[model]")
+    assert len(compiled) == 1
