@@ -37,7 +37,12 @@ LABEL org.opencontainers.image.title="diffusiongemma-nim" \
       org.opencontainers.image.base.name="nvcr.io/nvidia/tritonserver:25.10-py3"
 # The service user, and the only paths it may write: its home and NIM_CACHE_PATH (rendered Triton model
 # repository, Triton's log; a checkpoint or build is mounted there and named by NIM_MODEL_PATH).
-RUN groupadd --system --gid 10001 dgemma \
+# tini as PID 1 (Ubuntu's package): it reaps the zombies Triton's orphaned children leave (PID 1 inherits them) and
+# forwards SIGTERM to `dgemma serve`, which drains and stops Triton itself (no -g: not to the whole group).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 dgemma \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/dgemma --create-home --shell /usr/sbin/nologin dgemma \
  && mkdir -p /opt/nim/.cache \
  && chown 10001:10001 /opt/nim/.cache
@@ -47,6 +52,7 @@ ENV PATH=/opt/dgemma/venv/bin:$PATH \
     NIM_CACHE_PATH=/opt/nim/.cache \
     NIM_SERVER_HOST=0.0.0.0 \
     NIM_SERVER_PORT=8000 \
+    NIM_HTTP_PORT=8080 \
     NIM_METRICS_PORT=8002 \
     DGEMMA_SERVER=127.0.0.1:8000 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -54,8 +60,9 @@ ENV PATH=/opt/dgemma/venv/bin:$PATH \
 VOLUME ["/opt/nim/.cache"]
 WORKDIR /home/dgemma
 USER 10001:10001
-EXPOSE 8000 8002
+# gRPC, OpenAI-compatible HTTP, metrics
+EXPOSE 8000 8080 8002
 # grpc.health.v1 on the public port (DGEMMA_SERVER); exit 0 only when SERVING. Weight loading gets start-period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 CMD ["dgemma", "health", "--timeout", "5"]
-ENTRYPOINT ["dgemma"]
+ENTRYPOINT ["tini", "--", "dgemma"]
 CMD ["serve"]

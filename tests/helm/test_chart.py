@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.serve_ports import listening_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "diffusiongemma"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
@@ -129,8 +131,6 @@ def test_pdb_and_network_policy_select_the_server_pods(rendered):
     assert pdb["spec"]["selector"]["matchLabels"] == selector
     assert netpol["spec"]["podSelector"]["matchLabels"] == selector
     assert set(netpol["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    ports = {p["port"] for rule in netpol["spec"]["ingress"] for p in rule["ports"]}
-    assert ports == {"grpc", "metrics"}, name
     # the helm test pod is not one of the server's pods (no Service would route to it)
     (test_pod,) = by_kind(docs, "Pod")
     assert not all(test_pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
@@ -385,3 +385,193 @@ def test_schema_refuses_a_bad_build_profile(chart):
     with pytest.raises(helm_python.HelmValuesError) as e:
         chart.render(_build_values(profile="fp8"), name="rel", namespace="ns")
     assert "/build/profile" in str(e.value)
+
+
+# ---- every face of the server reaches a client --------------------------------------------------------------
+
+# Variables of the pod that name files only the pod has (serve_options checks them); none of them moves a port.
+POD_ONLY = {"NIM_MODEL_PATH", "NIM_MODEL_PROFILE", "NIM_API_KEYS_FILE", "NIM_SSL_CERT_PATH", "NIM_SSL_KEY_PATH",
+            "NIM_SSL_CA_CERT_PATH"}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def server_container(docs: list[dict]) -> dict:
+    (c,) = [c for c in deployment(docs)["spec"]["template"]["spec"]["containers"] if c["name"] == "diffusiongemma"]
+    return c
+
+
+def pod_ports(container: dict) -> set[int]:
+    """The ports `dgemma serve` listens on with this container's environment (its own config code decides)."""
+    env = {k: v for k, v in env_of(container).items() if v is not None and k not in POD_ONLY}
+    env["NIM_SSL_MODE"] = "DISABLED"  # TLS wraps the same ports
+    return set(listening_ports(env).values())
+
+
+def probe_port(probe: dict, resolve) -> int | None:
+    for action in ("grpc", "httpGet", "tcpSocket"):
+        if action in probe:
+            return resolve(probe[action]["port"])
+    argv = probe["exec"]["command"]  # dgemma health --server localhost:N
+    return int(argv[argv.index("--server") + 1].rsplit(":", 1)[1])
+
+
+def unreachable(docs: list[dict]) -> list[str]:
+    """Each way a port the server listens on misses a client: no container port, no port of the main Service
+    whose targetPort resolves to it, no NetworkPolicy ingress rule; and each Service targetPort or probe that
+    points at no port the server listens on."""
+    c = server_container(docs)
+    ports = pod_ports(c)
+    declared = {p["name"]: p["containerPort"] for p in c.get("ports", []) if p.get("protocol", "TCP") == "TCP"}
+
+    def resolve(port):
+        return declared.get(port) if isinstance(port, str) else port
+
+    problems = [f"{p}: no containerPort" for p in sorted(ports - set(declared.values()))]
+    problems += [f"containerPort {p}: the server does not listen there" for p in set(declared.values()) - ports]
+    for svc in by_kind(docs, "Service"):
+        name, targets = svc["metadata"]["name"], [resolve(p["targetPort"]) for p in svc["spec"]["ports"]]
+        problems += [f"Service {name}: a targetPort resolves to no server port" for t in targets if t not in ports]
+        if not name.endswith("-headless"):
+            problems += [f"{p}: not in Service {name}" for p in sorted(ports - set(targets))]
+    for netpol in by_kind(docs, "NetworkPolicy"):
+        rules = netpol["spec"].get("ingress", [])
+        admitted = ports if any("ports" not in r for r in rules) else {
+            resolve(p["port"]) for r in rules for p in r["ports"] if p.get("protocol", "TCP") == "TCP"}
+        problems += [f"{p}: no ingress rule in NetworkPolicy" for p in sorted(ports - admitted)]
+    for probe in PROBES:
+        if probe_port(c[probe], resolve) not in ports:
+            problems.append(f"{probe}: checks no port the server listens on")
+    return problems
+
+
+def test_every_port_the_server_listens_on_reaches_a_client(rendered):
+    name, docs = rendered
+    assert unreachable(docs) == [], name
+    if name == "defaults":  # the chart's defaults are the server's own
+        assert pod_ports(server_container(docs)) == set(listening_ports({}).values())
+
+
+def test_changed_ports_follow_the_values(chart):
+    ports = {"server": {"grpcPort": 9000, "httpPort": 9080, "metricsPort": 9002},
+             "service": {"port": 80, "httpPort": 81, "metricsPort": 82, "headless": {"enabled": True}}}
+    docs = render(chart, ports)
+    assert unreachable(docs) == [] and pod_ports(server_container(docs)) == {9000, 9080, 9002}
+    svc = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "rel-diffusiongemma")
+    assert {p["port"] for p in svc["spec"]["ports"]} == {80, 81, 82}
+
+
+def _drop_http_container_port(docs):
+    c = server_container(docs)
+    c["ports"] = [p for p in c["ports"] if p["name"] != "http"]
+
+
+def _drop_http_service_port(docs):
+    for svc in by_kind(docs, "Service"):
+        svc["spec"]["ports"] = [p for p in svc["spec"]["ports"] if p["name"] != "http"]
+
+
+def _drop_http_ingress(docs):
+    (netpol,) = by_kind(docs, "NetworkPolicy")
+    netpol["spec"]["ingress"] = [r for r in netpol["spec"]["ingress"] if r["ports"][0]["port"] != "http"]
+
+
+def _server_moves_http(docs):  # the server would then listen on its default, not the declared port
+    server_container(docs)["env"].append({"name": "NIM_HTTP_PORT", "value": "9999"})
+
+
+def _probe_elsewhere(docs):
+    server_container(docs)["readinessProbe"]["grpc"]["port"] = 1234
+
+
+@pytest.mark.parametrize("break_it, problem", [
+    (_drop_http_container_port, "8080: no containerPort"), (_drop_http_service_port, "8080: not in Service"),
+    (_drop_http_ingress, "8080: no ingress rule"), (_server_moves_http, "9999: no containerPort"),
+    (_probe_elsewhere, "readinessProbe: checks no port"),
+])
+def test_a_port_that_misses_a_client_is_caught(chart, break_it, problem):
+    docs = render(chart, {})
+    break_it(docs)
+    assert any(p.startswith(problem) for p in unreachable(docs)), unreachable(docs)
+
+
+def test_http_ingress_takes_the_grpc_peers_unless_told(chart):
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateways"}}}]
+
+    def from_of(values):
+        (netpol,) = by_kind(render(chart, {"networkPolicy": values}), "NetworkPolicy")
+        return {r["ports"][0]["port"]: r.get("from") for r in netpol["spec"]["ingress"]}
+
+    assert from_of({"grpcFrom": peers})["http"] == peers
+    assert from_of({"grpcFrom": peers, "httpFrom": []})["http"] is None  # every source
+    assert from_of({})["http"] is None
+
+
+# ---- rollouts and the model store on a GPU cluster ------------------------------------------------------------
+
+def test_default_rollout_needs_no_spare_gpu_and_the_store_spans_nodes(chart):
+    docs = render(chart, {})
+    strategy = deployment(docs)["spec"]["strategy"]
+    # a surge pod would need a GPU beyond the replicas' own: none is started before an old pod stops
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    (pvc,) = by_kind(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on any node mount it (no Multi-Attach)
+    assert "runtimeClassName" not in deployment(docs)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ({"type": "Recreate"}, {"type": "Recreate"}),  # the default rollingUpdate is not carried over
+    ({"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+     {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+    ({"rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "0%"}},
+     {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "0%"}}),
+])
+def test_strategy_is_a_value(chart, strategy, expected):
+    dep = deployment(render(chart, {"strategy": strategy}))
+    assert dep["spec"]["strategy"] == expected
+    kubernetes_validate.validate(dep, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_runtime_class_name(chart):
+    spec = deployment(render(chart, {"runtimeClassName": "nvidia"}))["spec"]["template"]["spec"]
+    assert spec["runtimeClassName"] == "nvidia"
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.render({"runtimeClassName": "NVIDIA runtime"}, name="rel", namespace="ns")
+
+
+def test_read_only_many_store_from_a_snapshot_or_an_existing_claim(chart):
+    snap = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "dg-26b"}
+    docs = render(chart, {"modelStore": {"accessModes": ["ReadOnlyMany"], "dataSource": snap}})
+    (pvc,) = by_kind(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadOnlyMany"] and pvc["spec"]["dataSource"] == snap
+    kubernetes_validate.validate(pvc, KUBE_VERSIONS[-1], strict=True)
+    docs = render(chart, {"modelStore": {"accessModes": ["ReadOnlyMany"], "existingClaim": "models"}})
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    claim = {v["name"]: v for v in deployment(docs)["spec"]["template"]["spec"]["volumes"]}["model-store"]
+    assert claim["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+
+
+def test_a_single_node_store_with_pods_on_several_nodes_is_warned_about(chart):
+    def notes(values):
+        return chart.render(values, name="rel", namespace="ns")["diffusiongemma/templates/NOTES.txt"]
+
+    rwo = {"modelStore": {"accessModes": ["ReadWriteOnce"]}}
+    assert "Multi-Attach" in notes({**rwo, "replicaCount": 2})
+    assert "Multi-Attach" in notes({**rwo, "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}})
+    assert "Multi-Attach" not in notes(rwo) and "Multi-Attach" not in notes({"replicaCount": 2})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}}, "both 0"),
+    ({"strategy": {"rollingUpdate": {"maxSurge": "0%", "maxUnavailable": "0%"}}}, "both 0"),
+    ({**_build_values(), "modelStore": {"accessModes": ["ReadWriteOnce"]}}, "must include ReadWriteMany"),
+    ({**_build_values(), "modelStore": {"accessModes": ["ReadOnlyMany"], "existingClaim": "m"}},
+     "must include ReadWriteMany"),
+    ({"modelStore": {"accessModes": ["ReadWriteOncePod"]}, "replicaCount": 2}, "ReadWriteOncePod admits one pod"),
+    ({"modelStore": {"accessModes": ["ReadWriteOncePod"]},
+      "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}}, "ReadWriteOncePod admits one pod"),
+    ({"modelStore": {"accessModes": ["ReadOnlyMany"]}}, "set modelStore.dataSource"),
+])
+def test_inconsistent_rollout_and_store_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        chart.render(values, name="rel", namespace="ns")
+    assert message in str(e.value)

@@ -55,5 +55,15 @@ def stages(path: Path = DOCKERFILE) -> list[Stage]:
     return out
 
 
+INIT = ["tini", "--"]  # the image's PID 1 (installed from Ubuntu's packages), before the program it runs
+
+
 def image_argv(final: Stage) -> list[str]:
     return final.exec_form("ENTRYPOINT") + final.exec_form("CMD")
+
+
+def program_argv(final: Stage) -> list[str]:
+    """The command line tini runs: the image's argv without the init."""
+    argv = image_argv(final)
+    assert argv[:len(INIT)] == INIT, f"the image's PID 1 must be {INIT}: {argv}"
+    return argv[len(INIT):]

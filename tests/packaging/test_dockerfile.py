@@ -9,7 +9,8 @@ import dockerfile
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from tests.packaging.dockerfile_spec import DOCKERFILE, ROOT, Stage, image_argv, stages
+from tests.packaging.dockerfile_spec import DOCKERFILE, INIT, ROOT, Stage, image_argv, program_argv, stages
+from tests.serve_ports import listening_ports
 
 BASE = re.compile(r"^nvcr\.io/nvidia/tritonserver:(\d{2})\.(\d{2})-py3$")
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|NGC_API", re.I)
@@ -104,7 +105,7 @@ def test_venv_on_path_is_the_one_built(all_stages, final):
 
 
 def test_entrypoint_is_dgemma_serve_with_the_images_tritonserver(final):
-    assert image_argv(final) == ["dgemma", "serve"]
+    assert program_argv(final) == ["dgemma", "serve"]
     env = final.env()
     assert "TRITONSERVER" not in env  # the launcher then takes /opt/tritonserver/bin/tritonserver
     from service.triton import launcher
@@ -120,8 +121,28 @@ def test_healthcheck_uses_the_grpc_health_service(final):
     # the health client dials DGEMMA_SERVER: the same port the server listens on
     env = final.env()
     assert env["DGEMMA_SERVER"] == f"127.0.0.1:{env['NIM_SERVER_PORT']}"
-    exposed = {p for c in final.all("EXPOSE") for p in c.value}
-    assert {env["NIM_SERVER_PORT"], env["NIM_METRICS_PORT"]} <= exposed
+
+
+def test_every_port_the_server_listens_on_is_exposed(final):
+    """The ports `dgemma serve` listens on with the image's environment, as its own config code reads it."""
+    env = {k: v for k, v in final.env().items() if k.startswith("NIM_")}
+    ports = set(listening_ports(env).values())
+    exposed = {int(p.split("/")[0]) for c in final.all("EXPOSE") for p in c.value}
+    assert ports <= exposed, f"not EXPOSEd: {sorted(ports - exposed)}"
+    assert ports == set(listening_ports({}).values()), "the image moves a port off the server's default"
+
+
+def test_pid_1_is_tini_from_the_distros_packages(all_stages, final):
+    """PID 1 reaps orphaned processes (Triton's children) and forwards signals: tini, not dgemma itself."""
+    argv = image_argv(final)
+    assert argv[:len(INIT)] == INIT and argv[len(INIT)] == "dgemma", argv
+    assert "-g" not in argv[:argv.index("--")], "SIGTERM goes to dgemma alone: it stops Triton in its order"
+    users = [c.start_line for c in final.all("USER")]
+    installs = [c for c in final.all("RUN") if re.search(r"apt-get install\b[^&;]*\btini\b", " ".join(c.value))]
+    assert installs and installs[0].start_line < min(users), "tini is installed by apt in the runtime stage"
+    assert "tini" not in str(final.env()), "no TINI_* settings or a copied binary: the package's /usr/bin/tini"
+    for s in all_stages:
+        assert not [c for c in s.all("COPY") + s.all("ADD") if "tini" in " ".join(c.value)]
 
 
 def test_oci_labels(final):

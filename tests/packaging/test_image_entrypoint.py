@@ -9,18 +9,20 @@ on PATH (this venv instead), the writable paths (a temporary directory) and the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from service.triton.launcher import free_port
-from tests.packaging.dockerfile_spec import image_argv, stages
+from tests.packaging.dockerfile_spec import image_argv, program_argv, stages
 
-REPLACED = {"PATH", "HOME", "NIM_CACHE_PATH", "NIM_SERVER_HOST", "NIM_SERVER_PORT", "NIM_METRICS_PORT",
-            "DGEMMA_SERVER"}
+REPLACED = {"PATH", "HOME", "NIM_CACHE_PATH", "NIM_SERVER_HOST", "NIM_SERVER_PORT", "NIM_HTTP_PORT",
+            "NIM_METRICS_PORT", "DGEMMA_SERVER"}
 BIN = Path(sys.executable).parent
 
 
@@ -28,11 +30,12 @@ def image_env(tmp: Path) -> dict[str, str]:
     final = stages()[-1]
     written = final.env()
     assert REPLACED <= set(written), "the Dockerfile no longer sets a variable this test replaces"
-    port, metrics = free_port(), free_port()
+    port, http, metrics = free_port(), free_port(), free_port()
     replaced = {
         "PATH": written["PATH"].replace("/opt/dgemma/venv/bin", str(BIN)).replace("$PATH", os.environ["PATH"]),
         "HOME": str(tmp / "home"), "NIM_CACHE_PATH": str(tmp / "cache"),
-        "NIM_SERVER_HOST": "127.0.0.1", "NIM_SERVER_PORT": str(port), "NIM_METRICS_PORT": str(metrics),
+        "NIM_SERVER_HOST": "127.0.0.1", "NIM_SERVER_PORT": str(port), "NIM_HTTP_PORT": str(http),
+        "NIM_METRICS_PORT": str(metrics),
         "DGEMMA_SERVER": written["DGEMMA_SERVER"].replace(written["NIM_SERVER_PORT"], str(port)),
     }
     (tmp / "home").mkdir()
@@ -46,9 +49,14 @@ def image_env(tmp: Path) -> dict[str, str]:
 def test_entrypoint_serves_and_the_healthcheck_passes(tmp_path):
     env = image_env(tmp_path)
     final = stages()[-1]
-    argv = image_argv(final)
+    argv = program_argv(final)
     assert argv[0] == "dgemma" and (BIN / "dgemma").is_file(), "the console script the image runs"
-    proc = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=env, stdout=subprocess.PIPE,
+    cmd = [str(BIN / argv[0]), *argv[1:]]
+    # under the image's init too where this machine has it (Debian's tini): SIGTERM and the exit code pass through it
+    init = shutil.which(image_argv(final)[0])
+    if init:
+        cmd = [init, *image_argv(final)[1:-len(argv)], *cmd]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=open(tmp_path / "serve.log", "wb"), text=True)
     watchdog = threading.Timer(240, proc.kill)  # bounds the blocking readline below
     watchdog.start()
@@ -56,7 +64,9 @@ def test_entrypoint_serves_and_the_healthcheck_passes(tmp_path):
         line = proc.stdout.readline()  # printed once Triton is ready and the front listens
         log = (tmp_path / "serve.log").read_text()[-3000:]
         assert f"on gRPC 127.0.0.1:{env['NIM_SERVER_PORT']}" in line, f"{line!r}\n{log}"
-        assert f"metrics :{env['NIM_METRICS_PORT']}" in line
+        assert f"metrics :{env['NIM_METRICS_PORT']}" in line and f"HTTP :{env['NIM_HTTP_PORT']}" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{env['NIM_HTTP_PORT']}/v1/health/live", timeout=10) as r:
+            assert r.status == 200  # the OpenAI-compatible face listens where the image says
         # the rendered model repository and the Triton copy went to NIM_CACHE_PATH, nowhere else
         assert (Path(env["NIM_CACHE_PATH"]) / "model_repository" / "diffusiongemma" / "config.pbtxt").is_file()
         hc = final.exec_form("HEALTHCHECK")

@@ -91,3 +91,38 @@ app.kubernetes.io/part-of: diffusiongemma
         path: keys
 {{- end }}
 {{- end -}}
+
+{{/* "true" when the rolling update may start a pod before one stops (maxSurge not 0 or 0%). */}}
+{{- define "dg.surges" -}}
+{{- $s := .Values.strategy -}}
+{{- if eq $s.type "RollingUpdate" -}}
+{{- $ru := default dict $s.rollingUpdate -}}
+{{- /* unset: Kubernetes' default, 25% */ -}}
+{{- if not (has (ternary (toString $ru.maxSurge) "25%" (hasKey $ru "maxSurge")) (list "0" "0%")) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Values that cannot work together fail the render with the value to change. */}}
+{{- define "dg.checkRollout" -}}
+{{- $s := .Values.strategy -}}
+{{- if and (eq $s.type "RollingUpdate") (not (include "dg.surges" .)) -}}
+{{- $ru := default dict $s.rollingUpdate -}}
+{{- if has (ternary (toString $ru.maxUnavailable) "25%" (hasKey $ru "maxUnavailable")) (list "0" "0%") -}}
+{{- fail "strategy.rollingUpdate: maxSurge and maxUnavailable are both 0: no pod could ever be replaced" -}}
+{{- end -}}
+{{- end -}}
+{{- $store := .Values.modelStore -}}
+{{- if $store.enabled -}}
+{{- $modes := $store.accessModes -}}
+{{- $writable := or (has "ReadWriteMany" $modes) (has "ReadWriteOnce" $modes) (has "ReadWriteOncePod" $modes) -}}
+{{- if and .Values.build.enabled (not (has "ReadWriteMany" $modes)) -}}
+{{- fail (printf "build.enabled: the build Job writes the model store while the server's pods read it, on any node: modelStore.accessModes must include ReadWriteMany (got %s)" (join ", " $modes)) -}}
+{{- end -}}
+{{- if and (has "ReadWriteOncePod" $modes) (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled (include "dg.surges" .)) -}}
+{{- fail "modelStore.accessModes ReadWriteOncePod admits one pod: use replicaCount 1, no autoscaling and strategy maxSurge 0, or ReadWriteMany / ReadOnlyMany" -}}
+{{- end -}}
+{{- if and (not $writable) (not $store.existingClaim) (not $store.dataSource) -}}
+{{- fail "modelStore.accessModes ReadOnlyMany: nothing can write a new claim: set modelStore.dataSource (a VolumeSnapshot or PVC holding the checkpoints) or modelStore.existingClaim, or use ReadWriteMany" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
