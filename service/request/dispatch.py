@@ -101,7 +101,8 @@ class Dispatcher:
 
     def check_model(self, name: str | None, field: str = "model") -> None:
         if name and name != self.model.id:
-            raise UnknownModel(field, f"unknown model {name!r}; this server serves {self.model.id!r}")
+            shown = name if len(name) <= 64 else name[:64] + "…"
+            raise UnknownModel(field, f"unknown model {shown!r}; this server serves {self.model.id!r}")
 
     def check_params(self, job: Job) -> None:
         """The job's parameters over the model's defaults, validated as the engine will (its own caps aside), under

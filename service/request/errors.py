@@ -60,10 +60,16 @@ def status_for(err: BaseException) -> grpc.StatusCode:
     return public_status(err).grpc
 
 
+# A message echoes client values (a model name, a role): past this it is cut, so that it fits in gRPC's
+# trailers (grpc-message; 16 KiB of metadata by default) and in log lines.
+MAX_MESSAGE_CHARS = 1024
+
+
 def public_message(err: BaseException, request_id: str) -> str:
     """What the client reads: the domain message, or a generic one (never internals) for the rest."""
     if isinstance(err, DGemmaError) and public_status(err) != INTERNAL:
-        return err.message
+        m = err.message
+        return m if len(m) <= MAX_MESSAGE_CHARS else m[:MAX_MESSAGE_CHARS - 1] + "…"
     return f"internal error (request_id={request_id})"
 
 
