@@ -67,14 +67,16 @@ class Serve:
 
         self.port, self.http_port, self.triton_port = free_port(), free_port(), free_port()
         self.metrics_port, self.triton_metrics_port = free_port(), free_port()
-        full_env = {**os.environ, "NIM_CACHE_PATH": tempfile.mkdtemp(prefix="dgemma-bench-"),
+        cache = Path(tempfile.mkdtemp(prefix="dgemma-bench-"))
+        self.log = cache / "serve.log"  # the server's stderr: its log lines
+        full_env = {**os.environ, "NIM_CACHE_PATH": str(cache),
                     "OMP_NUM_THREADS": str(threads), "NIM_TRITON_GRPC_PORT": str(self.triton_port),
                     "NIM_TRITON_METRICS_PORT": str(self.triton_metrics_port), "NIM_LOG_LEVEL": "WARNING",
                     **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port), "--threads", str(threads)],
-            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            env=full_env, stdout=subprocess.PIPE, stderr=open(self.log, "wb"), text=True)
 
     def __enter__(self) -> "Serve":
         line = self.proc.stdout.readline()

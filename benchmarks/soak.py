@@ -1,11 +1,14 @@
 """Soak: many concurrent clients against `dgemma serve` (the embedded model) on 127.0.0.1 for a while,
-mixing streamed drafts, slow readers, client cancels, short deadlines and bad input. Prints one JSON object:
-the calls by kind and status, the unexpected statuses (must be 0), p50/p99 latency of the calls that
-finished, the front's and the backend's (tritonserver and its Python stub) RSS at start, after warm-up and at
-the end, and the live-canvases gauge once the load stops (must be 0).
+mixing streamed drafts, slow readers, client cancels, short deadlines and bad input, and a hostile mix:
+extreme parameter values on both fronts, HTTP bodies sent too slowly, idle connections to every port (gRPC,
+HTTP, metrics) and HTTP streams dropped mid-way. Prints one JSON object: the calls by kind and outcome, the
+unexpected outcomes (must be 0), p50/p99 latency of the calls that finished, the front's and the backend's
+(tritonserver and its Python stub) RSS and thread counts at start, after warm-up and at the end, the backend
+restarts (must be 0), ERROR lines in the server's log (must be 0), and the live-canvases gauge once the load
+stops (must be 0).
 
     python benchmarks/soak.py [--streams 64] [--seconds 60] [--threads 1]
-    python benchmarks/soak.py --smoke     # a few seconds, 4 clients: checks that it runs
+    python benchmarks/soak.py --smoke     # a few seconds, 6 clients: checks that it runs
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import argparse
 import datetime
 import json
 import random
+import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -31,13 +36,27 @@ from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb  # noqa: E402
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc  # noqa: E402
 
 C = grpc.StatusCode
-OVERLOAD = {C.RESOURCE_EXHAUSTED}  # documented: the front's or the engine's limit reached
-# what each kind of call may end with; anything else is unexpected
+OVERLOAD = {"RESOURCE_EXHAUSTED"}  # documented: the front's or the engine's limit reached
+HTTP_OVERLOAD = {"HTTP_429"}
+# what each kind of call may end with (a gRPC status name, HTTP_<status>, or a connection's fate); anything
+# else is unexpected
 EXPECTED = {
-    "stream": {C.OK} | OVERLOAD, "slow_reader": {C.OK} | OVERLOAD, "unary": {C.OK} | OVERLOAD,
-    "cancel": {C.CANCELLED} | OVERLOAD, "deadline": {C.OK, C.DEADLINE_EXCEEDED} | OVERLOAD,
-    "bad": {C.INVALID_ARGUMENT},
+    "stream": {"OK"} | OVERLOAD, "slow_reader": {"OK"} | OVERLOAD, "unary": {"OK"} | OVERLOAD,
+    "cancel": {"CANCELLED"} | OVERLOAD, "deadline": {"OK", "DEADLINE_EXCEEDED"} | OVERLOAD,
+    "bad": {"INVALID_ARGUMENT"},
+    # the hostile mix
+    "extreme": {"INVALID_ARGUMENT"}, "http_extreme": {"HTTP_400"},
+    "slow_body": {"HTTP_408", "CLOSED"},  # refused or dropped once the body read times out
+    "idle": {"OK"},  # idle connections held to every port; the metrics port still answers meanwhile
+    "http_drop": {"OK"} | HTTP_OVERLOAD,  # an HTTP stream read a little, then the connection dropped
 }
+EXTREME_PARAMS = [dict(stability_threshold=10**8), dict(stability_threshold=2**31 - 1), dict(t_max=1e-45),
+                  dict(t_min=3e38, t_max=3e38), dict(entropy_bound=float("inf")), dict(confidence_threshold=float("nan")),
+                  dict(max_denoising_steps=2**31 - 1)]
+EXTREME_HTTP = [{"stability_threshold": 2**40}, {"stability_threshold": 10**7}, {"max_tokens": 2**63},
+                {"t_max": 1e300}, {"n": 10**9}, {"seed": -1}, {"messages": "x"}, {"prompt": {"a": 1}},
+                {"max_denoising_steps": "many"}]
+SLOW_BODY_WAIT_S = 90.0  # the longest a slow-body client waits for the server's answer
 BAD = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2, -5])), pb.GenerateRequest(text=""),
        pb.GenerateRequest(text="x", options=pb.GenerationOptions(parameters=pb.DiffusionParameters(
            max_denoising_steps=0))),
@@ -50,7 +69,70 @@ def small(steps: int = 4, tokens: int = 32, drafts: bool = False) -> pb.Generate
         parameters=pb.DiffusionParameters(max_denoising_steps=steps)))
 
 
-def one_call(stub, kind: str, rng: random.Random) -> C:
+def http_status(port: int, path: str, body: dict, timeout: float = CALL_TIMEOUT_S) -> str:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            return f"HTTP_{r.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP_{e.code}"
+    except OSError:
+        return "CLOSED"
+
+
+def slow_body(port: int, rng: random.Random) -> str:
+    """Headers announcing a body, then a few bytes of it, then nothing: the server must answer or drop."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SLOW_BODY_WAIT_S) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 4096\r\n\r\n{\"prompt\": ")
+        for _ in range(rng.randint(0, 3)):
+            time.sleep(0.5)
+            s.sendall(b" ")
+        try:
+            head = s.recv(64)
+        except TimeoutError:
+            return "NO_ANSWER"
+        except OSError:
+            return "CLOSED"
+    return f"HTTP_{head.split()[1].decode()}" if head.startswith(b"HTTP/1.1 ") else "CLOSED" if not head else "GARBLED"
+
+
+def idle(ports: list[int], metrics_port: int, rng: random.Random) -> str:
+    """Idle TCP connections to every port for a while; meanwhile the metrics port still answers."""
+    socks = [socket.create_connection(("127.0.0.1", p), timeout=5) for p in ports for _ in range(3)]
+    try:
+        time.sleep(rng.uniform(1, 5))
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            r.read()
+        return "OK"
+    except OSError:
+        return "METRICS_DOWN"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_drop(port: int) -> str:
+    """A streamed completion read up to its first bytes, then the connection closed under it."""
+    body = json.dumps({"prompt": "def ", "max_tokens": 256, "max_denoising_steps": 50, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=CALL_TIMEOUT_S) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        head = s.recv(64)
+    return "OK" if head.startswith(b"HTTP/1.1 200") else f"HTTP_{head.split()[1].decode()}" if head else "CLOSED"
+
+
+def one_call(stub, kind: str, rng: random.Random, srv) -> str:
+    if kind == "http_extreme":
+        return http_status(srv.http_port, "/v1/completions", {"prompt": "x", "max_tokens": 8, **rng.choice(EXTREME_HTTP)})
+    if kind == "slow_body":
+        return slow_body(srv.http_port, rng)
+    if kind == "idle":
+        return idle([srv.port, srv.http_port, srv.metrics_port], srv.metrics_port, rng)
+    if kind == "http_drop":
+        return http_drop(srv.http_port)
     try:
         if kind in ("stream", "slow_reader"):
             for _ in stub.GenerateStream(small(steps=8, tokens=64, drafts=True), timeout=CALL_TIMEOUT_S):
@@ -63,19 +145,24 @@ def one_call(stub, kind: str, rng: random.Random) -> C:
             for _ in range(rng.randint(1, 3)):
                 next(call)
             call.cancel()
-            return C.CANCELLED
+            return "CANCELLED"
         elif kind == "deadline":
             stub.Generate(small(steps=200, tokens=512), timeout=rng.uniform(0.05, 0.5))
+        elif kind == "extreme":
+            req = small()
+            for k, v in rng.choice(EXTREME_PARAMS).items():
+                setattr(req.options.parameters, k, v)
+            stub.Generate(req, timeout=CALL_TIMEOUT_S)
         else:
             stub.Generate(rng.choice(BAD), timeout=CALL_TIMEOUT_S)
-        return C.OK
+        return "OK"
     except grpc.RpcError as e:
-        return e.code()
+        return e.code().name
 
 
-def rss_mb(root_pid: int) -> dict[str, float]:
-    """RSS of the front (the `dgemma serve` process) and the backend (its descendants: tritonserver and the
-    Python backend's stub), from /proc."""
+def rss_mb(root_pid: int, field: str = "VmRSS") -> dict[str, float]:
+    """RSS (MB; or another /proc status `field`, e.g. Threads) of the front (the `dgemma serve` process) and the
+    backend (its descendants: tritonserver and the Python backend's stub), from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -87,8 +174,9 @@ def rss_mb(root_pid: int) -> dict[str, float]:
     def rss(pid: int) -> float:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(field + ":"):
+                    n = int(line.split()[1])
+                    return n / 1024 if field == "VmRSS" else n
         except OSError:
             pass
         return 0.0
@@ -117,13 +205,14 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="4 clients for 4 seconds")
     a = ap.parse_args()
     if a.smoke:
-        a.streams, a.seconds = 4, 4.0
+        a.streams, a.seconds = 6, 4.0
     warmup = a.seconds / 6 if a.warmup is None else a.warmup
     with Serve(a.threads) as srv:
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
         stub = pb_grpc.DiffusionGemmaStub(channel)
         stub.Generate(small(), timeout=CALL_TIMEOUT_S)  # the first call loads lazily-built parts
         rss = {"start": rss_mb(srv.proc.pid)}
+        threads_n = {"start": rss_mb(srv.proc.pid, "Threads")}
         counts: Counter = Counter()
         unexpected: list[str] = []
         latencies: list[float] = []
@@ -137,12 +226,15 @@ def main() -> int:
             while time.monotonic() < stop_at:
                 kind = rng.choice(kinds)
                 t = time.monotonic()
-                code = one_call(stub, kind, rng)
+                try:
+                    code = one_call(stub, kind, rng, srv)
+                except OSError as e:  # a connection of the client's own that the server refused or reset
+                    code = f"SOCKET_{type(e).__name__}"
                 with lock:
-                    counts[f"{kind}:{code.name}"] += 1
+                    counts[f"{kind}:{code}"] += 1
                     if code not in EXPECTED[kind]:
-                        unexpected.append(f"{kind}:{code.name}")
-                    elif code == C.OK and kind != "bad":
+                        unexpected.append(f"{kind}:{code}")
+                    elif code == "OK" and kind in ("stream", "slow_reader", "unary"):
                         latencies.append(time.monotonic() - t)
 
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(a.streams)]
@@ -150,6 +242,7 @@ def main() -> int:
             t.start()
         time.sleep(min(warmup, a.seconds))
         rss["warm"] = rss_mb(srv.proc.pid)
+        threads_n["warm"] = rss_mb(srv.proc.pid, "Threads")
         for t in threads:
             t.join(a.seconds + CALL_TIMEOUT_S + 30)
         hung = sum(t.is_alive() for t in threads)
@@ -162,7 +255,11 @@ def main() -> int:
                 break
             time.sleep(0.2)
         rss["end"] = rss_mb(srv.proc.pid)
+        threads_n["end"] = rss_mb(srv.proc.pid, "Threads")
+        restarts = gauge(srv.metrics_port, "dgemma_front_backend_restarts_total") or 0
         channel.close()
+    log = srv.log.read_text(errors="replace").splitlines() if srv.log.exists() else []
+    errors = [ln for ln in log if " ERROR " in ln or '"level": "ERROR"' in ln or "Traceback" in ln]
     calls = sum(counts.values())
     print(json.dumps({
         "benchmark": "soak", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -173,9 +270,11 @@ def main() -> int:
         "p50_ms": round(percentile(latencies, 50) * 1000, 1) if latencies else None,
         "p99_ms": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
         "rss_mb": {part: {when: r[part] for when, r in rss.items()} for part in ("front", "backend")},
+        "thread_counts": {part: {when: r[part] for when, r in threads_n.items()} for part in ("front", "backend")},
+        "backend_restarts": restarts, "error_log_lines": len(errors), "error_log_examples": errors[:3],
         "live_canvases_end": live, **machine(),
     }))
-    return 0 if not unexpected and not hung and live == 0 else 1
+    return 0 if not unexpected and not hung and live == 0 and not restarts and not errors else 1
 
 
 if __name__ == "__main__":
