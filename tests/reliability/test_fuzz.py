@@ -171,3 +171,4 @@ def test_fuzzed_requests_get_documented_statuses_only(limited_server):
     assert seen.get(grpc.StatusCode.OK, 0) > 100 and seen.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100, seen
     assert limited_server.health() == "SERVING"
     assert limited_server.metric("dgemma_front_requests_total", code="INTERNAL") is None
+    assert not limited_server.metric("dgemma_front_backend_restarts_total"), "a request restarted the backend"
