@@ -158,6 +158,9 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         max_prompt_tokens=_int(env, "NIM_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS, 1),
         stream_buffer=_int(env, "NIM_STREAM_BUFFER", 64, 1),
         max_concurrent_rpcs=_int(env, "NIM_MAX_CONCURRENT_RPCS", 256, 1),
+        http_body_timeout_s=_float(env, "NIM_HTTP_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT_S, 0.1),
+        tokenizer_threads=_int(env, "NIM_TOKENIZER_THREADS", DEFAULT_TOKENIZER_THREADS, 1),
+        max_request_seconds=repo.max_request_seconds,
         grpc_max_message_bytes=_int(env, "NIM_GRPC_MAX_MESSAGE_BYTES", 1 << 20, 1024),
     )
     # Triton is internal to the pod: its ports are free ones unless pinned.
