@@ -137,8 +137,8 @@ class _Exchange:
         try:
             deadline = self._deadline()
             body = await self._body(receive, deadline)
-        except (InvalidArgument, RequestTimeout, DeadlineExceeded) as e:
-            return await self._error(send, e, close=isinstance(e, RequestTimeout))
+        except (InvalidArgument, RequestTimeout, DeadlineExceeded) as e:  # the rest of the body is not read
+            return await self._error(send, e, close=True)
         if body is None:  # the client left while sending
             return
         work = asyncio.create_task(self._respond(body, deadline, send))
