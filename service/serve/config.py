@@ -13,7 +13,9 @@ from pathlib import Path
 from service import DEFAULT_CHECKPOINT
 from service.errors import CheckpointError, InvalidArgument, Unavailable
 from service.model.build_manifest import MANIFEST, is_build, read_build
+from service.front.openai_api import DEFAULT_BODY_TIMEOUT_S
 from service.front.server import FrontSettings, TLSConfig
+from service.request.dispatch import DEFAULT_TOKENIZER_THREADS
 from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS
 from service.serve.profiles import Machine, Profile, can_run, find_profile, probe_machine, select_profile
 from service.serve.supervisor import ServeOptions
