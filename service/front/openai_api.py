@@ -359,7 +359,7 @@ class OpenAIApi:
         if r.suffix is not None:
             return await self._infill(r, prompt, head, call, deadline)
         ids = await self.dispatcher.offload(jobs.text_ids if isinstance(prompt, str) else jobs.checked_ids,
-                                      self.model, prompt, "prompt")
+                                            self.model, prompt, "prompt")
         job = self._job(r, call, ids, "prompt", "max_tokens", r.max_tokens, return_drafts=r.stream and r.return_drafts)
         if r.stream:
             return _Produced(chunks=await _primed(self._stream(job, r, head, call, deadline, chat=False)))
@@ -377,7 +377,7 @@ class OpenAIApi:
         gap = r.max_tokens if r.max_tokens is not None else DEFAULT_GAP_TOKENS
         try:
             lay = await self.dispatcher.offload(layout.infill_layout, tok, self.model.config.canvas_length, prompt,
-                                          r.suffix, gap, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+                                                r.suffix, gap, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
         except InvalidArgument as e:
             raise (e.renamed("max_tokens") if e.field == "gap_tokens" else e) from None
         job = self._job(r, call, lay.prompt_ids, "prompt", "max_tokens", lay.max_new_tokens, pin_ids=lay.pin_ids,

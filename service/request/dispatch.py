@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -108,10 +109,10 @@ class Dispatcher:
         # threads, so a crowd of large prompts queues here instead of growing threads or taking the loop's pool
         self.tokenizer_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="dgemma-tokenize")
 
-    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the tokenizer pool, in the caller's context (as asyncio.to_thread)."""
-        ctx = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, ctx.run, fn, *args)
+    async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the tokenizer pool, in the caller's context (as asyncio.to_thread)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, call)
 
     def close(self) -> None:
         """Stop the tokenizer pool's threads (queued work is dropped)."""

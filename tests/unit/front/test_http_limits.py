@@ -198,18 +198,18 @@ def test_the_tokenizer_pool_is_bounded():
     running, most, names = 0, 0, set()
     lock = threading.Lock()
 
-    def work() -> None:
+    def work(pause: float = 0.0) -> None:
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
             names.add(threading.current_thread().name)
-        time.sleep(0.05)
+        time.sleep(pause)
         with lock:
             running -= 1
 
     async def main() -> None:
-        await asyncio.gather(*(d.offload(work) for _ in range(12)))
+        await asyncio.gather(*(d.offload(work, pause=0.05) for _ in range(12)))  # keywords pass too
 
     try:
         asyncio.run(main())
