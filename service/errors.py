@@ -48,6 +48,10 @@ class DeadlineExceeded(DGemmaError):
     """The request's deadline passed before it finished."""
 
 
+class RequestTimeout(DGemmaError):
+    """The client did not send its whole request (an HTTP body) in time."""
+
+
 class Unavailable(DGemmaError):
     """The engine is not ready or is shutting down."""
 

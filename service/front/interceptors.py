@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 import grpc
 from opentelemetry.context import Context
 
-from service.errors import Overloaded, Unauthenticated
+from service.errors import InvalidArgument, Unauthenticated
 from service.front.auth import BearerKeys
+from service.front.call_limit import CallLimit
 from service.request.errors import public_message, public_status
 from service.front.observe import Call
+from service.request.jobs import request_id_of
 from service.telemetry.metrics import FrontMetrics, RequestMetrics
 from service.telemetry.tracing import context_from_metadata, get_tracer
 
@@ -80,13 +82,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 class RpcLimitInterceptor(grpc.aio.ServerInterceptor):
     """At most `limit` calls at once (NIM_MAX_CONCURRENT_RPCS), health checks exempt: a pod at its limit still
     answers its probes, so it is not restarted for being busy. Past it: RESOURCE_EXHAUSTED at once, by the
-    error table. Counted on the event loop's one thread: no lock."""
+    error table. `limit`: a number, or the CallLimit shared with the HTTP front (one count for both)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        refusal = Overloaded(f"too many concurrent calls (this server's limit is {limit}); retry later")
+    def __init__(self, limit: int | CallLimit) -> None:
+        self.slots = limit if isinstance(limit, CallLimit) else CallLimit(limit)
+        refusal = self.slots.refusal
         self._refusal = (public_status(refusal).grpc, public_message(refusal, ""))
+
+    @property
+    def limit(self) -> int:
+        return self.slots.limit
+
+    @property
+    def active(self) -> int:
+        return self.slots.active
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -105,18 +114,9 @@ class RpcLimitInterceptor(grpc.aio.ServerInterceptor):
     def _acquire(self, context) -> Callable[..., None] | None:
         """Take a slot for this call, or None at the limit. The slot comes back once, on whichever comes first:
         the handler's end (the returned release, called in a `finally`) or gRPC's done callback for the call."""
-        if self.active >= self.limit:
-            return None
-        self.active += 1
-        released = False
-
-        def release(*_context) -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.active -= 1
-
-        context.add_done_callback(release)
+        release = self.slots.acquire()
+        if release is not None:
+            context.add_done_callback(release)
         return release
 
     def _unary(self, behaviour: Callable) -> Callable:
@@ -182,8 +182,12 @@ class _Call(Call):
 
     def __init__(self, owner: ObservabilityInterceptor, method: str, span_name: str, parent, request) -> None:
         rid = getattr(request, "request_id", None)
-        if rid == "":
-            rid = uuid.uuid4().hex
+        self.refused: InvalidArgument | None = None
+        if rid is not None:  # validated before anything logs or traces it (a newline would forge log lines)
+            try:
+                rid = request_id_of(rid)
+            except InvalidArgument as e:
+                self.refused, rid = e, uuid.uuid4().hex  # refused in guard(); logged under a fresh id
             request.request_id = rid  # the servicer and the response carry the same id
         super().__init__(owner.metrics, owner.tracer, method, span_name, parent, rid or "",
                          {"rpc.system": "grpc", "rpc.service": "diffusiongemma.v1.DiffusionGemma",
@@ -195,6 +199,8 @@ class _Call(Call):
     async def guard(self, context):
         """Around the handler: OK, cancelled (client cancel or deadline: nothing to send) or failed."""
         try:
+            if self.refused is not None:
+                raise self.refused
             yield
         except (asyncio.CancelledError, GeneratorExit):
             remaining = context.time_remaining()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.errors import InvalidArgument, PayloadTooLarge, Unauthenticated
+from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
 from service.request import jobs, layout
 from service.front.auth import BearerKeys
+from service.front.call_limit import CallLimit
 from service.request.jobs import OPENAI_PATHS, Job
 from service.request.limits import utf8_sizes
 from service.front.observe import Call
@@ -43,6 +45,8 @@ from service.telemetry.tracing import context_from_traceparent, get_tracer
 
 FINISH = {"eos": "stop", "length": "length"}
 OWNER = "diffusiongemma-nim"
+DEFAULT_BODY_TIMEOUT_S = 30.0  # NIM_HTTP_BODY_TIMEOUT
+MAX_TIMEOUT_S = 1e6  # X-Request-Timeout's cap when the server's (NIM_MAX_REQUEST_SECONDS) is 0 or larger
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -93,42 +97,51 @@ class _Produced:
 
 
 class _Exchange:
-    """One API call as an ASGI response: auth, the body (size-limited), the route's work raced against
-    the client's disconnect, errors in OpenAI's shape, and the call's span, metrics and log lines."""
+    """One API call as an ASGI response: auth, a slot of the front's call limit, the body (size- and
+    time-limited), the route's work raced against the client's disconnect, errors in OpenAI's shape, and the
+    call's span, metrics and log lines. Its deadline counts from its arrival."""
 
     def __init__(self, api: "OpenAIApi", request: Request, method: str,
                  work: Callable[[bytes, Call, float | None], Awaitable[_Produced]]) -> None:
+        self.arrived = asyncio.get_running_loop().time()
         self.api, self.request, self.method, self.work = api, request, method, work
         h = request.headers
-        self.rid = h.get("x-request-id", "")
+        raw = h.get("x-request-id", "")
+        self.refused: InvalidArgument | None = None
+        self.release: Callable[..., None] | None = None  # the call's slot of the front's call limit
+        try:  # validated before anything logs or traces it (a control character would forge log lines)
+            self.rid = jobs.request_id_of(raw) if raw else uuid.uuid4().hex
+        except InvalidArgument as e:
+            self.rid, self.refused = uuid.uuid4().hex, e.renamed("x-request-id")
         parent = context_from_traceparent(h.get("traceparent"), h.get("tracestate"))
-        self.call = Call(api.metrics, api.tracer, method, method, parent, self.rid or "",
+        self.call = Call(api.metrics, api.tracer, method, method, parent, self.rid,
                          {"http.request.method": request.method, "url.path": request.url.path})
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await self._serve(receive, send)
         finally:
+            if self.release is not None:
+                self.release()
             self.call.done("CANCELLED", 499)  # unless an outcome was recorded: the client left, or shutdown
             self.call.end()
 
     async def _serve(self, receive, send) -> None:
-        try:
-            self.rid = jobs.request_id_of(self.rid) if self.rid else uuid.uuid4().hex
-        except InvalidArgument as e:
-            return await self._error(send, e.renamed("x-request-id"))
-        self.call.rid = self.rid
-        self.call.span.set_attribute("dgemma.request_id", self.rid)
+        if self.refused is not None:
+            return await self._error(send, self.refused)
         if self.api.keys and not self.api.keys.accepts(self.request.headers.get("authorization", "")):
             return await self._error(send, Unauthenticated("missing or invalid bearer token"))
+        self.release = self.api.slots.acquire()  # given back by __call__, however the call ends
+        if self.release is None:
+            return await self._error(send, self.api.slots.refusal)
         try:
-            body = await self._body(receive)
-            timeout = self._timeout()
-        except InvalidArgument as e:
-            return await self._error(send, e)
+            deadline = self._deadline()
+            body = await self._body(receive, deadline)
+        except (InvalidArgument, RequestTimeout, DeadlineExceeded) as e:  # the rest of the body is not read
+            return await self._error(send, e, close=True)
         if body is None:  # the client left while sending
             return
-        work = asyncio.create_task(self._respond(body, timeout, send))
+        work = asyncio.create_task(self._respond(body, deadline, send))
         gone = asyncio.create_task(_disconnected(receive))
         try:  # a client that leaves cancels `work`, and with it the Triton streams
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -137,11 +150,23 @@ class _Exchange:
                 t.cancel()
             await asyncio.gather(work, gone, return_exceptions=True)
 
-    async def _body(self, receive) -> bytes | None:
+    async def _body(self, receive, deadline: float | None) -> bytes | None:
+        """The whole body within NIM_HTTP_BODY_TIMEOUT of the call's arrival (and its deadline)."""
         limit = self.api.max_body_bytes
         declared = self.request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge("body", f"larger than this server's limit of {limit} bytes")
+        read_by = self.arrived + self.api.body_timeout_s
+        try:
+            async with asyncio.timeout_at(read_by if deadline is None else min(read_by, deadline)):
+                return await self._read(receive, limit)
+        except TimeoutError:
+            if deadline is not None and deadline < read_by:
+                raise DeadlineExceeded("x-request-timeout passed while the body was being read") from None
+            raise RequestTimeout(f"the request body did not arrive within {self.api.body_timeout_s:g} s") from None
+
+    @staticmethod
+    async def _read(receive, limit: int) -> bytes | None:
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -155,26 +180,28 @@ class _Exchange:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _timeout(self) -> float | None:
+    def _deadline(self) -> float | None:
+        """X-Request-Timeout as a deadline on the loop's clock, counted from the call's arrival. A finite number
+        of seconds > 0; above the server's cap (NIM_MAX_REQUEST_SECONDS) it is the cap."""
         raw = self.request.headers.get("x-request-timeout")
         if raw is None:
             return None
         try:
             value = float(raw)
         except ValueError:
-            value = -1.0
-        if not value > 0:
-            raise InvalidArgument("x-request-timeout", f"must be a number of seconds > 0, got {raw!r}")
-        return value
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise InvalidArgument("x-request-timeout", f"must be a finite number of seconds > 0, got {raw[:40]!r}")
+        return self.arrived + min(value, self.api.max_timeout_s)
 
-    async def _error(self, send, e: BaseException) -> None:
+    async def _error(self, send, e: BaseException, close: bool = False) -> None:
         status, message = self.call.failed(e)
         await _send_json(send, status.http, error_body(message, status.type, _param(e), status.grpc.name.lower()),
-                         self.rid)
+                         self.rid, close)
 
-    async def _respond(self, body: bytes, timeout: float | None, send) -> None:
+    async def _respond(self, body: bytes, deadline: float | None, send) -> None:
         try:
-            produced = await self.work(body, self.call, timeout)
+            produced = await self.work(body, self.call, deadline)
         except Exception as e:  # noqa: BLE001 (the error table decides what the client reads)
             return await self._error(send, e)
         if produced.chunks is None:
@@ -203,11 +230,13 @@ async def _disconnected(receive) -> None:
         pass
 
 
-async def _send_json(send, status: int, body: dict, rid: str) -> None:
+async def _send_json(send, status: int, body: dict, rid: str, close: bool = False) -> None:
+    """`close`: the connection is closed after it (the rest of a request body is never read)."""
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-        (b"x-request-id", rid.encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+               (b"x-request-id", rid.encode())]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"connection", b"close")] * close})
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
@@ -227,11 +256,18 @@ async def _primed(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
 
 class OpenAIApi:
     def __init__(self, dispatcher: Dispatcher, metrics: FrontMetrics, keys: BearerKeys, ready: Callable[[], bool],
-                 render_metrics: Callable[[], bytes], max_body_bytes: int = 1 << 20) -> None:
+                 render_metrics: Callable[[], bytes], max_body_bytes: int = 1 << 20, slots: CallLimit | None = None,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_timeout_s: float = 0.0) -> None:
+        """`slots`: the call limit shared with the gRPC front (None: no limit); `body_timeout_s`: how long a
+        body may take to arrive (NIM_HTTP_BODY_TIMEOUT); `max_timeout_s`: X-Request-Timeout's cap, the server's
+        NIM_MAX_REQUEST_SECONDS (never above MAX_TIMEOUT_S; 0: none, then MAX_TIMEOUT_S)."""
         self.dispatcher, self.model = dispatcher, dispatcher.model
         self.metrics, self.keys, self.ready = metrics, keys, ready
         self.render_metrics = render_metrics
         self.max_body_bytes = max_body_bytes
+        self.slots = slots or CallLimit(1 << 62)
+        self.body_timeout_s = body_timeout_s
+        self.max_timeout_s = min(max_timeout_s, MAX_TIMEOUT_S) if max_timeout_s > 0 else MAX_TIMEOUT_S
         self.tracer = get_tracer("dgemma.front.http")
         routes = [
             Route("/v1/completions", self._route("POST /v1/completions", self._completions), methods=["POST"]),
@@ -264,7 +300,7 @@ class OpenAIApi:
 
     # ---- models, tokenize -----------------------------------------------------------------------
 
-    async def _models(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+    async def _models(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
         m, d = self.model, self.model.defaults
         params = {k: getattr(d, k) for k in (*jobs.PARAM_FIELDS, "sampler")}
         card = {"id": m.id, "object": "model", "created": 0, "owned_by": OWNER, "canvas_length": m.config.canvas_length,
@@ -272,16 +308,16 @@ class OpenAIApi:
                 "default_max_tokens": d.max_new_tokens}
         return _Produced({"object": "list", "data": [card]})
 
-    async def _tokenize(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+    async def _tokenize(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
         r = parse(TokenizeRequest, body)
         self.dispatcher.check_model(r.model)
         if (r.prompt is None) == (r.messages is None):
             raise InvalidArgument("prompt", "give prompt or messages")
         if r.prompt is not None:
             self.dispatcher.limits.check_text(utf8_sizes({"prompt": r.prompt}))
-            ids = await asyncio.to_thread(jobs.text_ids, self.model, r.prompt, "prompt")
+            ids = await self.dispatcher.offload(jobs.text_ids, self.model, r.prompt, "prompt")
         else:
-            ids = await asyncio.to_thread(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
+            ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
         tok = jobs.tokenizer_of(self.model, "prompt")
         return _Produced({"model": self.model.id, "tokens": ids, "token_strs": [tok.id_to_token(i) or "" for i in ids],
                           "count": len(ids)})
@@ -300,10 +336,17 @@ class OpenAIApi:
         self.dispatcher.limits.check_text(utf8_sizes({f"messages[{i}].content": c for i, (_, c) in enumerate(turns)}))
         return turns
 
-    def _run_kw(self, call: Call, timeout: float | None) -> dict:
+    def _run_kw(self, call: Call, deadline: float | None) -> dict:
+        """The dispatcher's arguments: the time left of the call's deadline (counted from its arrival), its trace
+        and metrics."""
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                raise DeadlineExceeded("x-request-timeout passed before the request reached the model")
         return dict(timeout=timeout, trace_context=call.trace_context, metrics=call.rm)
 
-    async def _completions(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+    async def _completions(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
         r = parse(CompletionRequest, body)
         self.dispatcher.check_model(r.model)
         prompt = prompt_of(r.prompt)
@@ -314,18 +357,18 @@ class OpenAIApi:
         head = {"id": f"cmpl-{call.rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.id}
         if r.suffix is not None:
-            return await self._infill(r, prompt, head, call, timeout)
-        ids = await asyncio.to_thread(jobs.text_ids if isinstance(prompt, str) else jobs.checked_ids,
-                                      self.model, prompt, "prompt")
+            return await self._infill(r, prompt, head, call, deadline)
+        ids = await self.dispatcher.offload(jobs.text_ids if isinstance(prompt, str) else jobs.checked_ids,
+                                            self.model, prompt, "prompt")
         job = self._job(r, call, ids, "prompt", "max_tokens", r.max_tokens, return_drafts=r.stream and r.return_drafts)
         if r.stream:
-            return _Produced(chunks=await _primed(self._stream(job, r, head, call, timeout, chat=False)))
-        finals = await self.dispatcher.finals(job, **self._run_kw(call, timeout))
+            return _Produced(chunks=await _primed(self._stream(job, r, head, call, deadline, chat=False)))
+        finals = await self.dispatcher.finals(job, **self._run_kw(call, deadline))
         choices = [{"index": i, "text": f.text, "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
                     "token_ids": f.ids, "seed": job.seed(i)} for i, f in enumerate(finals)]
         return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
 
-    async def _infill(self, r: CompletionRequest, prompt, head: dict, call: Call, timeout: float | None) -> _Produced:
+    async def _infill(self, r: CompletionRequest, prompt, head: dict, call: Call, deadline: float | None) -> _Produced:
         if not isinstance(prompt, str):
             raise InvalidArgument("prompt", "with suffix, the prompt (the text before the gap) must be a string")
         if r.stream:
@@ -333,22 +376,22 @@ class OpenAIApi:
         tok = jobs.tokenizer_of(self.model, "prompt")
         gap = r.max_tokens if r.max_tokens is not None else DEFAULT_GAP_TOKENS
         try:
-            lay = await asyncio.to_thread(layout.infill_layout, tok, self.model.config.canvas_length, prompt,
-                                          r.suffix, gap, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
+            lay = await self.dispatcher.offload(layout.infill_layout, tok, self.model.config.canvas_length, prompt,
+                                                r.suffix, gap, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
         except InvalidArgument as e:
             raise (e.renamed("max_tokens") if e.field == "gap_tokens" else e) from None
         job = self._job(r, call, lay.prompt_ids, "prompt", "max_tokens", lay.max_new_tokens, pin_ids=lay.pin_ids,
                         pin_mask=lay.pin_mask, constraint_ids=lay.constraint_ids)
-        finals, filled, usage = await self.dispatcher.fill(job, lay, **self._run_kw(call, timeout))
+        finals, filled, usage = await self.dispatcher.fill(job, lay, **self._run_kw(call, deadline))
         choices = [{"index": i, "text": values[0], "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
                     "token_ids": lay.slot_token_ids(f.ids)[0], "seed": job.seed(i)}
                    for i, (f, (_, values, _)) in enumerate(zip(finals, filled))]
         return _Produced({**head, "choices": choices, "usage": _usage(usage)})
 
-    async def _chat(self, body: bytes, call: Call, timeout: float | None) -> _Produced:
+    async def _chat(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
         r = parse(ChatRequest, body)
         self.dispatcher.check_model(r.model)
-        ids = await asyncio.to_thread(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
+        ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
         length_field = "max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens"
         max_new = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
         job = self._job(r, call, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts)
@@ -356,14 +399,14 @@ class OpenAIApi:
                 "model": self.model.id}
         if r.stream:
             head["object"] = "chat.completion.chunk"
-            return _Produced(chunks=await _primed(self._stream(job, r, head, call, timeout, chat=True)))
-        finals = await self.dispatcher.finals(job, **self._run_kw(call, timeout))
+            return _Produced(chunks=await _primed(self._stream(job, r, head, call, deadline, chat=True)))
+        finals = await self.dispatcher.finals(job, **self._run_kw(call, deadline))
         choices = [{"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
                     "finish_reason": FINISH.get(f.finish_reason), "token_ids": f.ids, "seed": job.seed(i)}
                    for i, f in enumerate(finals)]
         return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
 
-    async def _stream(self, job: Job, r, head: dict, call: Call, timeout: float | None, chat: bool
+    async def _stream(self, job: Job, r, head: dict, call: Call, deadline: float | None, chat: bool
                       ) -> AsyncIterator[dict]:
         """One chunk per committed canvas (its text as an increment), a draft chunk per step with
         return_drafts, each variation's last chunk with its finish_reason, then usage if asked for."""
@@ -381,7 +424,7 @@ class OpenAIApi:
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
             return {"index": i, "text": text, "logprobs": None, "finish_reason": None, **extra}
 
-        async for i, ev in self.dispatcher.run(job, **self._run_kw(call, timeout)):
+        async for i, ev in self.dispatcher.run(job, **self._run_kw(call, deadline)):
             if ev.kind == "draft":
                 c = choice(i, "", draft={"canvas_index": ev.canvas_index, "step": ev.step, "text": ev.text,
                                          "token_ids": ev.ids})

@@ -17,11 +17,12 @@ from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
 from service.front.auth import BearerKeys
+from service.front.call_limit import CallLimit
 from service.request.catalog import ServedModel
 from service.front.http_server import HttpServer
 from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor, RpcLimitInterceptor
-from service.front.openai_api import OpenAIApi
-from service.request.dispatch import Dispatcher
+from service.front.openai_api import DEFAULT_BODY_TIMEOUT_S, OpenAIApi
+from service.request.dispatch import DEFAULT_TOKENIZER_THREADS, Dispatcher
 from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS, PromptLimits
 from service.front.servicer import DiffusionGemmaServicer
 from service.request.triton_client import TritonClient
@@ -68,7 +69,10 @@ class FrontSettings:
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # a request's text, checked before tokenizing
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     stream_buffer: int = 64  # events buffered per request for a slow reader (drafts coalesce beyond)
-    max_concurrent_rpcs: int = 256  # gRPC calls at once, health checks exempt; past it RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 256  # gRPC and HTTP calls at once, health exempt; past it RESOURCE_EXHAUSTED / 429
+    http_body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # an HTTP body must arrive within it; past it 408
+    tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS  # the pool that tokenizes before admission (both fronts)
+    max_request_seconds: float = 600.0  # the engine's cap (0: none); caps HTTP X-Request-Timeout too
     grpc_max_message_bytes: int = 1 << 20  # largest gRPC request message; larger: RESOURCE_EXHAUSTED
 
 
@@ -87,7 +91,9 @@ class FrontServer:
         tok = self.model.tokenizer
         limits = PromptLimits(settings.max_prompt_bytes, settings.max_prompt_tokens,
                               tok.longest_token_bytes() if tok else 1)
-        self.dispatcher = Dispatcher(self.model, self.triton, settings.max_inflight, limits, settings.stream_buffer)
+        self.dispatcher = Dispatcher(self.model, self.triton, settings.max_inflight, limits, settings.stream_buffer,
+                                     settings.tokenizer_threads)
+        self.call_limit = CallLimit(settings.max_concurrent_rpcs)  # one count for gRPC and HTTP
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.http_port: int | None = None
@@ -104,7 +110,7 @@ class FrontServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
         if s.api_keys:
             interceptors.append(AuthInterceptor(s.api_keys))
-        self.rpc_limit = RpcLimitInterceptor(s.max_concurrent_rpcs)
+        self.rpc_limit = RpcLimitInterceptor(self.call_limit)
         interceptors.append(self.rpc_limit)
         server = grpc.aio.server(interceptors=interceptors,
                                  maximum_concurrent_rpcs=s.max_concurrent_rpcs + HEALTH_HEADROOM, options=[
@@ -121,7 +127,8 @@ class FrontServer:
         await self._set_serving(False)
         if s.http_port is not None:
             api = OpenAIApi(self.dispatcher, self.metrics, BearerKeys(s.api_keys), lambda: bool(self._serving),
-                            lambda: render(self.metrics, self._backend_metrics_url), s.http_max_body_bytes)
+                            lambda: render(self.metrics, self._backend_metrics_url), s.http_max_body_bytes,
+                            self.call_limit, s.http_body_timeout_s, s.max_request_seconds)
             self._http = HttpServer(api.app, s.host, s.http_port, s.tls)
             self.http_port = await self._http.start()
         await server.start()
@@ -174,6 +181,7 @@ class FrontServer:
             stops.append(self._http.stop(grace))
         await asyncio.gather(*stops)
         await self.triton.close()
+        self.dispatcher.close()
 
     async def wait(self) -> None:
         if self._server:

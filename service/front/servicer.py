@@ -87,12 +87,12 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                                    usage=_usage(usage_of(job, finals)))
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        job = await asyncio.to_thread(self._generate_job, request)
+        job = await self.dispatcher.offload(self._generate_job, request)
         job.return_drafts = False
         return self._generate_response(job, await self._finals(job, context))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        job = await asyncio.to_thread(self._generate_job, request)
+        job = await self.dispatcher.offload(self._generate_job, request)
         finals: list[BackendEvent | None] = [None] * job.options.num_variations
         rid = job.request_id
         async for i, ev in self.dispatcher.run(job, **self._call(context)):
@@ -126,7 +126,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                                     pad_id=self.model.pad_id)
 
     async def Infill(self, request: pb.InfillRequest, context) -> pb.InfillResponse:
-        lay = await asyncio.to_thread(self._infill_layout, request)
+        lay = await self.dispatcher.offload(self._infill_layout, request)
         job, finals, filled, usage = await self._filled(request, lay, context, "prefix", "gap_tokens")
         choices = [pb.InfillChoice(index=i, infill=values[0], text=text, infill_token_ids=lay.slot_token_ids(f.ids)[0],
                                    seed=job.seed(i), stats=_stats(f.stats))
@@ -140,7 +140,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                                   spans, r.instruction, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
 
     async def Edit(self, request: pb.EditRequest, context) -> pb.EditResponse:
-        lay = await asyncio.to_thread(self._edit_layout, request)
+        lay = await self.dispatcher.offload(self._edit_layout, request)
         job, finals, filled, usage = await self._filled(request, lay, context, "instruction", "editable")
         choices = [pb.EditChoice(index=i, text=text, replacements=values, seed=job.seed(i), stats=_stats(f.stats))
                    for i, (f, (text, values, _)) in enumerate(zip(finals, filled))]
@@ -169,7 +169,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                                       pad_id=self.model.pad_id)
 
     async def Template(self, request: pb.TemplateRequest, context) -> pb.TemplateResponse:
-        lay = await asyncio.to_thread(self._template_layout, request)
+        lay = await self.dispatcher.offload(self._template_layout, request)
         job, finals, filled, usage = await self._filled(request, lay, context, "instruction", "skeleton")
         choices = [pb.TemplateChoice(index=i, text=text, values=values, named_values=named, seed=job.seed(i),
                                      stats=_stats(f.stats))
@@ -189,7 +189,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         return pb.TokenizeResponse(token_ids=ids, tokens=[tok.id_to_token(i) or "" for i in ids])
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        return await asyncio.to_thread(self._tokenized, request)
+        return await self.dispatcher.offload(self._tokenized, request)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         m, d = self.model, self.model.defaults

@@ -8,10 +8,13 @@ frees the engine's slots within one denoising step.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry.context import Context
 
@@ -23,6 +26,9 @@ from service.request.limits import PromptLimits
 from service.request.triton_client import BackendEvent, TritonClient
 from service.telemetry.metrics import RequestMetrics
 from service.telemetry.tracing import traceparent_metadata
+
+T = TypeVar("T")
+DEFAULT_TOKENIZER_THREADS = 4  # NIM_TOKENIZER_THREADS
 
 
 class Usage(NamedTuple):
@@ -91,13 +97,26 @@ class EventBuffer:
 
 class Dispatcher:
     def __init__(self, model: ServedModel, triton: TritonClient, max_inflight: int = 64,
-                 limits: PromptLimits | None = None, stream_buffer: int = 64) -> None:
+                 limits: PromptLimits | None = None, stream_buffer: int = 64,
+                 tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS) -> None:
         self.model = model
         self.triton = triton
         self.max_inflight = max_inflight  # backend streams (variations) in flight at once, over both fronts
         self.inflight = 0
         self.limits = limits or PromptLimits()
         self.stream_buffer = stream_buffer  # events (drafts aside) buffered per request for its reader
+        # tokenizing and layout before admission, for both fronts (NIM_TOKENIZER_THREADS): a fixed number of
+        # threads, so a crowd of large prompts queues here instead of growing threads or taking the loop's pool
+        self.tokenizer_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="dgemma-tokenize")
+
+    async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the tokenizer pool, in the caller's context (as asyncio.to_thread)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, call)
+
+    def close(self) -> None:
+        """Stop the tokenizer pool's threads (queued work is dropped)."""
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def check_model(self, name: str | None, field: str = "model") -> None:
         if name and name != self.model.id:

@@ -16,6 +16,7 @@ from service.errors import (
     InvalidArgument,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthenticated,
     Unavailable,
     UnknownModel,
@@ -40,6 +41,8 @@ STATUS: dict[type[DGemmaError], Status] = {
     PayloadTooLarge: Status(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
     Overloaded: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
     DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error"),
+    # HTTP only: the body did not arrive within NIM_HTTP_BODY_TIMEOUT (the client's fault, not the model's)
+    RequestTimeout: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 408, "timeout_error"),
     # 499: nginx's "client closed request"; the client is gone and never reads it
     Cancelled: Status(grpc.StatusCode.CANCELLED, 499, "cancelled"),
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),

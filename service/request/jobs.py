@@ -84,7 +84,7 @@ class Job:
 def request_id_of(given: str) -> str:
     if not given:
         return uuid.uuid4().hex
-    if not _REQUEST_ID.match(given):
+    if not _REQUEST_ID.fullmatch(given):  # not match: its `$` accepts a trailing newline
         raise InvalidArgument("request_id", "must be 1 to 128 printable ASCII characters without spaces")
     return given
 

@@ -5,6 +5,7 @@ Every variable is documented in docs/operations.md. Errors name the variable (or
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from pathlib import Path
 from service import DEFAULT_CHECKPOINT
 from service.errors import CheckpointError, InvalidArgument, Unavailable
 from service.model.build_manifest import MANIFEST, is_build, read_build
+from service.front.openai_api import DEFAULT_BODY_TIMEOUT_S
 from service.front.server import FrontSettings, TLSConfig
+from service.request.dispatch import DEFAULT_TOKENIZER_THREADS
 from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS
 from service.serve.profiles import Machine, Profile, can_run, find_profile, probe_machine, select_profile
 from service.serve.supervisor import ServeOptions
@@ -92,6 +95,13 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float | N
     return v
 
 
+def _finite(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    v = _float(env, name, default, minimum)
+    if not math.isfinite(v):
+        raise InvalidArgument(name, f"must be a finite number, got {env.get(name)!r}")
+    return v
+
+
 def api_keys(env: Mapping[str, str]) -> list[str]:
     """NIM_API_KEYS (comma-separated) and NIM_API_KEYS_FILE (one key per line, # comments)."""
     keys = [k.strip() for k in env.get("NIM_API_KEYS", "").split(",") if k.strip()]
@@ -158,6 +168,9 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         max_prompt_tokens=_int(env, "NIM_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS, 1),
         stream_buffer=_int(env, "NIM_STREAM_BUFFER", 64, 1),
         max_concurrent_rpcs=_int(env, "NIM_MAX_CONCURRENT_RPCS", 256, 1),
+        http_body_timeout_s=_finite(env, "NIM_HTTP_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT_S, 0.1),
+        tokenizer_threads=_int(env, "NIM_TOKENIZER_THREADS", DEFAULT_TOKENIZER_THREADS, 1),
+        max_request_seconds=repo.max_request_seconds,
         grpc_max_message_bytes=_int(env, "NIM_GRPC_MAX_MESSAGE_BYTES", 1 << 20, 1024),
     )
     # Triton is internal to the pod: its ports are free ones unless pinned.

@@ -13,11 +13,16 @@ Use from a handler:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import socket
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -126,8 +131,13 @@ class RequestMetrics:
 
 # --- the /metrics endpoint ---------------------------------------------------------------------
 
-_servers: dict[int, Any] = {}
+METRICS_TIMEOUT_S = 5.0  # a connection's request head must arrive, and its response leave, within this
+METRICS_MAX_CONNECTIONS = 256  # connections at once; further ones are closed at once
+_MAX_HEAD_BYTES = 8192
+
+_servers: dict[int, "_MetricsServer"] = {}
 _servers_lock = threading.Lock()
+log = logging.getLogger("dgemma.metrics")
 
 
 def fetch_text(url: str, timeout_s: float = 2.0) -> bytes:
@@ -139,22 +149,6 @@ def fetch_text(url: str, timeout_s: float = 2.0) -> bytes:
         return f"# backend metrics unavailable: {type(e).__name__}\n".encode()
 
 
-class _MetricsHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-            self.send_error(404)
-            return
-        body = self.server.render()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_: Any) -> None:  # scrapes are not worth a log line each
-        pass
-
-
 def render(metrics: FrontMetrics, backend_url: str | Callable[[], str] | None = None) -> bytes:
     """The front's exposition, then (with `backend_url`, or what it returns) Triton's: what every metrics
     endpoint serves."""
@@ -162,27 +156,108 @@ def render(metrics: FrontMetrics, backend_url: str | Callable[[], str] | None = 
     return metrics.exposition() + (fetch_text(url) if url else b"")
 
 
+def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8", head: bool = False) -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + (b"" if head else body)
+
+
+class _MetricsServer:
+    """GET /metrics (or /) on an asyncio loop in one daemon thread, one request per connection: an idle
+    connection costs no thread, and is closed when its request head has not arrived within `timeout_s`;
+    beyond `max_connections` at once, new connections are closed at once. Scrapes render on one worker
+    thread (the backend's exposition is fetched there)."""
+
+    def __init__(self, render_fn: Callable[[], bytes], host: str, port: int, timeout_s: float,
+                 max_connections: int) -> None:
+        self.render, self.timeout_s, self.max_connections = render_fn, timeout_s, max_connections
+        self.sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                         reuse_port=False)
+        self.port: int = self.sock.getsockname()[1]
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-render")
+        self.loop = asyncio.new_event_loop()
+        started = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._run, args=(started,), name="metrics-http", daemon=True)
+        self.thread.start()
+        started.result()
+
+    def _run(self, started: concurrent.futures.Future) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server = self.loop.run_until_complete(
+                asyncio.start_server(self._serve, sock=self.sock, limit=_MAX_HEAD_BYTES))
+        except BaseException as e:  # noqa: BLE001 (raised in the caller)
+            started.set_exception(e)
+            return
+        started.set_result(None)
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.writers) >= self.max_connections:
+            writer.transport.abort()
+            return
+        self.writers.add(writer)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(await self._answer(head))
+            writer.close()  # once the response is sent
+            async with asyncio.timeout(self.timeout_s):
+                await writer.wait_closed()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # idle, slow, gone or oversized: closed
+        finally:
+            self.writers.discard(writer)
+            writer.transport.abort()  # closed already, or given up on: what is left unsent is dropped
+
+    async def _answer(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3:
+            return _response("400 Bad Request", b"bad request\n")
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return _response("405 Method Not Allowed", b"GET only\n")
+        if target.split(b"?", 1)[0] not in (b"/metrics", b"/"):
+            return _response("404 Not Found", b"not found; scrape /metrics\n")
+        try:
+            body = await self.loop.run_in_executor(self.pool, self.render)
+        except Exception:  # noqa: BLE001 (the traceback goes to the log only)
+            log.exception("rendering the metrics failed")
+            return _response("500 Internal Server Error", b"internal error\n")
+        return _response("200 OK", body, CONTENT_TYPE_LATEST, head=method == b"HEAD")
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self.server.close()
+            for w in list(self.writers):
+                w.transport.abort()
+
+        with contextlib.suppress(RuntimeError, concurrent.futures.TimeoutError):
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def start_metrics_server(metrics: FrontMetrics, host: str = "0.0.0.0", port: int = 0,
-                         backend_url: str | Callable[[], str] | None = None) -> int:
+                         backend_url: str | Callable[[], str] | None = None, *,
+                         timeout_s: float = METRICS_TIMEOUT_S, max_connections: int = METRICS_MAX_CONNECTIONS) -> int:
     """Serve `metrics` at http://host:port/metrics from a daemon thread; returns the bound port.
 
     With `backend_url`, each scrape also carries that exposition (Triton's metrics, which listen on
     127.0.0.1 only), so one endpoint serves the pod: the names never collide (`dgemma_front_*` here).
+    `timeout_s` and `max_connections`: see _MetricsServer.
     """
-    httpd = ThreadingHTTPServer((host, port), _MetricsHandler)
-    httpd.daemon_threads = True
-    httpd.render = lambda: render(metrics, backend_url)
-    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
-    bound = httpd.server_address[1]
+    server = _MetricsServer(lambda: render(metrics, backend_url), host, port, timeout_s, max_connections)
     with _servers_lock:
-        _servers[bound] = httpd
-    return bound
+        _servers[server.port] = server
+    return server.port
 
 
 def stop_metrics_server(port: int) -> None:
     """Stop the server start_metrics_server returned `port` for (no-op when unknown)."""
     with _servers_lock:
-        httpd = _servers.pop(port, None)
-    if httpd is not None:
-        httpd.shutdown()
-        httpd.server_close()
+        server = _servers.pop(port, None)
+    if server is not None:
+        server.stop()

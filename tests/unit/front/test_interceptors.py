@@ -2,6 +2,7 @@
 auth, metrics."""
 
 import asyncio
+import logging
 import sys
 
 import grpc
@@ -145,6 +146,28 @@ def test_bearer_auth_and_open_health(header, ok):
         # refused calls are counted too
         assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="UNAUTHENTICATED") == 1
     assert checked.status == health_pb2.HealthCheckResponse.SERVING  # health never needs a token
+
+
+def test_a_request_id_with_a_newline_is_refused_before_anything_logs_it(caplog):
+    """The raw request_id is validated before the interceptor logs or traces it: a newline (a forged log line)
+    gets INVALID_ARGUMENT naming request_id, and no log record holds it (before: logged as sent)."""
+    forged = "r-1\n2026-01-01 INFO dgemma.front: forged line"
+
+    async def body(stub, _, metrics, ch):
+        unary = await error_of(stub.Generate(pb.GenerateRequest(text="bug", request_id=forged)))
+        stream = await error_of(stub.GenerateStream(pb.GenerateRequest(text="x", request_id=forged)).read())
+        trailing = await error_of(stub.Generate(pb.GenerateRequest(text="fine", request_id="r-2\n")))
+        return unary, stream, trailing, metrics
+
+    with caplog.at_level(logging.DEBUG):
+        unary, stream, trailing, metrics = run(None, body)
+    expected = (grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be 1 to 128 printable ASCII characters without "
+                                                  "spaces")
+    assert unary == stream == trailing == expected
+    assert caplog.records  # the refusals are logged, under a fresh id
+    for r in caplog.records:
+        assert "forged" not in r.getMessage() and "\n" not in str(getattr(r, "request_id", ""))
+    assert sample(metrics, "dgemma_front_requests_total", method="Generate", code="INVALID_ARGUMENT") == 2
 
 
 def test_the_rpc_limit_refuses_every_kind_of_call_but_health_and_frees_its_slots():

@@ -44,6 +44,14 @@ def test_front_limits_from_environment():
             f.grpc_max_message_bytes) == (100, 50, 3, 9, 2048)
 
 
+def test_http_body_timeout_tokenizer_threads_and_the_request_cap_reach_the_front():
+    d = serve_options({}).front
+    assert (d.http_body_timeout_s, d.tokenizer_threads, d.max_request_seconds) == (30.0, 4, 600.0)
+    f = serve_options({"NIM_HTTP_BODY_TIMEOUT": "2.5", "NIM_TOKENIZER_THREADS": "2",
+                       "NIM_MAX_REQUEST_SECONDS": "90"}).front
+    assert (f.http_body_timeout_s, f.tokenizer_threads, f.max_request_seconds) == (2.5, 2, 90.0)
+
+
 @pytest.mark.parametrize("env, field", [
     ({"NIM_SERVER_PORT": "http"}, "NIM_SERVER_PORT"),
     ({"NIM_HTTP_PORT": "x"}, "NIM_HTTP_PORT"),
@@ -54,6 +62,9 @@ def test_front_limits_from_environment():
     ({"NIM_STREAM_BUFFER": "x"}, "NIM_STREAM_BUFFER"),
     ({"NIM_MAX_CONCURRENT_RPCS": "0"}, "NIM_MAX_CONCURRENT_RPCS"),
     ({"NIM_GRPC_MAX_MESSAGE_BYTES": "100"}, "NIM_GRPC_MAX_MESSAGE_BYTES"),
+    ({"NIM_HTTP_BODY_TIMEOUT": "0"}, "NIM_HTTP_BODY_TIMEOUT"),
+    ({"NIM_HTTP_BODY_TIMEOUT": "inf"}, "NIM_HTTP_BODY_TIMEOUT"),
+    ({"NIM_TOKENIZER_THREADS": "0"}, "NIM_TOKENIZER_THREADS"),
     ({"NIM_MODEL_PROFILE": "torch-fp8-h100"}, "NIM_MODEL_PROFILE"),
     ({"NIM_MODEL_PROFILE": "onnx-float32-cpu"}, "NIM_MODEL_PROFILE"),
     ({"NIM_MODEL_PROFILE": "torch-fp8-hopper"}, "NIM_MODEL_PROFILE"),  # a raw checkpoint: build it first
