@@ -56,7 +56,8 @@ EXTREME_PARAMS = [dict(stability_threshold=10**8), dict(stability_threshold=2**3
 EXTREME_HTTP = [{"stability_threshold": 2**40}, {"stability_threshold": 10**7}, {"max_tokens": 2**63},
                 {"t_max": 1e300}, {"n": 10**9}, {"seed": -1}, {"messages": "x"}, {"prompt": {"a": 1}},
                 {"max_denoising_steps": "many"}]
-SLOW_BODY_WAIT_S = 90.0  # the longest a slow-body client waits for the server's answer
+BODY_TIMEOUT_S = 5.0  # the server's NIM_HTTP_BODY_TIMEOUT in the soak
+SLOW_BODY_WAIT_S = 60.0  # the longest a slow-body client waits for the server's answer
 BAD = [pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2, -5])), pb.GenerateRequest(text=""),
        pb.GenerateRequest(text="x", options=pb.GenerationOptions(parameters=pb.DiffusionParameters(
            max_denoising_steps=0))),
@@ -207,7 +208,8 @@ def main() -> int:
     if a.smoke:
         a.streams, a.seconds = 6, 4.0
     warmup = a.seconds / 6 if a.warmup is None else a.warmup
-    with Serve(a.threads) as srv:
+    # slow-body clients wait out the body timeout: a short one keeps them cycling
+    with Serve(a.threads, env={"NIM_HTTP_BODY_TIMEOUT": str(BODY_TIMEOUT_S)}) as srv:
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
         stub = pb_grpc.DiffusionGemmaStub(channel)
         stub.Generate(small(), timeout=CALL_TIMEOUT_S)  # the first call loads lazily-built parts
