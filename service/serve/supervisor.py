@@ -4,9 +4,10 @@ Start: Triton (bound to 127.0.0.1, ports of its own), then the front (health NOT
 the model are ready). While running: a dead Triton, or a dead engine inside it (its heartbeat, a gauge
 the model sets every second while its scheduler runs, unchanged for `engine_heartbeat_timeout_s` by our
 own monotonic clock: the backend stub died, its scheduler thread did, or a step has run past
-NIM_ENGINE_STEP_TIMEOUT), turns health NOT_SERVING at once; Triton is then (killed, its process group and
-leftover stubs too, and) restarted with backoff, which ends the calls in flight with UNAVAILABLE. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within the grace period,
-Triton stops, exit 0.
+NIM_ENGINE_STEP_TIMEOUT), turns health NOT_SERVING at once; Triton is then (killed and) restarted with
+backoff, which ends the calls in flight with UNAVAILABLE; no process of the old Triton (an orphaned stub)
+outlives it. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within the grace period, Triton stops,
+exit 0.
 """
 
 from __future__ import annotations

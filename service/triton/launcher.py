@@ -6,8 +6,8 @@ Python backend stub for this interpreter.
 
 Nothing of a stopped Triton stays behind: it runs in a session of its own, and each start marks its
 environment (inherited by its backend stubs) with a run id. A stop, or the next start, SIGKILLs whatever
-still carries that id or is in that session, the stubs an exited Triton left orphaned included (they
-ignore SIGTERM), and reaps them. Triton's stdout and stderr go line by line to the `dgemma.triton`
+still carries that id, the stubs an exited Triton left orphaned included (they ignore SIGTERM), and
+reaps them (service/triton/processes.py). Triton's stdout and stderr go line by line to the `dgemma.triton`
 logger (JSON lines when NIM_JSONL_LOGGING) and, when a log file is set, to that file, rotated at a size.
 """
 

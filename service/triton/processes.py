@@ -1,8 +1,9 @@
 """The processes of one Triton run, found through /proc (Linux), so that none outlives a stop or a restart.
 
-A run is every process whose environment holds its marker (NAME=value, inherited from tritonserver by the
-backend stubs it launches) or that is in its session (tritonserver starts one of its own). A stub orphaned
-by a dead tritonserver keeps both; it ignores SIGTERM, so it is killed with SIGKILL.
+A run's processes are those whose environment holds its marker (NAME=value, inherited from tritonserver
+by the backend stubs it launches, whatever session or parent they end up with). A stub orphaned by a
+dead tritonserver ignores SIGTERM, so it is killed with SIGKILL. A zombie's environment cannot be read:
+the run's zombies are found by session (tritonserver starts one of its own), only to be reaped.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _has_env(pid: int, marker: bytes) -> bool:
         return False
 
 
-def run_processes(marker: str, session: int | None = None) -> dict[int, str]:
+def run_processes(marker: str | None, session: int | None = None) -> dict[int, str]:
     """pid -> state ('R', 'S', 'T', 'Z', ...) of each process, zombies included, whose environment holds
     `marker` or whose process group or session is `session`; this process excluded."""
     found: dict[int, str] = {}
@@ -50,12 +51,12 @@ def run_processes(marker: str, session: int | None = None) -> dict[int, str]:
         entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
     except OSError:  # no /proc: nothing to find
         return found
-    me, raw = os.getpid(), marker.encode()
+    me, raw = os.getpid(), marker.encode() if marker else None
     for pid in entries:
         st = _stat(pid)
         if st is None or pid == me:
             continue
-        if (session is not None and session in st[1:]) or _has_env(pid, raw):
+        if (session is not None and session in st[1:]) or (raw is not None and _has_env(pid, raw)):
             found[pid] = st[0]
     return found
 
@@ -67,23 +68,25 @@ def alive(states: dict[int, str]) -> list[int]:
 
 def kill_run(marker: str, session: int | None = None, exclude: Collection[int] = (),
              timeout: float = 10.0) -> list[int]:
-    """SIGKILL every live process of the run, reap those that are our children, and wait up to `timeout`
-    until none is alive (a GPU process can take a moment to release its memory). Returns the pids killed."""
+    """SIGKILL every live process carrying `marker`, reap the run's zombies that are our children, and wait
+    up to `timeout` until none is alive (a GPU process can take a moment to release its memory). The
+    session only finds zombies: a reused pid in it is never killed. Returns the pids killed."""
     killed: set[int] = set()
     deadline = time.monotonic() + timeout
     while True:
-        procs = {pid: s for pid, s in run_processes(marker, session).items() if pid not in exclude}
-        for pid in alive(procs):
+        live = [pid for pid in alive(run_processes(marker)) if pid not in exclude]
+        for pid in live:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
             except ProcessLookupError:
                 pass
-        for pid in procs:  # our children once we are their subreaper (or their parent)
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        if not alive(procs) or time.monotonic() > deadline:
+        for pid, state in run_processes(marker, session).items():
+            if state == "Z" and pid not in exclude:  # ours once we are their subreaper (or their parent)
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        if not live or time.monotonic() > deadline:
             return sorted(killed)
         time.sleep(0.05)
