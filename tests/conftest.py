@@ -10,7 +10,7 @@ from service.triton.processes import alive, run_processes
 from tests.checkpoints import CONFIGS, build_reference, save_checkpoint
 
 # Every process the tests start inherits this: what is left of them at the end is found by it.
-RUN_MARK = "DGEMMA_TEST_RUN"
+RUN_MARK = "PYTEST_DGEMMA_RUN"  # not DGEMMA_*: tests that mimic the image strip those
 TRITON_NAMES = (b"tritonserver", b"triton_python_backend_stub")
 
 
