@@ -20,7 +20,7 @@ from service.request.dispatch import DEFAULT_TOKENIZER_THREADS
 from service.request.limits import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_PROMPT_TOKENS
 from service.serve.profiles import Machine, Profile, can_run, find_profile, probe_machine, select_profile
 from service.serve.supervisor import ServeOptions
-from service.triton.launcher import TritonPorts, default_cache_dir, free_port
+from service.triton.launcher import LOG_MAX_BYTES, TritonPorts, default_cache_dir, free_port
 from service.triton.repository import RepositorySettings
 
 TRUE = ("1", "true", "yes", "on")
@@ -179,7 +179,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
     tports = TritonPorts(*(pin or free_port() for pin in pinned.values()),
                          movable=tuple(name for name, pin in pinned.items() if not pin))
     front.triton_target = f"127.0.0.1:{tports.grpc}"
-    log_path = env.get("NIM_TRITON_LOG_FILE") or cache / "triton.log"
+    log_path = env.get("NIM_TRITON_LOG_FILE")  # Triton's output goes to our log; a file only when asked
     return ServeOptions(
         front=front, repository=repo, cache_dir=cache, triton_ports=tports,
         metrics_host=host or env.get("NIM_SERVER_HOST") or "0.0.0.0",
@@ -188,7 +188,8 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         shutdown_grace_s=_float(env, "NIM_SHUTDOWN_GRACE_PERIOD", 30.0),
         drain_delay_s=_float(env, "NIM_SHUTDOWN_DRAIN_DELAY", 2.0),
         engine_heartbeat_timeout_s=_float(env, "NIM_ENGINE_HEARTBEAT_TIMEOUT", 5.0, 2.0),
-        triton_log=Path(log_path),
+        triton_log=Path(log_path) if log_path else None,
+        triton_log_max_bytes=_int(env, "NIM_TRITON_LOG_MAX_BYTES", LOG_MAX_BYTES, 4096),
     )
 
 

@@ -2,11 +2,12 @@
 
 Start: Triton (bound to 127.0.0.1, ports of its own), then the front (health NOT_SERVING until Triton and
 the model are ready). While running: a dead Triton, or a dead engine inside it (its heartbeat, a gauge
-the model sets every second while its scheduler runs, older than `engine_heartbeat_timeout_s`: the
-backend stub died, its scheduler thread did, or a step has run past NIM_ENGINE_STEP_TIMEOUT), turns
-health NOT_SERVING at once; Triton is then (killed and) restarted with backoff, which ends the calls in
-flight with UNAVAILABLE. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within the grace period,
-Triton stops, exit 0.
+the model sets every second while its scheduler runs, unchanged for `engine_heartbeat_timeout_s` by our
+own monotonic clock: the backend stub died, its scheduler thread did, or a step has run past
+NIM_ENGINE_STEP_TIMEOUT), turns health NOT_SERVING at once; Triton is then (killed and) restarted with
+backoff, which ends the calls in flight with UNAVAILABLE; no process of the old Triton (an orphaned stub)
+outlives it. SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within the grace period, Triton stops,
+exit 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from service.errors import Unavailable
 from service.front.server import FrontServer, FrontSettings
 from service.telemetry.metrics import FrontMetrics, start_metrics_server, stop_metrics_server
 from service.telemetry.tracing import shutdown_tracing, triton_trace_url
-from service.triton.launcher import TritonPorts, TritonServer
+from service.triton.launcher import LOG_MAX_BYTES, TritonPorts, TritonServer
+from service.triton.processes import become_subreaper
 from service.triton.repository import RepositorySettings, build_repository
 
 log = logging.getLogger("dgemma.serve")
@@ -44,7 +46,8 @@ class ServeOptions:
     restart_backoff_s: float = 2.0  # the wait after a failed restart, doubled after each, up to restart_backoff_max_s
     restart_backoff_max_s: float = 30.0
     engine_heartbeat_timeout_s: float = 5.0  # an older heartbeat: the engine is dead, Triton is restarted
-    triton_log: Path | None = None
+    triton_log: Path | None = None  # Triton's output always goes to the `dgemma.triton` logger; also here
+    triton_log_max_bytes: int = LOG_MAX_BYTES  # the file is rotated past this (one older file kept)
 
 
 class Supervisor:
@@ -52,12 +55,16 @@ class Supervisor:
         self.opts = opts
         repo = build_repository(opts.cache_dir / "model_repository", opts.repository)
         self.triton = TritonServer(repo, ports=opts.triton_ports, cache_dir=opts.cache_dir,
-                                   trace_url=triton_trace_url(), log_file=opts.triton_log)
+                                   trace_url=triton_trace_url(), log_file=opts.triton_log,
+                                   log_max_bytes=opts.triton_log_max_bytes)
         self.metrics = FrontMetrics()
         self.restarting = False
         self.restarts = 0
         self.engine_ok = True  # the engine's heartbeat is fresh (checked every poll while Triton runs)
-        self._last_beat = time.monotonic()  # when Triton's metrics last answered (or Triton (re)started)
+        # Staleness is measured on this process's monotonic clock, from when the heartbeat's value last
+        # changed: never by comparing the model's wall-clock value with ours (a clock step killed a healthy engine)
+        self._last_beat = time.monotonic()  # when the heartbeat last changed (or Triton (re)started)
+        self._beat_value: float | None = None
         self.stop_requested = asyncio.Event()
         self.front: FrontServer | None = None
         self.metrics_port = 0
@@ -69,16 +76,18 @@ class Supervisor:
         return f"http://127.0.0.1:{self.triton.ports.metrics}/metrics"
 
     async def _check_engine(self) -> bool:
-        """Whether the engine inside Triton is alive: its heartbeat is younger than the timeout. Triton's
-        metrics not answering counts only once that lasts as long as the timeout."""
+        """Whether the engine inside Triton is alive: its heartbeat changed within the timeout (by this
+        process's monotonic clock). Triton's metrics not answering counts the same way."""
         beat = await asyncio.to_thread(self.triton.engine_heartbeat)
-        now, timeout = time.monotonic(), self.opts.engine_heartbeat_timeout_s
-        if beat is not None:
-            self._last_beat = now
-            self.engine_ok = time.time() - beat < timeout
-        else:
-            self.engine_ok = now - self._last_beat < timeout
+        now = time.monotonic()
+        if beat is not None and beat != self._beat_value:
+            self._beat_value, self._last_beat = beat, now
+        self.engine_ok = now - self._last_beat < self.opts.engine_heartbeat_timeout_s
         return self.engine_ok
+
+    def _reset_heartbeat(self) -> None:
+        """A (re)started Triton: its engine has the full timeout to show its first beat."""
+        self._last_beat, self._beat_value = time.monotonic(), None
 
     async def _follow_ports(self) -> None:
         """Point the front at Triton's gRPC port again when a start had to move it (a port clash)."""
@@ -89,6 +98,8 @@ class Supervisor:
     async def run(self) -> int:
         o = self.opts
         loop = asyncio.get_running_loop()
+        # a dead Triton's orphaned stubs become our children, not init's: stop() kills and reaps them
+        become_subreaper()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before anything starts: a stop during start-up is clean
             loop.add_signal_handler(sig, self.stop_requested.set)
         try:
@@ -106,7 +117,7 @@ class Supervisor:
                 log.info("stopped during start-up")
                 return 0
             await self._follow_ports()
-            self._last_beat = time.monotonic()
+            self._reset_heartbeat()
             await self.front.wait_serving(o.startup_timeout_s)  # the front's channel reconnects to it
             self.metrics_port = start_metrics_server(self.metrics, o.metrics_host, o.metrics_port,
                                                      backend_url=self.backend_metrics_url)
@@ -145,6 +156,7 @@ class Supervisor:
         else:
             code = self.triton.proc.returncode if self.triton.proc else None
             log.error("tritonserver exited with code %s; restarting", code)
+            await asyncio.to_thread(self.triton.stop, 0)  # its stubs, orphaned now, die with it
         backoff = 0.0  # the first attempt at once: the model is what takes time to come back
         while not self.stop_requested.is_set():
             await asyncio.sleep(backoff)
@@ -159,7 +171,7 @@ class Supervisor:
             except Exception:
                 backoff = min(2 * backoff or self.opts.restart_backoff_s, self.opts.restart_backoff_max_s)
                 log.exception("tritonserver restart failed; retrying in %.0fs", backoff)
-        self._last_beat = time.monotonic()
+        self._reset_heartbeat()
         self.engine_ok = True
         self.restarting = False
 

@@ -3,10 +3,17 @@
 Which binary: $TRITONSERVER, else /opt/tritonserver/bin/tritonserver (the NGC container), else the
 Triton 2.51 server inside the `nvidia-pytriton` wheel, copied once to a writable directory with the
 Python backend stub for this interpreter.
+
+Nothing of a stopped Triton stays behind: it runs in a session of its own, and each start marks its
+environment (inherited by its backend stubs) with a run id. A stop, or the next start, SIGKILLs whatever
+still carries that id, the stubs an exited Triton left orphaned included (they ignore SIGTERM), and
+reaps them (service/triton/processes.py). Triton's stdout and stderr go line by line to the `dgemma.triton`
+logger (JSON lines when NIM_JSONL_LOGGING) and, when a log file is set, to that file, rotated at a size.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -17,14 +24,20 @@ import sysconfig
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.errors import Unavailable
+from service.triton.processes import kill_run
 
 NGC_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 HEARTBEAT_METRIC = "dgemma_engine_heartbeat_seconds"  # set by the model (model.py)
+RUN_ENV = "DGEMMA_TRITON_RUN"  # in the environment of one Triton start and of the stubs it launches
+LOG_MAX_BYTES = 16 << 20  # Triton's log file is rotated past this (one older file kept)
+triton_log = logging.getLogger("dgemma.triton")
+log = logging.getLogger("dgemma.serve")
 
 
 @dataclass
@@ -137,16 +150,18 @@ class TritonServer:
         cache_dir: Path | None = None,
         log_file: Path | None = None,
         explicit_load: bool = False,
+        log_max_bytes: int = LOG_MAX_BYTES,
     ) -> None:
         self.install = find_triton(cache_dir)
         self.repo = Path(model_repository)
         self.ports = ports or TritonPorts.pick()
         self.trace_url = trace_url
         self.log_verbose = log_verbose
-        self.log_file = log_file
+        self.log_file, self.log_max_bytes = log_file, log_max_bytes
         self.explicit_load = explicit_load  # models load only when asked (KServe load API)
         self.proc: subprocess.Popen | None = None
-        self._log = None  # Triton's log file while it runs; closed on stop and before each start
+        self.run_id = ""  # in the environment of this start's tritonserver and its stubs (RUN_ENV)
+        self._pump: _LogPump | None = None  # Triton's output while it runs
 
     def command(self) -> list[str]:
         p = self.ports
@@ -188,11 +203,12 @@ class TritonServer:
                     cancelled: Callable[[], bool] | None) -> "TritonServer":
         # The Python backend's stub is another interpreter: give it this one's import path.
         path = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
-        env = {**os.environ, **self.install.env, "DGEMMA_PYTHONPATH": path}
-        self._close_log()
-        out = self._log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+        self.stop(0)  # whatever a previous start left (a no-op after a stop)
+        self.run_id = uuid.uuid4().hex
+        env = {**os.environ, **self.install.env, "DGEMMA_PYTHONPATH": path, RUN_ENV: self.run_id}
+        self.proc = subprocess.Popen(self.command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self._pump = _LogPump(self.proc.stdout, self.log_file, self.log_max_bytes)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -208,11 +224,6 @@ class TritonServer:
             time.sleep(0.25)
         self.stop()
         raise Unavailable(f"tritonserver was not ready within {timeout:.0f}s")
-
-    def _close_log(self) -> None:
-        if self._log is not None and self._log is not subprocess.DEVNULL:
-            self._log.close()
-        self._log = None
 
     def _get(self, path: str) -> int:
         try:
@@ -242,20 +253,74 @@ class TritonServer:
         return None
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGINT, then SIGKILL to its process group (the backend stubs too) after `timeout` seconds
-        (0: at once)."""
+        """SIGINT, then SIGKILL to its process group after `timeout` seconds (0: at once); then, whether it
+        exited by itself or not, SIGKILL to every process left of this run (backend stubs, orphaned ones
+        too), waiting until they are gone. Also what cleans up after a Triton that died."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             if timeout > 0:
                 self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 self.proc.wait(5)
-        self._close_log()
+        left = kill_run(f"{RUN_ENV}={self.run_id}", self.proc.pid, exclude={self.proc.pid})
+        if left:
+            log.warning("killed %d processes left by tritonserver (pid %d): %s", len(left), self.proc.pid, left)
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
         return self.proc.returncode
+
+
+class _LogPump:
+    """Triton's output, line by line, to the `dgemma.triton` logger (at Triton's own level: E, W, I) and
+    to `path`, which is rotated to `path`.1 past `max_bytes`. Its thread reads until every writer (Triton,
+    its stubs) is gone, and never stops before: a full pipe would block Triton."""
+
+    LEVELS = {"E": logging.ERROR, "W": logging.WARNING}
+
+    def __init__(self, stream, path: Path | None, max_bytes: int) -> None:
+        self.stream, self.path, self.max_bytes = stream, path, max_bytes
+        self.file = open(path, "ab") if path else None
+        self.thread = threading.Thread(target=self._run, name="triton-log", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for line in iter(self.stream.readline, b""):
+                try:
+                    self._write(line)
+                except Exception:  # a full disk, say: the next line tries again
+                    pass
+        finally:
+            self.stream.close()
+            if self.file is not None:
+                self.file.close()
+
+    def _write(self, line: bytes) -> None:
+        text = line.decode(errors="replace").rstrip()
+        if text:  # Triton's lines look like "I1130 12:00:00.000000 42 server.cc:1] ..."
+            level = self.LEVELS.get(text[0], logging.INFO) if text[1:2].isdigit() else logging.INFO
+            triton_log.log(level, "%s", text)
+        if self.file is not None:
+            if self.file.tell() + len(line) > self.max_bytes and self.file.tell() > 0:
+                self.file.close()
+                os.replace(self.path, f"{self.path}.1")
+                self.file = open(self.path, "ab")
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait for the end of Triton's output (its writers are gone by now)."""
+        self.thread.join(timeout)
 
 
 class _PortClash(Exception):

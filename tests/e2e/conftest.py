@@ -158,6 +158,32 @@ def stub_pid(serve_pid: int) -> int | None:
     return None if triton is None else child_pid(triton, b"triton_python_backend_stub")
 
 
+def _started(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), None when it is gone or a zombie: with the pid, it names
+    one process even if the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def triton_processes(serve_pid: int) -> dict[int, int]:
+    """pid -> start time of `dgemma serve`'s tritonserver and its backend stub."""
+    pids = [triton_pid(serve_pid), stub_pid(serve_pid)]
+    return {pid: t for pid in pids if pid is not None and (t := _started(pid)) is not None}
+
+
+def still_running(procs: dict[int, int], timeout: float = 20.0) -> list[int]:
+    """Those of `procs` (from triton_processes) still running after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid, t in procs.items() if _started(pid) == t]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def otlp():
     with OtlpReceiver() as rx:

@@ -18,11 +18,11 @@ def test_serve_triton_only_then_sigterm(small_ckpt, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--triton-only", "--checkpoint", str(small_ckpt),
          "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics), "--threads", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "wb"), text=True,  # the log: Triton's too
     )
     try:
         line = proc.stdout.readline()  # printed once Triton and the model are ready
-        assert "serving diffusiongemma" in line, line
+        assert "serving diffusiongemma" in line, (line, (tmp_path / "serve.log").read_text()[-3000:])
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
         assert client.is_model_ready(MODEL_NAME)
         client.close()

@@ -1,9 +1,9 @@
 """Kill the backend mid-load, as a CUDA abort or a segfault in a kernel would, on a real `dgemma serve`:
 first the Python backend's stub process (the model's interpreter inside Triton), then `tritonserver`
 itself, then the stub is frozen (SIGSTOP: a hang, not a death). Calls in flight end with UNAVAILABLE
-(never INTERNAL), health goes NOT_SERVING, the supervisor restarts Triton (counted), and the server
-serves the same outputs as before. Recovery times are measured and printed (docs/reliability.md,
-"Fault tests (backend)")."""
+(never INTERNAL), health goes NOT_SERVING, the supervisor restarts Triton (counted), no process of the
+old Triton (server or stub) is left running, and the server serves the same outputs as before. Recovery
+times are measured and printed (docs/reliability.md, "Fault tests (backend)")."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 import grpc
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
-from tests.e2e.conftest import Serve, stub_pid, triton_pid
+from tests.e2e.conftest import Serve, still_running, stub_pid, triton_pid, triton_processes
 
 CLIENTS = 4
 RECOVERY_TARGET_S = 30.0  # issue 17: serving again within 30 s of a stub kill
@@ -88,6 +88,8 @@ def test_backend_stub_and_tritonserver_killed_mid_load_recover(tmp_path):
         for n, (name, find, sig) in enumerate(faults, start=1):
             pid = find(srv.proc.pid)
             assert pid is not None, f"no {name} process under dgemma serve"
+            old = triton_processes(srv.proc.pid)  # the Triton about to fail: its server and its stub
+            assert len(old) == 2 and pid in old, old
             r = kill_mid_load(srv, pid, sig)
             print(f"\n{name} sent {signal.Signals(sig).name} mid-load: NOT_SERVING after {r['not_serving_s']:.1f}s, "
                   f"SERVING again after {r['serving_s']:.1f}s; {len(r['failed'])} calls failed: "
@@ -99,6 +101,8 @@ def test_backend_stub_and_tritonserver_killed_mid_load_recover(tmp_path):
             assert r["serving_s"] < RECOVERY_TARGET_S, r
             assert srv.metric("dgemma_front_backend_restarts_total") == n
             assert find(srv.proc.pid) not in (None, pid)
+            # nothing of the old Triton is left (an orphaned stub would hold the model's GPU memory)
+            assert not still_running(old), f"left running after the {name} fault: {still_running(old, 0)}"
             # serving again, with the same outputs as before the fault
             assert srv.stub().Generate(PROBE, timeout=60).choices[0].token_ids == before
         assert srv.stop() == 0
