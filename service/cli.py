@@ -353,7 +353,8 @@ def _serve_triton_only(a: argparse.Namespace, opts) -> int:
     ports = TritonPorts(a.grpc_port or _env_int("NIM_TRITON_GRPC_PORT", 8001), a.http_port or free_port(),
                         a.metrics_port or _env_int("NIM_TRITON_METRICS_PORT", 8002))
     server = TritonServer(repo, ports=ports, cache_dir=opts.cache_dir, trace_url=os.environ.get("NIM_TRITON_TRACE_URL"),
-                          log_file=opts.triton_log, log_max_bytes=opts.triton_log_max_bytes)
+                          log_file=opts.triton_log, log_max_bytes=opts.triton_log_max_bytes,
+                          cpu_only=opts.repository.device == "cpu")
     server.start(timeout=opts.startup_timeout_s, wait_model=opts.repository.model_name)
     print(f"dgemma: serving {opts.repository.model_name} from {opts.front.checkpoint} on Triton gRPC "
           f"127.0.0.1:{ports.grpc} (metrics :{ports.metrics}); Ctrl-C to stop", flush=True)

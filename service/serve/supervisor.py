@@ -56,7 +56,7 @@ class Supervisor:
         repo = build_repository(opts.cache_dir / "model_repository", opts.repository)
         self.triton = TritonServer(repo, ports=opts.triton_ports, cache_dir=opts.cache_dir,
                                    trace_url=triton_trace_url(), log_file=opts.triton_log,
-                                   log_max_bytes=opts.triton_log_max_bytes)
+                                   log_max_bytes=opts.triton_log_max_bytes, cpu_only=opts.repository.device == "cpu")
         self.metrics = FrontMetrics()
         self.restarting = False
         self.restarts = 0

@@ -151,8 +151,11 @@ class TritonServer:
         log_file: Path | None = None,
         explicit_load: bool = False,
         log_max_bytes: int = LOG_MAX_BYTES,
+        cpu_only: bool = False,
     ) -> None:
+        """cpu_only: the model serves on the CPU, so Triton's complaints about a missing CUDA are harmless."""
         self.install = find_triton(cache_dir)
+        self.cpu_only = cpu_only
         self.repo = Path(model_repository)
         self.ports = ports or TritonPorts.pick()
         self.trace_url = trace_url
@@ -208,7 +211,7 @@ class TritonServer:
         env = {**os.environ, **self.install.env, "DGEMMA_PYTHONPATH": path, RUN_ENV: self.run_id}
         self.proc = subprocess.Popen(self.command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self._pump = _LogPump(self.proc.stdout, self.log_file, self.log_max_bytes)
+        self._pump = _LogPump(self.proc.stdout, self.log_file, self.log_max_bytes, self.cpu_only)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -286,9 +289,11 @@ class _LogPump:
     its stubs) is gone, and never stops before: a full pipe would block Triton."""
 
     LEVELS = {"E": logging.ERROR, "W": logging.WARNING}
+    # Triton's error lines that only say there is no CUDA: expected when serving on a CPU, so warnings there
+    CPU_NOISE = ("CudaDriverHelper has not been initialized",)
 
-    def __init__(self, stream, path: Path | None, max_bytes: int) -> None:
-        self.stream, self.path, self.max_bytes = stream, path, max_bytes
+    def __init__(self, stream, path: Path | None, max_bytes: int, cpu_only: bool = False) -> None:
+        self.stream, self.path, self.max_bytes, self.cpu_only = stream, path, max_bytes, cpu_only
         self.file = open(path, "ab") if path else None
         self.thread = threading.Thread(target=self._run, name="triton-log", daemon=True)
         self.thread.start()
@@ -309,6 +314,8 @@ class _LogPump:
         text = line.decode(errors="replace").rstrip()
         if text:  # Triton's lines look like "I1130 12:00:00.000000 42 server.cc:1] ..."
             level = self.LEVELS.get(text[0], logging.INFO) if text[1:2].isdigit() else logging.INFO
+            if level == logging.ERROR and self.cpu_only and any(n in text for n in self.CPU_NOISE):
+                level = logging.WARNING
             triton_log.log(level, "%s", text)
         if self.file is not None:
             if self.file.tell() + len(line) > self.max_bytes and self.file.tell() > 0:

@@ -170,3 +170,11 @@ def test_triton_output_goes_to_the_log_at_its_level_and_its_file_is_rotated(tmp_
     assert [f.name for f in files] == ["triton.log", "triton.log.1"]
     assert all(f.stat().st_size <= max_bytes for f in files)
     assert log.read_bytes().endswith(line)
+
+
+@pytest.mark.parametrize("cpu_only, level", [(True, logging.WARNING), (False, logging.ERROR)])
+def test_no_cuda_complaint_is_a_warning_only_when_serving_on_the_cpu(caplog, cpu_only, level):
+    line = b'E1204 19:05:24.482219 18049 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+    with caplog.at_level(logging.INFO, logger="dgemma.triton"):
+        _LogPump(_Lines([line]), None, 1000, cpu_only).close()
+    assert [r.levelno for r in caplog.records if r.name == "dgemma.triton"] == [level]
