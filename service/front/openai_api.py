@@ -416,9 +416,6 @@ class OpenAIApi:
             if len(prompts) > 1:
                 raise InvalidArgument("prompt", "with suffix, give one prompt")
             return await self._infill(r, prompts[0], head, call, deadline)
-        if len(prompts) * r.n > self.dispatcher.max_inflight:
-            raise InvalidArgument("prompt", f"{len(prompts)} prompts x n={r.n} exceeds this server's limit of "
-                                            f"{self.dispatcher.max_inflight} concurrent generations")
         max_new, length_field = r.length()
         batch = []
         for k, (p, field) in enumerate(zip(prompts, fields)):
@@ -435,11 +432,15 @@ class OpenAIApi:
                    for k, (job, fs) in enumerate(zip(batch, finals)) for i, f in enumerate(fs)]
         return _Produced({**head, "choices": choices, "usage": _usage(_total(batch, finals))})
 
+    def _at_once(self, batch: list[Job]) -> int:
+        """Prompts run at once: as many as the concurrent-generation limit holds; the rest wait their turn."""
+        return self.dispatcher.max_inflight // batch[0].options.num_variations
+
     async def _finals(self, batch: list[Job], call: Call, deadline: float | None) -> list[list[BackendEvent]]:
         """Each job's variations' final events, the jobs run at once."""
         kw = self._run_kw(call, deadline)
         finals: list[list] = [[None] * j.options.num_variations for j in batch]
-        async for k, (i, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch]):
+        async for k, (i, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch], self._at_once(batch)):
             if ev.kind == "final":
                 finals[k][i] = ev
         return finals
@@ -508,7 +509,7 @@ class OpenAIApi:
             return {"index": i, "text": text, "logprobs": None, "finish_reason": None, **extra}
 
         kw = self._run_kw(call, deadline)
-        async for k, (v, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch]):
+        async for k, (v, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch], self._at_once(batch)):
             i = k * n + v
             if ev.kind == "draft":
                 c = choice(i, "", draft={"canvas_index": ev.canvas_index, "step": ev.step, "text": ev.text,
@@ -536,9 +537,10 @@ def _total(batch: list[Job], finals: list[list[BackendEvent]]) -> Usage:
     return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts))
 
 
-async def _merge(runs: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
-    """Items of several async iterators as (which, item), as they come; the first error ends all of them (each
-    is closed, which cancels its Triton streams). A bounded queue keeps each run's own backpressure."""
+async def _merge(runs: list[AsyncIterator], at_once: int) -> AsyncIterator[tuple[int, object]]:
+    """Items of several async iterators as (which, item), as they come, at most `at_once` of them running (the
+    others start as those end); the first error ends all of them (each is closed, which cancels its Triton
+    streams). A bounded queue keeps each run's own backpressure."""
     if len(runs) == 1:
         async with contextlib.aclosing(runs[0]) as run:
             async for item in run:
@@ -546,10 +548,11 @@ async def _merge(runs: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]
         return
     done = object()
     queue: asyncio.Queue = asyncio.Queue(maxsize=len(runs))
+    room = asyncio.Semaphore(max(1, at_once))
 
     async def pump(k: int, run: AsyncIterator) -> None:
         try:
-            async with contextlib.aclosing(run):
+            async with room, contextlib.aclosing(run):
                 async for item in run:
                     await queue.put((k, item))
             await queue.put((k, done))
