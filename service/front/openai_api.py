@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -33,10 +34,12 @@ from service.front.openai_schema import (
     DEFAULT_GAP_TOKENS,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     TokenizeRequest,
+    chat_extras,
     chat_of,
     parse,
-    prompt_of,
+    prompts_of,
 )
 from service.request.dispatch import Dispatcher, Usage, usage_of
 from service.request.triton_client import BackendEvent
@@ -45,6 +48,8 @@ from service.telemetry.tracing import context_from_traceparent, get_tracer
 
 FINISH = {"eos": "stop", "length": "length"}
 OWNER = "diffusiongemma-nim"
+MAX_COUNTED_FIELDS = 64  # distinct ignored-field names counted by name; the rest as "other"
+log = logging.getLogger("dgemma.front")
 DEFAULT_BODY_TIMEOUT_S = 30.0  # NIM_HTTP_BODY_TIMEOUT
 MAX_TIMEOUT_S = 1e6  # X-Request-Timeout's cap when the server's (NIM_MAX_REQUEST_SECONDS) is 0 or larger
 
@@ -273,17 +278,37 @@ class OpenAIApi:
             Route("/v1/completions", self._route("POST /v1/completions", self._completions), methods=["POST"]),
             Route("/v1/chat/completions", self._route("POST /v1/chat/completions", self._chat), methods=["POST"]),
             Route("/v1/tokenize", self._route("POST /v1/tokenize", self._tokenize), methods=["POST"]),
+            Route("/v1/detokenize", self._route("POST /v1/detokenize", self._detokenize), methods=["POST"]),
             Route("/v1/models", self._route("GET /v1/models", self._models), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self._model_route, methods=["GET"]),
             Route("/v1/health/live", self._live, methods=["GET"]),
             Route("/v1/health/ready", self._ready, methods=["GET"]),
             Route("/v1/metrics", self._metrics, methods=["GET"]),
+            # vLLM's routes at the root, which clients (lm-evaluation-harness's remote tokenizer, guidellm) probe
+            Route("/health", self._ready, methods=["GET"]),
+            Route("/tokenize", self._route("POST /tokenize", self._tokenize), methods=["POST"]),
+            Route("/detokenize", self._route("POST /detokenize", self._detokenize), methods=["POST"]),
+            Route("/tokenizer_info", self._route("GET /tokenizer_info", self._tokenizer_info), methods=["GET"]),
         ]
+        self._counted_fields: set[str] = set()
         self.app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
 
     def _route(self, method: str, work):
         async def endpoint(request: Request):
             return _Exchange(self, request, method, work)
         return endpoint
+
+    def _parse(self, model, body: bytes):
+        """The body as `model`; the fields it ignored are counted by name and logged at DEBUG."""
+        r, ignored = parse(model, body)
+        for name in ignored:
+            name = name[:64]
+            if name not in self._counted_fields and len(self._counted_fields) < MAX_COUNTED_FIELDS:
+                self._counted_fields.add(name)
+            self.metrics.ignored_fields.labels(name if name in self._counted_fields else "other").inc()
+        if ignored:
+            log.debug("ignored fields: %s", ", ".join(repr(n[:64]) for n in ignored[:16]))
+        return r
 
     # ---- open routes ---------------------------------------------------------------------------
 
@@ -300,34 +325,62 @@ class OpenAIApi:
 
     # ---- models, tokenize -----------------------------------------------------------------------
 
-    async def _models(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
+    def _card(self) -> dict:
         m, d = self.model, self.model.defaults
         params = {k: getattr(d, k) for k in (*jobs.PARAM_FIELDS, "sampler")}
-        card = {"id": m.id, "object": "model", "created": 0, "owned_by": OWNER, "canvas_length": m.config.canvas_length,
+        return {"id": m.id, "object": "model", "created": 0, "owned_by": OWNER, "canvas_length": m.config.canvas_length,
                 "vocab_size": m.config.vocab_size, "profile": m.profile, "default_parameters": params,
-                "default_max_tokens": d.max_new_tokens}
-        return _Produced({"object": "list", "data": [card]})
+                "default_max_tokens": d.max_new_tokens, "max_model_len": self.dispatcher.limits.max_tokens}
+
+    async def _models(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
+        return _Produced({"object": "list", "data": [self._card()]})
+
+    async def _model_route(self, request: Request):
+        async def work(body: bytes, call: Call, deadline: float | None) -> _Produced:
+            self.dispatcher.check_model(request.path_params["model_id"] or "?", "model")
+            return _Produced(self._card())
+        return _Exchange(self, request, "GET /v1/models/{id}", work)
 
     async def _tokenize(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
-        r = parse(TokenizeRequest, body)
+        r = self._parse(TokenizeRequest, body)
         self.dispatcher.check_model(r.model)
         if (r.prompt is None) == (r.messages is None):
             raise InvalidArgument("prompt", "give prompt or messages")
         if r.prompt is not None:
             self.dispatcher.limits.check_text(utf8_sizes({"prompt": r.prompt}))
             ids = await self.dispatcher.offload(jobs.text_ids, self.model, r.prompt, "prompt")
+            if not r.add_special_tokens:
+                ids = ids[1:]  # text_ids prepends the BOS
         else:
-            ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
+            ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages",
+                                                chat_extras(r.messages))
         tok = jobs.tokenizer_of(self.model, "prompt")
         return _Produced({"model": self.model.id, "tokens": ids, "token_strs": [tok.id_to_token(i) or "" for i in ids],
-                          "count": len(ids)})
+                          "count": len(ids), "max_model_len": self.dispatcher.limits.max_tokens})
+
+    async def _detokenize(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
+        r = self._parse(DetokenizeRequest, body)
+        self.dispatcher.check_model(r.model)
+        self.dispatcher.limits.check_ids("tokens", len(r.tokens))
+        ids = jobs.checked_ids(self.model, r.tokens, "tokens") if r.tokens else []
+        tok = jobs.tokenizer_of(self.model, "tokens")
+        return _Produced({"prompt": await self.dispatcher.offload(tok.decode, ids, False)})
+
+    async def _tokenizer_info(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
+        """vLLM's shape: the special tokens and the chat template (lm-evaluation-harness's remote tokenizer)."""
+        tok, m = jobs.tokenizer_of(self.model, "model"), self.model
+        text = lambda i: tok.id_to_token(i) if i is not None else None  # noqa: E731
+        return _Produced({"tokenizer_class": "PreTrainedTokenizerFast", "model": m.id, "bos_token": text(tok.bos_id),
+                          "eos_token": text(m.eos_id), "pad_token": text(m.pad_id),
+                          "chat_template": tok.chat_template, "vocab_size": m.config.vocab_size,
+                          "model_max_length": self.dispatcher.limits.max_tokens})
 
     # ---- completions ---------------------------------------------------------------------------
 
-    def _job(self, r, call: Call, prompt_ids: list[int], prompt_field: str, length_field: str,
+    def _job(self, r, rid: str, prompt_ids: list[int], prompt_field: str, length_field: str,
              max_new_tokens: int | None, **kw) -> Job:
         options = jobs.options_of(r.diffusion_params(), r.sampler, r.seed, r.n, OPENAI_PATHS)
-        return Job(request_id=call.rid, prompt_ids=prompt_ids, options=options, max_new_tokens=max_new_tokens,
+        return Job(request_id=rid, prompt_ids=prompt_ids, options=options, max_new_tokens=max_new_tokens,
                    field_names=jobs.field_names(prompt_field, length_field, OPENAI_PATHS), **kw)
 
     def _turns(self, messages) -> list[tuple[str, str]]:
@@ -347,26 +400,50 @@ class OpenAIApi:
         return dict(timeout=timeout, trace_context=call.trace_context, metrics=call.rm)
 
     async def _completions(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
-        r = parse(CompletionRequest, body)
+        r = self._parse(CompletionRequest, body)
         self.dispatcher.check_model(r.model)
-        prompt = prompt_of(r.prompt)
-        if isinstance(prompt, str):
-            self.dispatcher.limits.check_text(utf8_sizes({"prompt": prompt, "suffix": r.suffix}))
-        else:
-            self.dispatcher.limits.check_ids("prompt", len(prompt))
+        r.checked_stream_options()
+        prompts = prompts_of(r.prompt)
+        fields = ["prompt"] if len(prompts) == 1 else [f"prompt[{k}]" for k in range(len(prompts))]
+        for p, field in zip(prompts, fields):  # every prompt within the limits before any is tokenized
+            if isinstance(p, str):
+                self.dispatcher.limits.check_text(utf8_sizes({field: p, "suffix": r.suffix}))
+            else:
+                self.dispatcher.limits.check_ids(field, len(p))
         head = {"id": f"cmpl-{call.rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.id}
         if r.suffix is not None:
-            return await self._infill(r, prompt, head, call, deadline)
-        ids = await self.dispatcher.offload(jobs.text_ids if isinstance(prompt, str) else jobs.checked_ids,
-                                            self.model, prompt, "prompt")
-        job = self._job(r, call, ids, "prompt", "max_tokens", r.max_tokens, return_drafts=r.stream and r.return_drafts)
+            if len(prompts) > 1:
+                raise InvalidArgument("prompt", "with suffix, give one prompt")
+            return await self._infill(r, prompts[0], head, call, deadline)
+        max_new, length_field = r.length()
+        batch = []
+        for k, (p, field) in enumerate(zip(prompts, fields)):
+            ids = await self.dispatcher.offload(jobs.text_ids if isinstance(p, str) else jobs.checked_ids,
+                                                self.model, p, field)
+            rid = call.rid if len(prompts) == 1 else f"{call.rid}-p{k}"
+            batch.append(self._job(r, rid, ids, field, length_field, max_new, return_drafts=r.stream and r.return_drafts))
         if r.stream:
-            return _Produced(chunks=await _primed(self._stream(job, r, head, call, deadline, chat=False)))
-        finals = await self.dispatcher.finals(job, **self._run_kw(call, deadline))
-        choices = [{"index": i, "text": f.text, "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
-                    "token_ids": f.ids, "seed": job.seed(i)} for i, f in enumerate(finals)]
-        return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
+            return _Produced(chunks=await _primed(self._stream(batch, r, head, call, deadline, chat=False)))
+        finals = await self._finals(batch, call, deadline)
+        n = batch[0].options.num_variations
+        choices = [{"index": k * n + i, "text": f.text, "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
+                    "token_ids": f.ids, "seed": job.seed(i)}
+                   for k, (job, fs) in enumerate(zip(batch, finals)) for i, f in enumerate(fs)]
+        return _Produced({**head, "choices": choices, "usage": _usage(_total(batch, finals))})
+
+    def _at_once(self, batch: list[Job]) -> int:
+        """Prompts run at once: as many as the concurrent-generation limit holds; the rest wait their turn."""
+        return self.dispatcher.max_inflight // batch[0].options.num_variations
+
+    async def _finals(self, batch: list[Job], call: Call, deadline: float | None) -> list[list[BackendEvent]]:
+        """Each job's variations' final events, the jobs run at once."""
+        kw = self._run_kw(call, deadline)
+        finals: list[list] = [[None] * j.options.num_variations for j in batch]
+        async for k, (i, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch], self._at_once(batch)):
+            if ev.kind == "final":
+                finals[k][i] = ev
+        return finals
 
     async def _infill(self, r: CompletionRequest, prompt, head: dict, call: Call, deadline: float | None) -> _Produced:
         if not isinstance(prompt, str):
@@ -374,13 +451,14 @@ class OpenAIApi:
         if r.stream:
             raise InvalidArgument("stream", "not supported with suffix (an infill is one canvas)")
         tok = jobs.tokenizer_of(self.model, "prompt")
-        gap = r.max_tokens if r.max_tokens is not None else DEFAULT_GAP_TOKENS
+        gap, length_field = r.length()
+        gap = gap if gap is not None else DEFAULT_GAP_TOKENS
         try:
             lay = await self.dispatcher.offload(layout.infill_layout, tok, self.model.config.canvas_length, prompt,
                                                 r.suffix, gap, eos_id=self.model.eos_id, pad_id=self.model.pad_id)
         except InvalidArgument as e:
-            raise (e.renamed("max_tokens") if e.field == "gap_tokens" else e) from None
-        job = self._job(r, call, lay.prompt_ids, "prompt", "max_tokens", lay.max_new_tokens, pin_ids=lay.pin_ids,
+            raise (e.renamed(length_field) if e.field == "gap_tokens" else e) from None
+        job = self._job(r, call.rid, lay.prompt_ids, "prompt", length_field, lay.max_new_tokens, pin_ids=lay.pin_ids,
                         pin_mask=lay.pin_mask, constraint_ids=lay.constraint_ids)
         finals, filled, usage = await self.dispatcher.fill(job, lay, **self._run_kw(call, deadline))
         choices = [{"index": i, "text": values[0], "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
@@ -389,31 +467,37 @@ class OpenAIApi:
         return _Produced({**head, "choices": choices, "usage": _usage(usage)})
 
     async def _chat(self, body: bytes, call: Call, deadline: float | None) -> _Produced:
-        r = parse(ChatRequest, body)
+        r = self._parse(ChatRequest, body)
         self.dispatcher.check_model(r.model)
-        ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages")
-        length_field = "max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens"
-        max_new = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
-        job = self._job(r, call, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts)
+        r.checked_stream_options()
+        ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages",
+                                            chat_extras(r.messages))
+        max_new, length_field = r.length()
+        job = self._job(r, call.rid, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts)
         head = {"id": f"chatcmpl-{call.rid}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model.id}
         if r.stream:
             head["object"] = "chat.completion.chunk"
-            return _Produced(chunks=await _primed(self._stream(job, r, head, call, deadline, chat=True)))
-        finals = await self.dispatcher.finals(job, **self._run_kw(call, deadline))
+            return _Produced(chunks=await _primed(self._stream([job], r, head, call, deadline, chat=True)))
+        (finals,) = await self._finals([job], call, deadline)
         choices = [{"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
                     "finish_reason": FINISH.get(f.finish_reason), "token_ids": f.ids, "seed": job.seed(i)}
                    for i, f in enumerate(finals)]
         return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
 
-    async def _stream(self, job: Job, r, head: dict, call: Call, deadline: float | None, chat: bool
+    async def _stream(self, batch: list[Job], r, head: dict, call: Call, deadline: float | None, chat: bool
                       ) -> AsyncIterator[dict]:
         """One chunk per committed canvas (its text as an increment), a draft chunk per step with
-        return_drafts, each variation's last chunk with its finish_reason, then usage if asked for."""
+        return_drafts, each variation's last chunk with its finish_reason, then usage if asked for. Choice
+        indexes are prompt-major (prompt k's variation i is k * n + i)."""
         tok = self.model.tokenizer
-        deltas = [_Delta(tok.decode if tok else None) for _ in range(job.options.num_variations)]
-        started = [False] * job.options.num_variations
-        finals: list[BackendEvent] = []
+        n = batch[0].options.num_variations
+        deltas = [_Delta(tok.decode if tok else None) for _ in range(len(batch) * n)]
+        started = [False] * len(deltas)
+        generated = [0] * len(deltas)  # tokens generated so far, per choice (pad excluded)
+        prompt_tokens = sum(len(j.prompt_ids) for j in batch)
+        opts = r.checked_stream_options()
+        pad = self.model.pad_id
 
         def choice(i: int, text: str, **extra) -> dict:
             if chat:
@@ -424,19 +508,72 @@ class OpenAIApi:
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
             return {"index": i, "text": text, "logprobs": None, "finish_reason": None, **extra}
 
-        async for i, ev in self.dispatcher.run(job, **self._run_kw(call, deadline)):
+        kw = self._run_kw(call, deadline)
+        async for k, (v, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch], self._at_once(batch)):
+            i = k * n + v
             if ev.kind == "draft":
                 c = choice(i, "", draft={"canvas_index": ev.canvas_index, "step": ev.step, "text": ev.text,
                                          "token_ids": ev.ids})
             elif ev.kind == "canvas":
+                generated[i] += sum(t != pad for t in ev.ids)
                 c = choice(i, deltas[i].canvas(ev), canvas_index=ev.canvas_index, steps=ev.step)
             else:
-                finals.append(ev)
-                c = choice(i, deltas[i].final(ev), token_ids=ev.ids, seed=job.seed(i))
+                generated[i] = int(ev.stats.get("generated_tokens", generated[i]))
+                c = choice(i, deltas[i].final(ev), token_ids=ev.ids, seed=batch[k].seed(v))
                 c["finish_reason"] = FINISH.get(ev.finish_reason)
-            yield {**head, "choices": [c]}
-        if r.stream_options is not None and r.stream_options.include_usage:
-            yield {**head, "choices": [], "usage": _usage(usage_of(job, finals))}
+            chunk = {**head, "choices": [c]}
+            if opts.continuous_usage_stats:
+                chunk["usage"] = _usage(Usage(prompt_tokens, sum(generated)))
+            elif opts.include_usage:
+                chunk["usage"] = None  # OpenAI's: null on every chunk but the last
+            yield chunk
+        if opts.include_usage:
+            yield {**head, "choices": [], "usage": _usage(Usage(prompt_tokens, sum(generated)))}
+
+
+def _total(batch: list[Job], finals: list[list[BackendEvent]]) -> Usage:
+    """The usage of several jobs (prompts) together."""
+    parts = [usage_of(j, f) for j, f in zip(batch, finals)]
+    return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts))
+
+
+async def _merge(runs: list[AsyncIterator], at_once: int) -> AsyncIterator[tuple[int, object]]:
+    """Items of several async iterators as (which, item), as they come, at most `at_once` of them running (the
+    others start as those end); the first error ends all of them (each is closed, which cancels its Triton
+    streams). A bounded queue keeps each run's own backpressure."""
+    if len(runs) == 1:
+        async with contextlib.aclosing(runs[0]) as run:
+            async for item in run:
+                yield 0, item
+        return
+    done = object()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(runs))
+    room = asyncio.Semaphore(max(1, at_once))
+
+    async def pump(k: int, run: AsyncIterator) -> None:
+        try:
+            async with room, contextlib.aclosing(run):
+                async for item in run:
+                    await queue.put((k, item))
+            await queue.put((k, done))
+        except Exception as e:  # noqa: BLE001 (raised by the reader)
+            await queue.put((k, e))
+
+    tasks = [asyncio.create_task(pump(k, run)) for k, run in enumerate(runs)]
+    try:
+        left = len(runs)
+        while left:
+            k, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

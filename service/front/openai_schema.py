@@ -1,8 +1,9 @@
 """The OpenAI-compatible request bodies (pydantic), and what this server does with OpenAI's other fields.
 
 Every field an OpenAI client may send is in one of three places: a model below (implemented), UNSUPPORTED
-(refused with a 400 naming it unless it holds its no-op value) or IGNORED (accepted and dropped). Anything
-else is refused as an unknown field. docs/api.md lists them all.
+(refused with a 400 naming it unless it holds its no-op value) or IGNORED (known, accepted and dropped). Any
+other field is ignored too, as vLLM, SGLang and NIM do (clients follow OpenAI's evolving API): `parse` returns
+the names it dropped, and the front counts them by name. docs/api.md lists them all.
 """
 
 from __future__ import annotations
@@ -39,15 +40,17 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
 }
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
                      "prompt_cache_key"})
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (a list); each runs as its own job
 DEFAULT_GAP_TOKENS = 16  # OpenAI's default max_tokens, the gap's length when `suffix` is given without it
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage; every chunk before it carries "usage": null
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk
 
 
 class _Generation(_Body):
@@ -59,6 +62,7 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
     # extensions, named as in diffusiongemma.v1
     max_denoising_steps: int | None = None
     entropy_bound: float | None = None
@@ -73,27 +77,46 @@ class _Generation(_Body):
         return {k: getattr(self, k) for k in ("max_denoising_steps", "entropy_bound", "t_min", "t_max",
                                               "stability_threshold", "confidence_threshold")}
 
+    def length(self) -> tuple[int | None, str]:
+        """The requested output length and the field it came from."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def checked_stream_options(self) -> StreamOptions:
+        """stream_options, refused without stream (as OpenAI does); the defaults when unset."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidArgument("stream_options", "only allowed with stream: true")
+        return self.stream_options or StreamOptions()
+
 
 class CompletionRequest(_Generation):
-    prompt: Any  # a string or a list of token ids (checked by prompt_of: a union would blur the errors)
+    prompt: Any  # one prompt or a list of them (checked by prompts_of: a union would blur the errors)
     suffix: str | None = None
 
 
 class ChatMessage(_Body):
     role: str
     content: Any = None  # a string or a list of {"type": "text", "text": ...} parts
-    name: str | None = None  # accepted and ignored
+    name: str | None = None  # passed to the chat template
+    tool_call_id: str | None = None  # a tool turn's answer to this call (passed to the chat template)
+    tool_calls: list[dict] | None = None  # an assistant turn's calls (passed to the chat template)
 
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
 
 
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # a prompt's BOS (vLLM's field)
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 def _path(loc: tuple) -> str:
@@ -103,42 +126,57 @@ def _path(loc: tuple) -> str:
     return out
 
 
-def parse(model: type[BaseModel], body: bytes):
-    """The body as `model`; a bad one raises InvalidArgument naming the field."""
+def parse(model: type[BaseModel], body: bytes) -> tuple[Any, list[str]]:
+    """The body as `model`, and the names of the top-level fields it ignored; a bad body raises
+    InvalidArgument naming the field."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidArgument("body", f"not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise InvalidArgument("body", "must be a JSON object")
+    ignored = []
     for name in list(data):
-        if name in IGNORED:
-            del data[name]
-        elif name in UNSUPPORTED and name not in model.model_fields:
+        if name in UNSUPPORTED and name not in model.model_fields:
             no_ops, why = UNSUPPORTED[name]
             if data[name] not in no_ops:
                 raise InvalidArgument(name, why)
             del data[name]
+        elif name not in model.model_fields:
+            ignored.append(name)
+            del data[name]
     try:
-        return model.model_validate(data)
+        return model.model_validate(data), ignored
     except ValidationError as e:
         err = e.errors()[0]
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise InvalidArgument(_path(err["loc"]) or "body", message) from None
+        raise InvalidArgument(_path(err["loc"]) or "body", err["msg"]) from None
 
 
-def prompt_of(prompt: Any) -> str | list[int]:
-    """`prompt`: a string or a list of token ids (a list holding one of those is accepted too)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    raise InvalidArgument("prompt", "must be a string or a list of token ids (one prompt per request)")
+def _ids(p: Any) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def prompts_of(prompt: Any) -> list[str | list[int]]:
+    """`prompt`: a string, a list of token ids, or a list of either (several prompts, as OpenAI takes them)."""
+    if isinstance(prompt, str) or _ids(prompt):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise InvalidArgument("prompt", "must be a string, a list of token ids, or a non-empty list of those")
+    if len(prompt) > MAX_PROMPTS:
+        raise InvalidArgument("prompt", f"{len(prompt)} prompts, over this server's limit of {MAX_PROMPTS}")
+    for i, p in enumerate(prompt):
+        if not (isinstance(p, str) or _ids(p)):
+            raise InvalidArgument(f"prompt[{i}]", "must be a string or a non-empty list of token ids")
+    return list(prompt)
 
 
 ROLE_ALIASES = {"developer": "system"}
+
+
+def chat_extras(messages: list[ChatMessage]) -> list[dict]:
+    """Each message's fields beyond role and content (tool calls, their ids, names), for the chat template."""
+    return [{k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id), ("tool_calls", m.tool_calls))
+             if v is not None} for m in messages]
 
 
 def chat_of(messages: list[ChatMessage], name: str = "messages") -> list[tuple[str, str]]:

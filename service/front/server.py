@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
 from service.front.auth import BearerKeys
 from service.front.call_limit import CallLimit
+from service.front.reflection import enable_reflection
 from service.request.catalog import ServedModel
 from service.front.http_server import HttpServer
 from service.front.interceptors import AuthInterceptor, ObservabilityInterceptor, RpcLimitInterceptor
@@ -119,7 +119,7 @@ class FrontServer:
         pb_grpc.add_DiffusionGemmaServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if s.reflection:
-            reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+            enable_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
         address = f"{s.host}:{s.port}"
         self.port = server.add_secure_port(address, s.tls.credentials()) if s.tls else server.add_insecure_port(address)
         if not self.port:

@@ -16,7 +16,7 @@ from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
 
 MAX_VARIATIONS = 16
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-ROLES = {"system": "system", "user": "user", "model": "model", "assistant": "model"}
+ROLES = {"system": "system", "user": "user", "model": "model", "assistant": "model", "tool": "tool"}
 SAMPLERS = {0: None, 1: "reference", 2: "fast"}  # proto enum Sampler -> the backend's name
 PARAM_FIELDS = DIFFUSION_PARAMS  # DiffusionParameters' numeric fields, named as the backend's inputs
 
@@ -152,8 +152,10 @@ def checked_ids(model: ServedModel, token_ids: list[int], name: str) -> list[int
     return list(token_ids)
 
 
-def chat_ids(model: ServedModel, chat: list[tuple[str, str]], name: str) -> list[int]:
-    """A conversation's ids through the chat template; `name` is the path of the messages field."""
+def chat_ids(model: ServedModel, chat: list[tuple[str, str]], name: str, extras: list[dict] | None = None
+             ) -> list[int]:
+    """A conversation's ids through the chat template; `name` is the path of the messages field; `extras`: each
+    message's other fields (tool calls, their ids), given to the template."""
     if not chat:
         raise InvalidArgument(name, "the conversation is empty")
     turns = []
@@ -162,7 +164,7 @@ def chat_ids(model: ServedModel, chat: list[tuple[str, str]], name: str) -> list
             raise InvalidArgument(f"{name}[{i}].role", f"must be one of {sorted(ROLES)}, got {role!r}")
         turns.append((ROLES[role], content))
     try:
-        return tokenizer_of(model, name).chat_prompt(turns)
+        return tokenizer_of(model, name).chat_prompt(turns, extras)
     except InvalidArgument as e:  # the chat template refused the conversation
         raise e.renamed(name) from None
 

@@ -63,6 +63,9 @@ class FrontMetrics:
                                         "reader read them", registry=r)
         self.backend_restarts = Counter(p + "backend_restarts", "Times the supervisor restarted a dead tritonserver",
                                         registry=r)
+        self.ignored_fields = Counter(p + "ignored_fields", "HTTP body fields ignored (unknown to this server, or "
+                                      "known and without effect), by name (past 64 names: 'other')", ["field"],
+                                      registry=r)
 
     def request(self, method: str) -> "RequestMetrics":
         """Start tracking one RPC (in flight and queued from now)."""

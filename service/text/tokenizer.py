@@ -56,15 +56,19 @@ class Tokenizer:
             self._template = _compile(self.chat_template)
         return self._template
 
-    def chat_prompt(self, messages: list[tuple[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: list[tuple[str, str]], extras: list[dict] | None = None) -> list[int]:
         """The checkpoint's chat template when it has one, else the Gemma turn format; ends with an open
-        model turn. (role, content) pairs in order."""
+        model turn. (role, content) pairs in order; `extras`: each message's other fields (`tool_calls`,
+        `tool_call_id`, `name`), given to the template as they are. The Gemma format writes a turn's
+        `tool_calls` after its content as JSON."""
+        extras = extras or [{} for _ in messages]
         if self.chat_template is None:
-            text = "".join(f"{TURN_OPEN}{role}\n{content}{TURN_CLOSE}\n" for role, content in messages)
+            text = "".join(f"{TURN_OPEN}{role}\n{content}{_calls_text(x)}{TURN_CLOSE}\n"
+                           for (role, content), x in zip(messages, extras))
             return self.encode(text + f"{TURN_OPEN}model\n")
         bos = self._tok.id_to_token(self.bos_id) or ""
         try:
-            text = self._compiled().render(messages=[{"role": r, "content": c} for r, c in messages],
+            text = self._compiled().render(messages=[{**x, "role": r, "content": c} for (r, c), x in zip(messages, extras)],
                                            add_generation_prompt=True, bos_token=bos)
         except _RefusedByTemplate as e:  # the template's own check of the conversation: the client's to fix
             raise InvalidArgument("messages", f"the chat template refused the conversation: {e}") from None
@@ -72,6 +76,11 @@ class Tokenizer:
             raise CheckpointError(f"the checkpoint's chat template failed: {e}") from None
         ids = self.encode(text, add_bos=False)
         return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
+
+
+def _calls_text(extra: dict) -> str:
+    calls = extra.get("tool_calls")
+    return json.dumps({"tool_calls": calls}, ensure_ascii=False) if calls else ""
 
 
 class _RefusedByTemplate(TemplateError):
