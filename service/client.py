@@ -147,7 +147,10 @@ def build_request(rpc: str, **kw: Any) -> Message:
     for name, value in kw.items():
         if name not in msg.DESCRIPTOR.fields_by_name:
             raise TypeError(f"{rpc}: unexpected keyword {name!r}")
-        setattr(msg, name, value)
+        if msg.DESCRIPTOR.fields_by_name[name].is_repeated:  # stop="x" or stop=[...], stop_token_ids=[...]
+            getattr(msg, name).extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(msg, name, value)
     return msg
 
 

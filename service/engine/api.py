@@ -25,6 +25,8 @@ class Request:
     # A token class id (service.sampler.constraints) per position of the first canvas, from position 0;
     # at most canvas_length. Pinned positions keep their pin.
     constraints: list[int] | None = None
+    # Generate up to max_new_tokens whatever EOS the model writes: no EOS ends it or pads after it.
+    ignore_eos: bool = False
 
     def validate(self, cfg: ModelConfig) -> "Request":
         if not isinstance(self.prompt_ids, (list, tuple)) or len(self.prompt_ids) == 0:

@@ -39,7 +39,8 @@ class Sequence:
         self.cfg = cfg
         self.device = device
         self.length = cfg.canvas_length
-        self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        # ignore_eos: no id ends the request or pads the canvas after it
+        self.eos = torch.tensor([] if request.ignore_eos else list(eos_ids), dtype=torch.long, device=device)
         self.pad_id = pad_id
         self.generator = generator
         self.max_canvases = math.ceil(self.params.max_new_tokens / self.length)  # the reference's count

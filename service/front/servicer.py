@@ -16,13 +16,13 @@ import grpc
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
-from service.request import jobs, layout
+from service.request import jobs, layout, stopping
 from service.front.interceptors import current_request_metrics, current_trace_context
 from service.request.jobs import Job
 from service.request.dispatch import Dispatcher, Usage, usage_of
 from service.request.triton_client import BackendEvent
 
-FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH}
+FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
 
 
 def _stats(stats: dict) -> pb.DiffusionStats:
@@ -76,13 +76,23 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         ids, prompt_field = jobs.prompt_ids(
             self.model, r.text if kind == "text" else None, _chat(r.chat) if kind == "chat" else None,
             list(r.token_ids.ids) if kind == "token_ids" else None)
+        max_new_tokens = r.max_new_tokens if r.HasField("max_new_tokens") else None
+        spec = stopping.stop_spec(self.model.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                                  r.stop, r.stop_token_ids, vocab_size=self.model.config.vocab_size,
+                                  has_tokenizer=self.model.tokenizer is not None)
         return Job(request_id=jobs.request_id_of(r.request_id), prompt_ids=ids, options=_options(r.options),
-                   max_new_tokens=r.max_new_tokens if r.HasField("max_new_tokens") else None,
-                   return_drafts=r.return_drafts, field_names=jobs.field_names(prompt_field))
+                   max_new_tokens=max_new_tokens, return_drafts=r.return_drafts, stopping=spec,
+                   ignore_eos=r.ignore_eos, field_names=jobs.field_names(prompt_field))
+
+    @staticmethod
+    def _choice(job: Job, i: int, f: BackendEvent) -> pb.Choice:
+        stop = ({"stop_sequence": f.stop_reason} if isinstance(f.stop_reason, str) else
+                {"stop_token_id": f.stop_reason} if f.stop_reason is not None else {})
+        return pb.Choice(index=i, text=f.text, token_ids=f.ids, finish_reason=FINISH.get(f.finish_reason, 0),
+                         seed=job.seed(i), stats=_stats(f.stats), **stop)
 
     def _generate_response(self, job: Job, finals: list[BackendEvent]) -> pb.GenerateResponse:
-        choices = [pb.Choice(index=i, text=f.text, token_ids=f.ids, finish_reason=FINISH.get(f.finish_reason, 0),
-                             seed=job.seed(i), stats=_stats(f.stats)) for i, f in enumerate(finals)]
+        choices = [self._choice(job, i, f) for i, f in enumerate(finals)]
         return pb.GenerateResponse(request_id=job.request_id, model=self.model.id, choices=choices,
                                    usage=_usage(usage_of(job, finals)))
 

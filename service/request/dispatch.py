@@ -23,6 +23,7 @@ from service.request import layout
 from service.request.catalog import ServedModel
 from service.request.jobs import Job, tokenizer_of
 from service.request.limits import PromptLimits
+from service.request.stopping import Stopper
 from service.request.triton_client import BackendEvent, TritonClient
 from service.telemetry.metrics import RequestMetrics
 from service.telemetry.tracing import traceparent_metadata
@@ -41,9 +42,11 @@ class Usage(NamedTuple):
 
 
 def usage_of(job: Job, finals: list[BackendEvent], completion: int | None = None) -> Usage:
-    """The prompt counted once; completion: the variations' generated tokens unless given."""
+    """The prompt counted once; completion: the tokens returned (after a Stopper's cut, else the generated
+    ones) unless given."""
     if completion is None:
-        completion = sum(int(f.stats.get("generated_tokens", 0)) for f in finals)
+        completion = sum(f.completion_tokens if f.completion_tokens is not None
+                         else int(f.stats.get("generated_tokens", 0)) for f in finals)
     return Usage(len(job.prompt_ids), completion)
 
 
@@ -132,9 +135,22 @@ class Dispatcher:
         except InvalidArgument as e:
             raise e.renamed(job.field_names.get(e.field, e.field)) from None
 
+    def stopper(self, job: Job) -> Stopper | None:
+        """A variation's Stopper when the job has a cap or stop conditions."""
+        if job.stopping is None:
+            return None
+        tok = self.model.tokenizer
+        return Stopper(job.stopping, tok.decode if tok is not None else None, self.model.pad_id)
+
     async def run(self, job: Job, *, timeout: float | None = None, trace_context: Context | None = None,
                   metrics: RequestMetrics | None = None) -> AsyncIterator[tuple[int, BackendEvent]]:
-        """Every variation's events as (variation, event), interleaved, until each has its final event."""
+        """Every variation's events as (variation, event), interleaved, until each has its final event.
+
+        With `job.stopping`, each variation's canvases and final are cut by its Stopper (service/request/
+        stopping.py): a canvas carries the ids up to the cut and only text that is final; the final carries
+        the cut result, `tail` (text no canvas released), `stop_reason` and `completion_tokens`. A variation
+        that stops early has its stream cancelled (no further canvas is generated) and gets a final made
+        from the canvases seen."""
         n = job.options.num_variations
         self.check_params(job)  # bad values are refused as such, never as overload, whatever the load
         if n > self.max_inflight:
@@ -157,19 +173,33 @@ class Dispatcher:
         try:  # nothing between the increment and the `try` whose `finally` takes it back
             metadata = traceparent_metadata(trace_context)
             tasks = [asyncio.create_task(pump(i, metadata)) for i in range(n)]
-            finals = 0
-            while finals < n:
+            stoppers = [self.stopper(job) for _ in range(n)]
+            ended: set[int] = set()  # variations that have had their final event
+            while len(ended) < n:
                 i, item = await events.get()
+                if i in ended:  # what a stream sent before it was cancelled
+                    continue
                 if isinstance(item, BaseException):
                     raise item
-                if metrics is not None:
-                    metrics.first_event()
-                    if item.kind == "canvas":
-                        metrics.canvas(steps=item.step)
-                    elif item.kind == "final":
-                        metrics.canvas(tokens=int(item.stats.get("generated_tokens", 0)))
-                finals += item.kind == "final"
-                yield i, item
+                out = [item]
+                stopper = stoppers[i]
+                if stopper is not None and item.kind == "canvas":
+                    out = [stopper.on_canvas(item)]
+                    if stopper.done:
+                        tasks[i].cancel()
+                        out.append(stopper.on_final(None, len(job.prompt_ids)))
+                elif stopper is not None and item.kind == "final":
+                    out = [stopper.on_final(item)]
+                for ev in out:
+                    if metrics is not None:
+                        metrics.first_event()
+                        if ev.kind == "canvas":
+                            metrics.canvas(steps=ev.step)
+                        elif ev.kind == "final":
+                            metrics.canvas(tokens=int(ev.stats.get("generated_tokens", 0)))
+                    if ev.kind == "final":
+                        ended.add(i)
+                    yield i, ev
         finally:
             for t in tasks:
                 t.cancel()

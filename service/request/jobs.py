@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from service.errors import InvalidArgument
 from service.request.catalog import ServedModel
+from service.request.stopping import StopSpec
 from service.request.triton_client import Tensor
 from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
 
@@ -53,6 +54,10 @@ class Job:
     pin_ids: list[int] | None = None
     pin_mask: list[bool] | None = None
     constraint_ids: list[int] | None = None
+    # a hard cap on returned tokens and stop conditions, applied by Dispatcher.run (None: the engine's output
+    # as it is, whole canvases)
+    stopping: StopSpec | None = None
+    ignore_eos: bool = False  # the engine generates up to max_new_tokens whatever EOS it writes
     # the backend's input names -> this request's field paths, for errors the backend finds
     field_names: dict[str, str] = field(default_factory=dict)
 
@@ -71,6 +76,8 @@ class Job:
         for name, v in self.options.params.items():
             kind = "BYTES" if name == "sampler" else "INT32" if name in INT_PARAMS else "FP32"
             t[name] = Tensor(kind, [v])
+        if self.ignore_eos:
+            t["ignore_eos"] = Tensor("BOOL", [True])
         if self.return_drafts:
             t["return_drafts"] = Tensor("BOOL", [True])
         if self.pin_ids is not None:

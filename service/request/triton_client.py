@@ -32,6 +32,10 @@ class BackendEvent:
     step: int
     stats: dict = field(default_factory=dict)
     finish_reason: str = ""
+    # set by the request layer's Stopper (service/request/stopping.py) on a final event:
+    tail: str = ""  # text that no canvas event released (held back as a possible stop sequence's start)
+    stop_reason: str | int | None = None  # the stop sequence or stop token id that ended the variation
+    completion_tokens: int | None = None  # ids returned after the cut, pad excluded (None: the engine's count)
 
 
 @dataclass(frozen=True)

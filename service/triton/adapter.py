@@ -24,7 +24,7 @@ TRITON_STATUS = {"OVERLOADED": "UNAVAILABLE", "DEADLINE_EXCEEDED": "UNAVAILABLE"
 
 # `timeout_ms`: milliseconds left of the caller's deadline (0 or absent: none); not a field of Request.
 INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "seed", "return_drafts",
-               "request_id", "sampler", "apply_chat_template", "timeout_ms", *INT_PARAMS, *FLOAT_PARAMS)
+               "ignore_eos", "request_id", "sampler", "apply_chat_template", "timeout_ms", *INT_PARAMS, *FLOAT_PARAMS)
 
 
 def error_code(err: BaseException) -> str:
@@ -114,6 +114,7 @@ def request_from_inputs(
         seed=int(seed) if seed is not None else 0,
         pins=pins,
         return_drafts=bool(_scalar(inputs, "return_drafts") or False),
+        ignore_eos=bool(_scalar(inputs, "ignore_eos") or False),
         request_id=str(_scalar(inputs, "request_id") or ""),
         constraints=constraints,
     )

@@ -89,3 +89,24 @@ def test_stability_window_is_the_last_threshold_argmaxes_unchanged(thr, pattern)
         seq.after_step(argmax, argmax, torch.zeros(4, 2), stable=False, confident=False)
         history.append(p)
     assert seq.state_nbytes() <= 3 * 4 * 8 + 2 * 4 * 8 + 8  # canvas, argmax, soft, one counter
+
+
+def test_ignore_eos_runs_to_max_new_tokens_without_pad(small_ckpt):
+    """Many EOS ids make an EOS within a few canvases likely: where a request ends at one, the same request
+    with ignore_eos runs every canvas, its first canvas the same ids with no pad after the EOS."""
+    engine = create_engine(checkpoint_dir=small_ckpt)
+    engine.eos_ids = tuple(range(1, 40))
+    length = engine.config.canvas_length
+    kw = dict(max_new_tokens=3 * length, max_denoising_steps=3, sampler="reference")
+    hits = 0
+    for seed in range(4):
+        plain = list(engine.generate(Request([2, 30, 31, 32], GenerationParams(**kw), seed=seed)))[-1]
+        if plain.finish_reason != "eos":
+            continue
+        hits += 1
+        full = list(engine.generate(Request([2, 30, 31, 32], GenerationParams(**kw), seed=seed, ignore_eos=True)))[-1]
+        assert full.finish_reason == "length" and len(full.token_ids) == 3 * length
+        assert len(full.stats.steps_per_canvas) == 3 and engine.pad_id not in full.token_ids[len(plain.token_ids) - length:]
+        first_eos = next(k for k, t in enumerate(plain.token_ids) if t in engine.eos_ids)
+        assert full.token_ids[:first_eos + 1] == plain.token_ids[:first_eos + 1]
+    assert hits > 0
