@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
-from service.request import jobs, layout
+from service.request import jobs, layout, stopping
 from service.front.auth import BearerKeys
 from service.front.call_limit import CallLimit
 from service.request.jobs import OPENAI_PATHS, Job
@@ -46,7 +46,7 @@ from service.request.triton_client import BackendEvent
 from service.telemetry.metrics import FrontMetrics
 from service.telemetry.tracing import context_from_traceparent, get_tracer
 
-FINISH = {"eos": "stop", "length": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 OWNER = "diffusiongemma-nim"
 MAX_COUNTED_FIELDS = 64  # distinct ignored-field names counted by name; the rest as "other"
 log = logging.getLogger("dgemma.front")
@@ -69,29 +69,6 @@ def _usage(u: Usage) -> dict:
 
 def _sse(data: dict | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
-
-
-class _Delta:
-    """One variation's streamed text: the decoded text of its committed canvases, sent as increments (a
-    character split across two canvases is sent once whole)."""
-
-    def __init__(self, decode: Callable[[list[int]], str] | None) -> None:
-        self.decode, self.ids, self.sent = decode, [], ""
-
-    def _step(self, full: str) -> str:
-        if not full.startswith(self.sent):
-            return ""
-        delta = full[len(self.sent):]
-        self.sent = full
-        return delta
-
-    def canvas(self, ev: BackendEvent) -> str:
-        self.ids += ev.ids
-        full = self.decode(self.ids) if self.decode else self.sent + ev.text
-        return self._step(full.rstrip("\ufffd"))
-
-    def final(self, ev: BackendEvent) -> str:
-        return self._step(ev.text)
 
 
 class _Produced:
@@ -383,6 +360,14 @@ class OpenAIApi:
         return Job(request_id=rid, prompt_ids=prompt_ids, options=options, max_new_tokens=max_new_tokens,
                    field_names=jobs.field_names(prompt_field, length_field, OPENAI_PATHS), **kw)
 
+    def _cut(self, r) -> dict:
+        """A generation's hard cap (max_tokens), stop sequences, stop ids and ignore_eos, as Job fields."""
+        cap = r.length()[0]
+        spec = stopping.stop_spec(self.model.defaults.max_new_tokens if cap is None else cap, r.stops(),
+                                  r.stop_token_ids or (), vocab_size=self.model.config.vocab_size,
+                                  has_tokenizer=self.model.tokenizer is not None)
+        return dict(stopping=spec, ignore_eos=r.ignore_eos)
+
     def _turns(self, messages) -> list[tuple[str, str]]:
         """The conversation's turns, their text within the limits (checked before tokenizing)."""
         turns = chat_of(messages)
@@ -417,18 +402,20 @@ class OpenAIApi:
                 raise InvalidArgument("prompt", "with suffix, give one prompt")
             return await self._infill(r, prompts[0], head, call, deadline)
         max_new, length_field = r.length()
+        cut = self._cut(r)
         batch = []
         for k, (p, field) in enumerate(zip(prompts, fields)):
             ids = await self.dispatcher.offload(jobs.text_ids if isinstance(p, str) else jobs.checked_ids,
                                                 self.model, p, field)
             rid = call.rid if len(prompts) == 1 else f"{call.rid}-p{k}"
-            batch.append(self._job(r, rid, ids, field, length_field, max_new, return_drafts=r.stream and r.return_drafts))
+            batch.append(self._job(r, rid, ids, field, length_field, max_new, return_drafts=r.stream and r.return_drafts,
+                                   **cut))
         if r.stream:
             return _Produced(chunks=await _primed(self._stream(batch, r, head, call, deadline, chat=False)))
         finals = await self._finals(batch, call, deadline)
         n = batch[0].options.num_variations
         choices = [{"index": k * n + i, "text": f.text, "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
-                    "token_ids": f.ids, "seed": job.seed(i)}
+                    "stop_reason": f.stop_reason, "token_ids": f.ids, "seed": job.seed(i)}
                    for k, (job, fs) in enumerate(zip(batch, finals)) for i, f in enumerate(fs)]
         return _Produced({**head, "choices": choices, "usage": _usage(_total(batch, finals))})
 
@@ -473,7 +460,8 @@ class OpenAIApi:
         ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages",
                                             chat_extras(r.messages))
         max_new, length_field = r.length()
-        job = self._job(r, call.rid, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts)
+        job = self._job(r, call.rid, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts,
+                        **self._cut(r))
         head = {"id": f"chatcmpl-{call.rid}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model.id}
         if r.stream:
@@ -481,7 +469,8 @@ class OpenAIApi:
             return _Produced(chunks=await _primed(self._stream([job], r, head, call, deadline, chat=True)))
         (finals,) = await self._finals([job], call, deadline)
         choices = [{"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
-                    "finish_reason": FINISH.get(f.finish_reason), "token_ids": f.ids, "seed": job.seed(i)}
+                    "finish_reason": FINISH.get(f.finish_reason), "stop_reason": f.stop_reason, "token_ids": f.ids,
+                    "seed": job.seed(i)}
                    for i, f in enumerate(finals)]
         return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
 
@@ -490,11 +479,9 @@ class OpenAIApi:
         """One chunk per committed canvas (its text as an increment), a draft chunk per step with
         return_drafts, each variation's last chunk with its finish_reason, then usage if asked for. Choice
         indexes are prompt-major (prompt k's variation i is k * n + i)."""
-        tok = self.model.tokenizer
         n = batch[0].options.num_variations
-        deltas = [_Delta(tok.decode if tok else None) for _ in range(len(batch) * n)]
-        started = [False] * len(deltas)
-        generated = [0] * len(deltas)  # tokens generated so far, per choice (pad excluded)
+        started = [False] * (len(batch) * n)
+        generated = [0] * len(started)  # tokens returned so far, per choice (pad excluded)
         prompt_tokens = sum(len(j.prompt_ids) for j in batch)
         opts = r.checked_stream_options()
         pad = self.model.pad_id
@@ -514,12 +501,12 @@ class OpenAIApi:
             if ev.kind == "draft":
                 c = choice(i, "", draft={"canvas_index": ev.canvas_index, "step": ev.step, "text": ev.text,
                                          "token_ids": ev.ids})
-            elif ev.kind == "canvas":
+            elif ev.kind == "canvas":  # its text is what became final (the request layer holds back a possible stop)
                 generated[i] += sum(t != pad for t in ev.ids)
-                c = choice(i, deltas[i].canvas(ev), canvas_index=ev.canvas_index, steps=ev.step)
-            else:
-                generated[i] = int(ev.stats.get("generated_tokens", generated[i]))
-                c = choice(i, deltas[i].final(ev), token_ids=ev.ids, seed=batch[k].seed(v))
+                c = choice(i, ev.text, canvas_index=ev.canvas_index, steps=ev.step)
+            else:  # the text no canvas released, and the choice's end
+                generated[i] = ev.completion_tokens if ev.completion_tokens is not None else generated[i]
+                c = choice(i, ev.tail, token_ids=ev.ids, seed=batch[k].seed(v), stop_reason=ev.stop_reason)
                 c["finish_reason"] = FINISH.get(ev.finish_reason)
             chunk = {**head, "choices": [c]}
             if opts.continuous_usage_stats:

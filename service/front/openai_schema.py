@@ -23,7 +23,6 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "top_logprobs": ((None, 0), "log probabilities are not returned"),
     "echo": ((None, False), "not supported"),
     "best_of": ((None, 1), "not supported; use n"),
-    "stop": ((None, "", []), "stop sequences are not supported"),
     "presence_penalty": ((None, 0), "not supported by the diffusion sampler"),
     "frequency_penalty": ((None, 0), "not supported by the diffusion sampler"),
     "logit_bias": ((None, {}), "not supported by the diffusion sampler"),
@@ -63,6 +62,9 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
+    stop: str | list[str] | None = None  # up to 4 stop sequences ("" and [] mean none, as in OpenAI's API)
+    stop_token_ids: list[int] | None = None  # vLLM's: ids that end a choice
+    ignore_eos: bool = False  # vLLM's: generate up to the cap whatever EOS the model writes
     # extensions, named as in diffusiongemma.v1
     max_denoising_steps: int | None = None
     entropy_bound: float | None = None
@@ -82,6 +84,11 @@ class _Generation(_Body):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
+
+    def stops(self) -> list[str]:
+        """The stop sequences, OpenAI's no-op values ("" and []) as none."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        return [] if stop == [""] else stop
 
     def checked_stream_options(self) -> StreamOptions:
         """stream_options, refused without stream (as OpenAI does); the defaults when unset."""
@@ -119,9 +126,15 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+# a union member's name in pydantic's error path (stop: str | list[str] fails at "stop.str" otherwise)
+_TYPE_TAGS = {"str", "int", "float", "bool"}
+
+
 def _path(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and (part in _TYPE_TAGS or part.startswith(("list[", "dict["))):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 

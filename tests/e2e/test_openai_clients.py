@@ -91,3 +91,50 @@ def test_a_replayed_tool_turn_goes_through_the_chat_template(oai):
                 {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
     r = oai.chat.completions.create(model="diffusiongemma", messages=messages, max_tokens=16, extra_body=STEPS)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 10
+
+
+CANVAS = 64
+
+
+def test_max_tokens_is_a_hard_cap_on_both_routes(oai):
+    r = oai.completions.create(model="diffusiongemma", prompt="def ", max_tokens=16, n=2, seed=3,
+                               extra_body={**STEPS, "ignore_eos": True})
+    for c in r.choices:
+        assert len(c.model_extra["token_ids"]) == 16 and c.finish_reason == "length"
+    assert r.usage.completion_tokens == sum(sum(t != 0 for t in c.model_extra["token_ids"]) for c in r.choices)
+    alias = oai.completions.create(model="diffusiongemma", prompt="def ", n=2, seed=3,
+                                   extra_body={**STEPS, "ignore_eos": True, "max_completion_tokens": 16})
+    assert [c.text for c in alias.choices] == [c.text for c in r.choices]
+    chat = oai.chat.completions.create(model="diffusiongemma", messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=10, extra_body={**STEPS, "ignore_eos": True})
+    assert len(chat.choices[0].model_extra["token_ids"]) == 10 and chat.usage.completion_tokens <= 10
+
+
+def test_stop_cuts_the_text_ends_the_choice_and_streams_the_same(oai):
+    kw = dict(model="diffusiongemma", prompt="def ", max_tokens=3 * CANVAS, seed=3,
+              extra_body={**STEPS, "ignore_eos": True})
+    full = oai.completions.create(**kw).choices[0].text
+    # a stop string that first occurs well inside the text
+    at = next(a for a in range(len(full) // 3, len(full)) if full[a:a + 3].strip() and full.find(full[a:a + 3]) == a)
+    stop = full[at:at + 3]
+    r = oai.completions.create(**kw, stop=[stop, "\x00never"]).choices[0]
+    assert r.text == full[:at] and r.finish_reason == "stop" and r.model_extra["stop_reason"] == stop
+    streamed = "".join(ch.choices[0].text for ch in oai.completions.create(**kw, stop=stop, stream=True)
+                       if ch.choices)
+    assert streamed == full[:at]
+    none = oai.completions.create(**kw, stop=[]).choices[0]  # OpenAI's no-op value
+    assert none.text == full and none.finish_reason == "length"
+
+
+def test_ignore_eos_runs_to_the_cap_where_eos_would_end_it(oai):
+    steps = {"max_denoising_steps": 6}  # as tests/e2e/test_stopping.py, where some of these seeds end at an EOS
+    for seed in range(16):
+        kw = dict(model="diffusiongemma", prompt="x = 1\n", max_tokens=3 * CANVAS, seed=seed, extra_body=steps)
+        plain = oai.completions.create(**kw).choices[0]
+        if plain.finish_reason == "stop":
+            break
+    else:
+        pytest.fail("no seed ended at an EOS")
+    kw["extra_body"] = {**steps, "ignore_eos": True}
+    ignored = oai.completions.create(**kw).choices[0]
+    assert ignored.finish_reason == "length" and len(ignored.model_extra["token_ids"]) == 3 * CANVAS

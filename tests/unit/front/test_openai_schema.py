@@ -30,6 +30,12 @@ def test_a_completion_body_with_extensions_and_ignored_fields():
     assert sorted(ignored) == ["frobnicate", "user"]  # unknown and known-ignored fields, dropped and named
 
 
+def test_stop_forms():
+    stops = lambda **f: parse(CompletionRequest, body(prompt="a", **f))[0].stops()  # noqa: E731
+    assert stops() == [] and stops(stop="") == [] and stops(stop=[]) == [] and stops(stop=None) == []
+    assert stops(stop="\n") == ["\n"] and stops(stop=["a", "b"]) == ["a", "b"]
+
+
 def test_length_aliases_and_stream_options():
     r, _ = parse(CompletionRequest, body(prompt="a", max_tokens=5, max_completion_tokens=7))
     assert r.length() == (7, "max_completion_tokens")
@@ -49,7 +55,8 @@ def test_length_aliases_and_stream_options():
     (body(prompt="a", n="3"), "n"),  # strict: no string-to-int coercion
     (body(prompt="a", sampler="greedy"), "sampler"),
     (body(prompt="a", temperature=0.7), "temperature"),
-    (body(prompt="a", stop=["\n"]), "stop"),
+    (body(prompt="a", stop=3), "stop"),
+    (body(prompt="a", stop_token_ids="1"), "stop_token_ids"),
     (body(prompt="a", best_of=3), "best_of"),
     (body(prompt="a", stream_options=[]), "stream_options"),
 ])
