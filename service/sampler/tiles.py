@@ -51,7 +51,7 @@ class CanvasDraw:
     reference: bool  # the reference's random stream (else the fast sampler)
     class_ids: Tensor | None = None  # long [L]: token class per position, or None (all FREE)
     greedy: bool = False  # the candidate is the argmax: no random numbers drawn
-    top_k: int = 0  # candidates from the top_k largest processed logits only (ties kept); 0: all
+    top_k: int = 0  # candidates from the top_k largest processed logits only; 0: all
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
         parts = []
         for c, lo, hi in _segments(start, stop, length):  # each canvas's share of the tile, in row order
             d = draws[c]
-            u = None if d.reference else fast_u[c][lo - c * length : hi - c * length]
+            u = None if fast_u[c] is None else fast_u[c][lo - c * length : hi - c * length]
             probs, entropy[lo:hi], ids = _sample_rows(processed[lo - start : hi - start], d, u)
             sampled[lo:hi] = argmax[lo:hi] if ids is None else ids
             parts.append(probs)
@@ -148,24 +148,33 @@ def _sample_rows(processed: Tensor, draw: CanvasDraw, u: Tensor | None) -> tuple
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         rows = [slice(i, i + _REFERENCE_ROWS) for i in range(0, processed.shape[0], _REFERENCE_ROWS)]
         parts = [(ops.token_entropy(processed[r]),  # in row order: the stream's order
-                  None if draw.greedy else reference_draw(top_k_filter(probs[r], processed[r], draw.top_k),
-                                                          draw.generator))
+                  None if draw.greedy else _filtered(reference_draw, probs[r], processed[r], draw.top_k,
+                                                     draw.generator))
                  for r in rows]
         ids = None if draw.greedy else torch.cat([i for _, i in parts])
         return probs, torch.cat([h for h, _ in parts]), ids
     probs, entropy = ops.fast_probs_and_entropy(processed)
     if draw.greedy:
         return probs, entropy, None
-    return probs, entropy, inverse_cdf_draw(top_k_filter(probs, processed, draw.top_k), u)
+    return probs, entropy, _filtered(inverse_cdf_draw, probs, processed, draw.top_k, u)
 
 
-def top_k_filter(probs: Tensor, processed: Tensor, k: int) -> Tensor:
-    """probs [m, V] with zeros outside each row's k largest processed logits (all ids tied with the k-th
-    kept); probs itself when k is 0 or at least V. Both draws are scale-free: no renormalisation needed."""
+def _filtered(draw_fn: Callable[[Tensor, object], Tensor], probs: Tensor, processed: Tensor, k: int,
+              source: object) -> Tensor:
+    """draw_fn(probs, source)'s ids [m], drawn among each row's k largest processed logits only (ties broken
+    as torch.topk does) when 0 < k < V. The draw runs on the k gathered probabilities (both draws are
+    scale-free: no renormalisation), so no second [m, V] tensor is made."""
+    weights, index = candidates(probs, processed, k)
+    ids = draw_fn(weights, source)
+    return ids if index is None else index.gather(1, ids[:, None])[:, 0]
+
+
+def candidates(probs: Tensor, processed: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """The weights [m, K] a candidate is drawn from and their ids [m, K] (None: all V ids, in order)."""
     if k <= 0 or k >= processed.shape[-1]:
-        return probs
-    kth = processed.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # [m, 1]
-    return probs.masked_fill(processed < kth, 0.0)
+        return probs, None
+    index = processed.topk(k, dim=-1).indices  # [m, k], largest first
+    return probs.gather(1, index), index
 
 
 def reference_draw(probs: Tensor, generator: torch.Generator) -> Tensor:
