@@ -6,7 +6,8 @@ JSON object.
 Times `sample_step` over one canvas (unembedding, softmax, entropy, argmax, candidate draw and the
 self-conditioning matmul, in tiles) with a random unembedding, at the tiny model's shape and at the real
 vocabulary, for: the fast sampler as is, greedy (temperature 0), top_k 50, and top_p 0.9 as a sorted-mass
-filter prototyped here (not in the service): the cost that decided top_p (docs/api.md).
+filter prototyped here (not in the service): the cost that decided top_p (docs/api.md). Then, at the real
+vocabulary, one 64-row tile's row work alone (no GEMMs), which a loaded machine measures more steadily.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_time, machine  # noqa: E402
-from service.sampler import tiles  # noqa: E402
+from service.sampler import ops, tiles  # noqa: E402
 from service.sampler.tiles import CanvasDraw, Vocab, sample_step  # noqa: E402
 
 SHAPES = {"tiny": dict(length=64, vocab=2048, hidden=64, tile=64),
@@ -78,6 +79,26 @@ def time_modes(shape: dict, repeats: int, device: torch.device) -> dict[str, flo
     return best
 
 
+def tile_ops(rows: int, v: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds of one tile's row work [rows, V] (best of `repeats`, interleaved): the fast sampler's
+    probabilities, entropy and draw, and what each filter adds to it."""
+    processed = 4 * torch.randn(rows, v, generator=torch.Generator().manual_seed(3)).to(device)
+    u = torch.rand(rows, generator=torch.Generator().manual_seed(4)).to(device)
+    probs, _ = ops.fast_probs_and_entropy(processed)
+    work = {
+        "softmax_entropy": lambda: ops.fast_probs_and_entropy(processed),
+        "draw": lambda: tiles.inverse_cdf_draw(probs, u),
+        "top_k_50_draw": lambda: tiles._filtered(tiles.inverse_cdf_draw, probs, processed, 50, u),
+        "top_p_0.9_draw": lambda: tiles.inverse_cdf_draw(top_p_candidates(probs, processed, 0.9)[0], u),
+    }
+    best = {k: float("inf") for k in work}
+    for _ in range(repeats):
+        for k, f in work.items():
+            t = best_time(f, 1) if device.type != "cuda" else best_time(lambda: (f(), torch.cuda.synchronize()), 1)
+            best[k] = min(best[k], t)
+    return {k: round(t * 1e3, 2) for k, t in best.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
@@ -98,6 +119,7 @@ def main() -> int:
         times = time_modes(shape, a.repeats, device)
         out["seconds_per_canvas_step"][name] = {m: round(s, 5) for m, s in times.items()}
         out.setdefault("relative_to_fast", {})[name] = {m: round(s / times["fast"], 3) for m, s in times.items()}
+    out["tile_ops_ms"] = {"rows": 64, "vocab": 262144, **tile_ops(64, 262144, 3 * a.repeats, device)}
     print(json.dumps(out))
     return 0
 
