@@ -158,7 +158,8 @@ def test_greedy_candidates_are_the_argmax_and_draw_nothing(reference):
         assert torch.equal(getattr(greedy, name), getattr(sampling, name)), name
     # no random numbers drawn: each generator is where its seed left it
     for d, seed in zip(greedy_draws, (0, 7)):
-        assert torch.equal(torch.rand(3, generator=d.generator), torch.rand(3, generator=torch.Generator().manual_seed(seed)))
+        fresh = torch.Generator().manual_seed(seed)
+        assert torch.equal(torch.rand(3, generator=d.generator), torch.rand(3, generator=fresh))
 
 
 @pytest.mark.parametrize("reference", [True, False])
@@ -180,7 +181,8 @@ def test_top_k_draws_the_k_largest_in_proportion():
     k, n = 20, 40_000
     probs = torch.softmax(logits, dim=-1)
     rows, probs_rows = logits[None].expand(n, -1), probs[None].expand(n, -1)
-    ids = tiles._filtered(tiles.inverse_cdf_draw, probs_rows, rows, k, torch.rand(n, generator=torch.Generator().manual_seed(1)))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    ids = tiles._filtered(tiles.inverse_cdf_draw, probs_rows, rows, k, u)
     top = torch.zeros_like(probs)
     kept = logits.topk(k).indices
     top[kept] = probs[kept]
