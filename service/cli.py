@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ from service import DEFAULT_CHECKPOINT
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.client import DEFAULT_TARGET, Client, ClientError
 from service.errors import DGemmaError, InvalidArgument
-from service.sampler.params import DEFAULTS, GenerationParams
+from service.sampler.params import DEFAULTS, GenerationParams, request_params
 from service.telemetry.logs import configure_logging, jsonl_from_env
 
 
@@ -32,7 +31,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: bool = Tru
     # Unset flags take the checkpoint's generation_config.json, else the reference's defaults.
     for name, kind in (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
                        ("t_min", float), ("t_max", float), ("stability_threshold", int),
-                       ("confidence_threshold", float)):
+                       ("confidence_threshold", float), ("temperature", float), ("top_k", int)):
         if name == "max_new_tokens" and not max_new_tokens:
             continue
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"(reference: {DEFAULTS[name]})")
@@ -42,7 +41,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: bool = Tru
 
 def _params(a: argparse.Namespace, defaults: GenerationParams) -> GenerationParams:
     given = {f: getattr(a, f) for f in (*DEFAULTS, "sampler") if getattr(a, f, None) is not None}
-    return dataclasses.replace(defaults, **given)
+    return request_params(defaults, given)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -53,6 +53,8 @@ class GenerationKwargs(TypedDict, total=False):
     t_max: float
     stability_threshold: int
     confidence_threshold: float
+    temperature: float  # scales the schedule, 0 to 2; 0 greedy (docs/api.md)
+    top_k: int
     sampler: str  # "reference" or "fast"
     seed: int
     num_variations: int

@@ -58,7 +58,8 @@ class LocalEngine:
     def new_sequence(self, request: Request) -> Sequence:
         self.validate(request)
         masks = self.class_masks() if request.constrained else None
-        return Sequence(request, self.config, self.eos_ids, self.pad_id, self.runner.new_generator(request.seed),
+        seed = 0 if request.params.greedy else request.seed  # greedy output does not depend on the seed
+        return Sequence(request, self.config, self.eos_ids, self.pad_id, self.runner.new_generator(seed),
                         self.runner.device, masks)
 
     def generate(self, request: Request) -> Iterator[Event]:

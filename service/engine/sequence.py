@@ -111,8 +111,8 @@ class Sequence:
     def step_input(self) -> CanvasStep:
         """What the runner needs of this canvas for the next decoder step."""
         p = self.params
-        temperature = ops.temperature(self.step, p.max_denoising_steps, p.t_min, p.t_max, self.device)
-        draw = CanvasDraw(temperature, self.generator, p.sampler == "reference", self.class_ids)
+        temperature = ops.temperature(self.step, p.max_denoising_steps, *p.schedule(), self.device)
+        draw = CanvasDraw(temperature, self.generator, p.sampler == "reference", self.class_ids, p.greedy, p.top_k)
         return CanvasStep(self.canvas, self.soft, self.cache, draw, p.entropy_bound, self.pin_ids, self.pin_mask,
                           self.class_masks if self.class_ids is not None else None)
 

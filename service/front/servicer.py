@@ -206,6 +206,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
         params = pb.DiffusionParameters(
             max_denoising_steps=d.max_denoising_steps, entropy_bound=d.entropy_bound, t_min=d.t_min, t_max=d.t_max,
             stability_threshold=d.stability_threshold, confidence_threshold=d.confidence_threshold,
+            temperature=d.temperature, top_k=d.top_k,
             sampler=pb.SAMPLER_FAST if d.sampler == "fast" else pb.SAMPLER_REFERENCE)
         info = pb.ModelInfo(id=m.id, canvas_length=m.config.canvas_length, vocab_size=m.config.vocab_size,
                             profile=m.profile, default_parameters=params, default_max_new_tokens=d.max_new_tokens)

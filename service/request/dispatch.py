@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +24,7 @@ from service.request.jobs import Job, tokenizer_of
 from service.request.limits import PromptLimits
 from service.request.stopping import Stopper
 from service.request.triton_client import BackendEvent, TritonClient
+from service.sampler.params import request_params
 from service.telemetry.metrics import RequestMetrics
 from service.telemetry.tracing import traceparent_metadata
 
@@ -131,7 +131,7 @@ class Dispatcher:
         the request's field names."""
         length = {} if job.max_new_tokens is None else {"max_new_tokens": job.max_new_tokens}
         try:
-            dataclasses.replace(self.model.defaults, **job.options.params, **length).validate()
+            request_params(self.model.defaults, {**job.options.params, **length}).validate()
         except InvalidArgument as e:
             raise e.renamed(job.field_names.get(e.field, e.field)) from None
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from service.errors import CheckpointError, InvalidArgument
@@ -20,7 +21,12 @@ DEFAULTS = {
     "t_max": 0.8,
     "stability_threshold": 1,
     "confidence_threshold": 0.005,
+    # Ours, not the reference's (checkpoints do not set them): the OpenAI-style sampling knobs.
+    "temperature": 1.0,
+    "top_k": 0,
 }
+# Parameters a checkpoint's generation_config.json does not set (its `temperature`, if any, is not ours).
+REQUEST_ONLY = ("temperature", "top_k")
 
 # The same names by kind (interfaces that carry them typed: Triton inputs, the gRPC front).
 INT_PARAMS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, int))
@@ -38,6 +44,10 @@ MAX_TEMPERATURE = 100.0
 # Entropies in nats: a canvas's summed entropy is at most canvas_length * ln(vocab) (about 3,200 at the real
 # shape), so larger bounds mean "everything"; the cap keeps the value a float32.
 MAX_ENTROPY = 1e6
+# `temperature` scales the schedule by at most this (OpenAI's range is [0, 2]).
+MAX_TEMPERATURE_SCALE = 2.0
+# top_k past the vocabulary keeps every id (as 0 does); the cap keeps it an int32.
+MAX_TOP_K = 1 << 30
 
 
 def _number(name: str, v: object) -> float:
@@ -71,6 +81,22 @@ class GenerationParams:
     # other ids, far less random-number work. "reference": transformers' random stream, ids equal to its
     # generate's for a seed on a CPU (opt-in; the parity tests use it).
     sampler: str = "fast"
+    # Scales the schedule: steps run at T(n) of (temperature * t_min, temperature * t_max); 1 is the schedule
+    # as given. 0 is greedy: every candidate is the argmax (no draws), entropies still at the unscaled
+    # schedule's T(n) (so acceptance is unchanged), and the noise stream is seed 0's whatever the seed.
+    temperature: float = DEFAULTS["temperature"]
+    # Candidates drawn from the top_k most likely ids only (entropies and self-conditioning see all); 0 is off.
+    top_k: int = DEFAULTS["top_k"]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def schedule(self) -> tuple[float, float]:
+        """(t_min, t_max) the steps run at: scaled by temperature, unscaled when greedy."""
+        if self.greedy or self.temperature == 1:
+            return self.t_min, self.t_max
+        return self.t_min * self.temperature, self.t_max * self.temperature
 
     def validate(self) -> "GenerationParams":
         """Every value within its documented range (docs/api.md, "Parameters"), the field named otherwise. No
@@ -83,6 +109,12 @@ class GenerationParams:
         _in("t_max", _number("t_max", self.t_max), MIN_T_MAX, MAX_TEMPERATURE)
         if self.t_max < self.t_min:
             raise InvalidArgument("t_max", f"must be >= t_min ({self.t_min:g}), got {self.t_max:g}")
+        _in("temperature", _number("temperature", self.temperature), 0, MAX_TEMPERATURE_SCALE)
+        hottest = self.schedule()[1]  # the scaled schedule stays in t_max's range
+        if not MIN_T_MAX <= hottest <= MAX_TEMPERATURE:
+            raise InvalidArgument("temperature", f"scales t_max ({self.t_max:g}) to {hottest:g}, outside "
+                                  f"[{MIN_T_MAX:g}, {MAX_TEMPERATURE:g}]")
+        _in("top_k", _integer("top_k", self.top_k), 0, MAX_TOP_K)
         # a canvas runs at most max_denoising_steps steps: a longer stability window could never be met
         _in("stability_threshold", _integer("stability_threshold", self.stability_threshold), 0, steps)
         _in("confidence_threshold", _number("confidence_threshold", self.confidence_threshold), 0, MAX_ENTROPY)
@@ -93,7 +125,8 @@ class GenerationParams:
 
 def params_from_generation_config(gen: dict) -> GenerationParams:
     """A checkpoint's generation_config.json values over the reference's defaults, as its generate does."""
-    values = {k: gen[k] for k in DEFAULTS if k != "entropy_bound" and gen.get(k) is not None}
+    values = {k: gen[k] for k in DEFAULTS
+              if k != "entropy_bound" and k not in REQUEST_ONLY and gen.get(k) is not None}
     sampler_config = gen.get("sampler_config")
     if isinstance(sampler_config, dict) and sampler_config.get("entropy_bound") is not None:
         values["entropy_bound"] = sampler_config["entropy_bound"]
@@ -110,11 +143,25 @@ def generation_config_entries(gen: dict, settings: dict) -> dict:
     for k, v in settings.items():
         if k == "entropy_bound":
             out["sampler_config"] = {**(out.get("sampler_config") or {}), "entropy_bound": v}
-        elif k in DEFAULTS:
+        elif k in DEFAULTS and k not in REQUEST_ONLY:
             out[k] = v
         else:
             raise InvalidArgument(k, "not a generation parameter")
     return out
+
+
+def request_params(defaults: GenerationParams, given: Mapping[str, object]) -> GenerationParams:
+    """A request's parameters: the values it `given` over the model's `defaults` (unvalidated).
+
+    `temperature` scales the model's own schedule: a request that sets t_min or t_max gets its schedule as
+    given, so a temperature in (0, 2] then scales by 1 (it is still range-checked); 0 is greedy either way.
+    """
+    values = dict(given)
+    t = values.get("temperature")
+    if t is not None and ("t_min" in values or "t_max" in values):
+        _in("temperature", _number("temperature", t), 0, MAX_TEMPERATURE_SCALE)
+        values["temperature"] = 0.0 if t == 0 else 1.0
+    return replace(defaults, **values)
 
 
 @dataclass(frozen=True)

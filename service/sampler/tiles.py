@@ -10,7 +10,9 @@ host sync in here.
 
 Each canvas draws from its own generator, in row order, exactly as the reference does: the reference
 sampler L * V float64 uniforms (multinomial's stream), the fast sampler one uniform per position. A
-candidate id is drawn for every position; the caller keeps those the entropy bound accepts.
+candidate id is drawn for every position; the caller keeps those the entropy bound accepts. A greedy
+canvas's candidate is its argmax and draws nothing; a top_k canvas draws among its top_k logits only
+(entropy and self-conditioning still see the whole distribution).
 Shapes: B canvases, L canvas length, V vocabulary, H hidden, T tile rows, C token classes.
 """
 
@@ -48,6 +50,8 @@ class CanvasDraw:
     generator: torch.Generator  # on the canvas's device
     reference: bool  # the reference's random stream (else the fast sampler)
     class_ids: Tensor | None = None  # long [L]: token class per position, or None (all FREE)
+    greedy: bool = False  # the candidate is the argmax: no random numbers drawn
+    top_k: int = 0  # candidates from the top_k largest processed logits only; 0: all
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
         free = torch.full((length,), FREE, dtype=torch.long, device=dev)
         class_ids = torch.cat([d.class_ids if d.class_ids is not None else free for d in draws])  # [N]
     # The fast sampler's uniforms: one per position, drawn per canvas before its tiles.
-    fast_u = [None if d.reference else torch.rand(length, generator=d.generator, device=dev) for d in draws]
+    fast_u = [None if d.reference or d.greedy else torch.rand(length, generator=d.generator, device=dev) for d in draws]
     entropy = torch.empty(n, dtype=torch.float32, device=dev)
     argmax = torch.empty(n, dtype=torch.long, device=dev)
     sampled = torch.empty(n, dtype=torch.long, device=dev)
@@ -109,8 +113,9 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
         parts = []
         for c, lo, hi in _segments(start, stop, length):  # each canvas's share of the tile, in row order
             d = draws[c]
-            u = None if d.reference else fast_u[c][lo - c * length : hi - c * length]
-            probs, entropy[lo:hi], sampled[lo:hi] = _sample_rows(processed[lo - start : hi - start], d, u)
+            u = None if fast_u[c] is None else fast_u[c][lo - c * length : hi - c * length]
+            probs, entropy[lo:hi], ids = _sample_rows(processed[lo - start : hi - start], d, u)
+            sampled[lo:hi] = argmax[lo:hi] if ids is None else ids
             parts.append(probs)
         probs = parts[0] if len(parts) == 1 else torch.cat(parts)  # [m, V]
         del logits, processed, parts
@@ -132,20 +137,44 @@ def _segments(start: int, stop: int, length: int):
         r = end
 
 
-def _sample_rows(processed: Tensor, draw: CanvasDraw, u: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One canvas's rows of a tile: probs [k, V], entropy [k] and a candidate id [k] per row.
+def _sample_rows(processed: Tensor, draw: CanvasDraw, u: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One canvas's rows of a tile: probs [k, V], entropy [k] and a candidate id [k] per row (None when
+    greedy: the candidates are the argmax).
 
     The reference sampler: torch.softmax, the reference's entropy formula and multinomial's stream,
     bit for bit. The fast one: one fused log_softmax, and an inverse-CDF draw from the uniforms u [k].
     """
     if draw.reference:
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        parts = [(ops.token_entropy(processed[i : i + _REFERENCE_ROWS]),
-                  reference_draw(probs[i : i + _REFERENCE_ROWS], draw.generator))
-                 for i in range(0, processed.shape[0], _REFERENCE_ROWS)]  # in row order: the stream's order
-        return probs, torch.cat([h for h, _ in parts]), torch.cat([ids for _, ids in parts])
+        rows = [slice(i, i + _REFERENCE_ROWS) for i in range(0, processed.shape[0], _REFERENCE_ROWS)]
+        parts = [(ops.token_entropy(processed[r]),  # in row order: the stream's order
+                  None if draw.greedy else _filtered(reference_draw, probs[r], processed[r], draw.top_k,
+                                                     draw.generator))
+                 for r in rows]
+        ids = None if draw.greedy else torch.cat([i for _, i in parts])
+        return probs, torch.cat([h for h, _ in parts]), ids
     probs, entropy = ops.fast_probs_and_entropy(processed)
-    return probs, entropy, inverse_cdf_draw(probs, u)
+    if draw.greedy:
+        return probs, entropy, None
+    return probs, entropy, _filtered(inverse_cdf_draw, probs, processed, draw.top_k, u)
+
+
+def _filtered(draw_fn: Callable[[Tensor, object], Tensor], probs: Tensor, processed: Tensor, k: int,
+              source: object) -> Tensor:
+    """draw_fn(probs, source)'s ids [m], drawn among each row's k largest processed logits only (ties broken
+    as torch.topk does) when 0 < k < V. The draw runs on the k gathered probabilities (both draws are
+    scale-free: no renormalisation), so no second [m, V] tensor is made."""
+    weights, index = candidates(probs, processed, k)
+    ids = draw_fn(weights, source)
+    return ids if index is None else index.gather(1, ids[:, None])[:, 0]
+
+
+def candidates(probs: Tensor, processed: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """The weights [m, K] a candidate is drawn from and their ids [m, K] (None: all V ids, in order)."""
+    if k <= 0 or k >= processed.shape[-1]:
+        return probs, None
+    index = processed.topk(k, dim=-1).indices  # [m, k], largest first
+    return probs.gather(1, index), index
 
 
 def reference_draw(probs: Tensor, generator: torch.Generator) -> Tensor:

@@ -15,7 +15,7 @@ from service.errors import InvalidArgument, wire_code
 from service.model.config import ModelConfig
 from service.text.tokenizer import Tokenizer
 from service.sampler.constraints import FREE
-from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, Pins
+from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, Pins, request_params
 
 # The Triton status (pb_utils.TritonError.<NAME>) of the wire codes Triton has no name for; the others
 # (service.errors.WIRE_CODES) are Triton's names too. The code also leads the message: clients of a stream
@@ -87,15 +87,18 @@ def request_from_inputs(
         ids = tokenizer.chat_prompt([("user", text)]) if chat else tokenizer.encode(text)
     elif not ids:
         raise InvalidArgument("input_ids", "the prompt is empty")
-    kwargs: dict = {}
+    given: dict = {}  # the parameters this request sets
     for name in INT_PARAMS:
         v = _scalar(inputs, name)
-        kwargs[name] = int(v) if v is not None else getattr(defaults, name)
+        if v is not None:
+            given[name] = int(v)
     for name in FLOAT_PARAMS:
         v = _scalar(inputs, name)
-        kwargs[name] = float(v) if v is not None else getattr(defaults, name)
+        if v is not None:
+            given[name] = float(v)
     sampler = _scalar(inputs, "sampler")
-    kwargs["sampler"] = str(sampler) if sampler is not None else defaults.sampler
+    if sampler is not None:
+        given["sampler"] = str(sampler)
     pins = None
     pin_ids = _ids(inputs, "pin_ids")
     if pin_ids is not None:
@@ -110,7 +113,7 @@ def request_from_inputs(
     seed = _scalar(inputs, "seed")
     req = Request(
         prompt_ids=ids,
-        params=GenerationParams(**kwargs),
+        params=request_params(defaults, given),
         seed=int(seed) if seed is not None else 0,
         pins=pins,
         return_drafts=bool(_scalar(inputs, "return_drafts") or False),

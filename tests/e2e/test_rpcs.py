@@ -137,3 +137,18 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_server_keeps_serving
     assert e.value.details().startswith(field), e.value.details()
     assert "Traceback" not in e.value.details() and ".py" not in e.value.details()
     assert call(server, "Generate", pb.GenerateRequest(text="a", max_new_tokens=8, options=FAST)).choices
+
+
+def test_temperature_zero_is_repeatable_across_seeds(server):
+    def tokens(temperature: float, seed: int) -> list[int]:
+        params = pb.DiffusionParameters(max_denoising_steps=6, temperature=temperature)
+        r = call(server, "Generate", pb.GenerateRequest(text="def ", max_new_tokens=64, options=pb.GenerationOptions(
+            parameters=params, seed=seed)))
+        return list(r.choices[0].token_ids)
+
+    greedy = tokens(0.0, 1)
+    assert tokens(0.0, 2) == tokens(0.0, 987654) == greedy
+    assert tokens(1.0, 1) != tokens(1.0, 2)  # the same request sampling does depend on the seed
+    with pytest.raises(grpc.RpcError) as e:
+        tokens(2.5, 1)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.parameters.temperature" in e.value.details()

@@ -1,5 +1,7 @@
 """The engine's denoising loop: pins, determinism, vocabulary, events."""
 
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,3 +112,27 @@ def test_ignore_eos_runs_to_max_new_tokens_without_pad(small_ckpt):
         first_eos = next(k for k, t in enumerate(plain.token_ids) if t in engine.eos_ids)
         assert full.token_ids[:first_eos + 1] == plain.token_ids[:first_eos + 1]
     assert hits > 0
+
+
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+def test_greedy_is_the_same_whatever_the_seed(engine, sampler):
+    p = GenerationParams(max_new_tokens=2 * engine.config.canvas_length, max_denoising_steps=4, temperature=0.0,
+                         sampler=sampler)
+    runs = [list(engine.generate(Request([2, 3], p, seed=s, return_drafts=True))) for s in (1, 2, 12345)]
+    tokens = [[getattr(e, "tokens", None) or e.token_ids for e in run] for run in runs]
+    assert tokens[0] == tokens[1] == tokens[2]
+    sampled = [list(engine.generate(Request([2, 3], dataclasses.replace(p, temperature=1.0), seed=s)))[-1].token_ids
+               for s in (1, 2)]
+    assert sampled[0] != sampled[1]  # the same settings but sampling do depend on the seed
+
+
+def test_temperature_scales_the_schedule_bit_for_bit(engine):
+    base = GenerationParams(max_new_tokens=16, max_denoising_steps=3, sampler="reference")
+
+    def out(p: GenerationParams) -> list[int]:
+        return list(engine.generate(Request([2, 3], p, seed=4)))[-1].token_ids
+
+    assert out(dataclasses.replace(base, temperature=1.0)) == out(base)
+    halved = out(dataclasses.replace(base, temperature=0.5))
+    assert halved == out(dataclasses.replace(base, t_min=0.2, t_max=0.4))
+    assert halved != out(base)

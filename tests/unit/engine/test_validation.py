@@ -9,7 +9,7 @@ from service.engine.api import FinalEvent, Request
 from service.engine.registry import create_engine
 from service.errors import CheckpointError, InvalidArgument, Unavailable
 from service.model.loading import load_model
-from service.sampler.params import GenerationParams, Pins
+from service.sampler.params import GenerationParams, Pins, request_params
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,49 @@ def test_generation_config_supplies_defaults(small_ckpt, tmp_path):
     (d / "generation_config.json").write_text(json.dumps(gen))
     with pytest.raises(CheckpointError, match="generation_config.json: max_denoising_steps"):
         create_engine(checkpoint_dir=d)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=2.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=True), "temperature"),
+    (dict(t_min=0.0, t_max=1e-3, temperature=0.5), "temperature"),  # scaled t_max below its minimum
+    (dict(t_min=60.0, t_max=60.0, temperature=2.0), "temperature"),  # scaled t_max past its maximum
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=2**30 + 1), "top_k"),
+    (dict(top_k=1.0), "top_k"),
+])
+def test_temperature_and_top_k_ranges_name_the_field(kwargs, field):
+    with pytest.raises(InvalidArgument) as e:
+        GenerationParams(**kwargs).validate()
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_temperature_and_top_k_range_ends_run(engine):
+    for kw in (dict(temperature=0.0), dict(temperature=2.0), dict(temperature=0.5, t_min=0.0, t_max=2e-3),
+               dict(top_k=1), dict(top_k=2**30)):
+        p = GenerationParams(max_new_tokens=4, max_denoising_steps=2, **kw)
+        assert isinstance(run(engine, Request([2, 5], p))[-1], FinalEvent), kw
+
+
+def test_request_params_scale_only_the_models_own_schedule():
+    d = GenerationParams(t_min=0.3, t_max=0.6)
+    assert request_params(d, {"temperature": 0.5}).schedule() == (0.15, 0.3)
+    assert request_params(d, {"temperature": 1.0}).schedule() == (0.3, 0.6)
+    # a request that sets its own schedule gets it as given; 0 is still greedy
+    assert request_params(d, {"temperature": 0.5, "t_min": 0.2}).schedule() == (0.2, 0.6)
+    assert request_params(d, {"temperature": 0.5, "t_max": 0.9}).temperature == 1.0
+    assert request_params(d, {"temperature": 0.0, "t_max": 0.9}).greedy
+    with pytest.raises(InvalidArgument) as e:  # still range-checked
+        request_params(d, {"temperature": 3.0, "t_min": 0.2})
+    assert e.value.field == "temperature"
+    greedy = GenerationParams(t_min=0.3, t_max=0.6, temperature=0.0)
+    assert greedy.greedy and greedy.schedule() == (0.3, 0.6)  # entropies at the unscaled schedule
+
+
+def test_generation_config_cannot_set_request_only_parameters(small_ckpt):
+    from service.sampler.params import params_from_generation_config
+
+    p = params_from_generation_config({"temperature": 0.0, "top_k": 5, "t_min": 0.3})
+    assert p.t_min == 0.3 and p.temperature == 1.0 and p.top_k == 0

@@ -72,6 +72,28 @@ def test_job_inputs_carry_only_what_was_set(model):
     assert "return_drafts" not in t and field == "text"
 
 
+def test_temperature_and_top_k_are_typed_inputs_checked_before_admission(model):
+    from service.request.dispatch import Dispatcher
+
+    job = jobs.Job("rid", [2, 3], jobs.options_of({"temperature": 0.0, "top_k": 5}, 0, 1, 1),
+                   field_names=jobs.field_names("text"))
+    t = job.inputs(0)
+    assert (t["temperature"].datatype, t["temperature"].values) == ("FP32", [0.0])
+    assert (t["top_k"].datatype, t["top_k"].values) == ("INT32", [5])
+    dispatcher = Dispatcher(model, triton=None)
+    try:
+        dispatcher.check_params(job)
+        for params, field in (({"temperature": 2.5}, "options.parameters.temperature"),
+                              ({"top_k": -2}, "options.parameters.top_k"),
+                              ({"temperature": 4.0, "t_min": 0.1}, "options.parameters.temperature")):
+            bad = jobs.Job("rid", [2, 3], jobs.options_of(params, 0, 1, 1), field_names=jobs.field_names("text"))
+            with pytest.raises(InvalidArgument) as e:
+                dispatcher.check_params(bad)
+            assert e.value.field == field
+    finally:
+        dispatcher.close()
+
+
 @pytest.mark.parametrize("call, field", [
     (lambda m: jobs.options_of({}, 0, 0, 17), "options.num_variations"),
     (lambda m: jobs.options_of({}, 9, 0, 1), "options.parameters.sampler"),

@@ -138,3 +138,55 @@ def test_row_chunks_of_the_reference_entropy_keep_its_bits():
 
 def test_default_tile_is_one_canvas_on_a_cpu():
     assert tiles.tile_rows_for(256, 262_144, torch.device("cpu")) == 256
+
+
+def _draw(reference: bool, seed: int = 0, **kw) -> tiles.CanvasDraw:
+    return tiles.CanvasDraw(ops.temperature(3, 8, 0.4, 0.8), torch.Generator().manual_seed(seed), reference, **kw)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_greedy_candidates_are_the_argmax_and_draw_nothing(reference):
+    vocab, _ = _vocab(16, 500)
+    hidden = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(3))
+    sampling = tiles.sample_step(vocab, hidden, [_draw(reference, 0), _draw(reference, 1)], tile=70)
+    greedy_draws = [_draw(reference, 0, greedy=True), _draw(reference, 7, greedy=True)]
+    greedy = tiles.sample_step(vocab, hidden, greedy_draws, tile=70)
+    assert torch.equal(greedy.sampled, greedy.argmax)
+    assert not torch.equal(sampling.sampled, sampling.argmax)  # a sampled step's candidates are not all argmax
+    # the rest of the step is the sampled step's, bit for bit: acceptance and self-conditioning unchanged
+    for name in ("entropy", "argmax", "soft"):
+        assert torch.equal(getattr(greedy, name), getattr(sampling, name)), name
+    # no random numbers drawn: each generator is where its seed left it
+    for d, seed in zip(greedy_draws, (0, 7)):
+        fresh = torch.Generator().manual_seed(seed)
+        assert torch.equal(torch.rand(3, generator=d.generator), torch.rand(3, generator=fresh))
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_top_k_1_draws_the_argmax_and_leaves_entropy_alone(reference):
+    vocab, _ = _vocab(16, 500)
+    hidden = torch.randn(1, 150, 16, generator=torch.Generator().manual_seed(4))
+    plain = tiles.sample_step(vocab, hidden, [_draw(reference)], tile=150)
+    top1 = tiles.sample_step(vocab, hidden, [_draw(reference, top_k=1)], tile=150)
+    assert torch.equal(top1.sampled, top1.argmax) and not torch.equal(plain.sampled, plain.argmax)
+    for name in ("entropy", "argmax", "soft"):
+        assert torch.equal(getattr(top1, name), getattr(plain, name)), name
+    # top_k at or past the vocabulary is no filter: the same draws as none
+    whole = tiles.sample_step(vocab, hidden, [_draw(reference, top_k=500)], tile=150)
+    assert torch.equal(whole.sampled, plain.sampled)
+
+
+def test_top_k_draws_the_k_largest_in_proportion():
+    logits = 1.5 * torch.randn(700, generator=torch.Generator().manual_seed(6))
+    k, n = 20, 40_000
+    probs = torch.softmax(logits, dim=-1)
+    rows, probs_rows = logits[None].expand(n, -1), probs[None].expand(n, -1)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    ids = tiles._filtered(tiles.inverse_cdf_draw, probs_rows, rows, k, u)
+    top = torch.zeros_like(probs)
+    kept = logits.topk(k).indices
+    top[kept] = probs[kept]
+    stat, dof = chi_square(ids, top / top.sum())
+    assert stat < chi2_critical(dof), (stat, dof)
+    ref = tiles._filtered(tiles.reference_draw, probs_rows[:2000], rows[:2000], k, torch.Generator().manual_seed(2))
+    assert bool(torch.isin(ref, kept).all()) and ref.unique().numel() > k // 2

@@ -50,10 +50,25 @@ def test_request_from_inputs_defaults_and_overrides(cfg):
     assert req.params.t_min == 0.4 and req.params.max_new_tokens == 256
 
 
+def test_temperature_and_top_k_inputs(cfg):
+    f32 = lambda v: np.array([v], np.float32)  # noqa: E731
+    req = request_from_inputs({"input_ids": ids(2), "temperature": f32(0.5), "top_k": ids(40)}, cfg, None)
+    assert req.params.temperature == 0.5 and req.params.top_k == 40 and req.params.schedule() == (0.2, 0.4)
+    # an explicit schedule is taken as given: the temperature does not scale it; 0 stays greedy
+    req = request_from_inputs({"input_ids": ids(2), "temperature": f32(0.5), "t_max": f32(0.6)}, cfg, None)
+    assert req.params.temperature == 1.0 and req.params.schedule() == (0.4, np.float32(0.6))
+    req = request_from_inputs({"input_ids": ids(2), "temperature": f32(0.0), "t_min": f32(0.1)}, cfg, None)
+    assert req.params.greedy
+
+
 @pytest.mark.parametrize(
     "inputs, field",
     [
         ({"text_input": np.array([b""], dtype=object)}, "text_input"),
+        ({"input_ids": ids(2), "temperature": np.array([2.5], np.float32)}, "temperature"),
+        ({"input_ids": ids(2), "temperature": np.array([2.5], np.float32), "t_min": np.array([0.1], np.float32)},
+         "temperature"),
+        ({"input_ids": ids(2), "top_k": ids(-1)}, "top_k"),
         ({"text_input": np.array([b"hi"], dtype=object), "input_ids": ids(2)}, "text_input"),
         ({}, "text_input"),
         ({"input_ids": ids(2, 10**6)}, "input_ids"),

@@ -59,7 +59,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DiffusionParameters(_message.Message):
-    __slots__ = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold", "sampler")
+    __slots__ = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold", "sampler", "temperature", "top_k")
     MAX_DENOISING_STEPS_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_BOUND_FIELD_NUMBER: _ClassVar[int]
     T_MIN_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class DiffusionParameters(_message.Message):
     STABILITY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
     max_denoising_steps: int
     entropy_bound: float
     t_min: float
@@ -74,7 +76,9 @@ class DiffusionParameters(_message.Message):
     stability_threshold: int
     confidence_threshold: float
     sampler: Sampler
-    def __init__(self, max_denoising_steps: _Optional[int] = ..., entropy_bound: _Optional[float] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ..., stability_threshold: _Optional[int] = ..., confidence_threshold: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ...) -> None: ...
+    temperature: float
+    top_k: int
+    def __init__(self, max_denoising_steps: _Optional[int] = ..., entropy_bound: _Optional[float] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ..., stability_threshold: _Optional[int] = ..., confidence_threshold: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
