@@ -17,8 +17,8 @@ from service.errors import InvalidArgument
 
 # field -> (its no-op values, why it is refused otherwise)
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "temperature": ((None,), "the diffusion sampler's temperatures are t_min and t_max (extension fields)"),
-    "top_p": ((None, 1), "not supported by the diffusion sampler"),
+    "top_p": ((None, 1), "no nucleus sampling: its sort over the vocabulary costs a step about 3.5x the sampler "
+                         "(docs/benchmarks.md); use top_k"),
     "logprobs": ((None, False), "log probabilities are not returned"),
     "top_logprobs": ((None, 0), "log probabilities are not returned"),
     "echo": ((None, False), "not supported"),
@@ -72,12 +72,16 @@ class _Generation(_Body):
     t_max: float | None = None
     stability_threshold: int | None = None
     confidence_threshold: float | None = None
+    temperature: float | None = None  # scales the schedule (0 to 2); 0 is greedy (docs/api.md)
+    top_k: int | None = None  # vLLM's: candidates among the k likeliest tokens; 0 or -1 (vLLM's "off") mean off
     sampler: Literal["reference", "fast"] | None = None
     return_drafts: bool = False
 
     def diffusion_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("max_denoising_steps", "entropy_bound", "t_min", "t_max",
-                                              "stability_threshold", "confidence_threshold")}
+        top_k = 0 if self.top_k == -1 else self.top_k
+        return {**{k: getattr(self, k) for k in ("max_denoising_steps", "entropy_bound", "t_min", "t_max",
+                                                 "stability_threshold", "confidence_threshold", "temperature")},
+                "top_k": top_k}
 
     def length(self) -> tuple[int | None, str]:
         """The requested output length and the field it came from."""

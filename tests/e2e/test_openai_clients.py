@@ -138,3 +138,18 @@ def test_ignore_eos_runs_to_the_cap_where_eos_would_end_it(oai):
     kw["extra_body"] = {**steps, "ignore_eos": True}
     ignored = oai.completions.create(**kw).choices[0]
     assert ignored.finish_reason == "length" and len(ignored.model_extra["token_ids"]) == 3 * CANVAS
+
+
+def test_temperature_zero_is_greedy_and_repeatable_without_a_seed(oai):
+    texts = {oai.completions.create(model="diffusiongemma", prompt="def ", max_tokens=32, temperature=0, seed=s,
+                                    extra_body=STEPS).choices[0].text for s in (None, 1, 99)}
+    assert len(texts) == 1
+    sampled = {oai.completions.create(model="diffusiongemma", prompt="def ", max_tokens=32, temperature=0.7, seed=s,
+                                      extra_body=STEPS).choices[0].text for s in (1, 99)}
+    assert len(sampled) == 2  # what LangChain and the SDK's examples send: accepted, and it samples
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="diffusiongemma", prompt="def ", max_tokens=8, temperature=2.5)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="diffusiongemma", prompt="def ", max_tokens=8, top_p=0.9)
+    assert e.value.param == "top_p"

@@ -30,6 +30,13 @@ def test_a_completion_body_with_extensions_and_ignored_fields():
     assert sorted(ignored) == ["frobnicate", "user"]  # unknown and known-ignored fields, dropped and named
 
 
+def test_temperature_and_top_k_reach_the_diffusion_parameters():
+    p = parse(CompletionRequest, body(prompt="a", temperature=0, top_k=-1, top_p=1))[0].diffusion_params()
+    assert (p["temperature"], p["top_k"]) == (0, 0)  # vLLM's top_k -1 is off; top_p 1 is OpenAI's no-op
+    p = parse(CompletionRequest, body(prompt="a", temperature=0.7, top_k=40))[0].diffusion_params()
+    assert (p["temperature"], p["top_k"]) == (0.7, 40)
+
+
 def test_stop_forms():
     stops = lambda **f: parse(CompletionRequest, body(prompt="a", **f))[0].stops()  # noqa: E731
     assert stops() == [] and stops(stop="") == [] and stops(stop=[]) == [] and stops(stop=None) == []
@@ -54,7 +61,8 @@ def test_length_aliases_and_stream_options():
     (body(), "prompt"),
     (body(prompt="a", n="3"), "n"),  # strict: no string-to-int coercion
     (body(prompt="a", sampler="greedy"), "sampler"),
-    (body(prompt="a", temperature=0.7), "temperature"),
+    (body(prompt="a", temperature="hot"), "temperature"),
+    (body(prompt="a", top_p=0.9), "top_p"),
     (body(prompt="a", stop=3), "stop"),
     (body(prompt="a", stop_token_ids="1"), "stop_token_ids"),
     (body(prompt="a", best_of=3), "best_of"),
