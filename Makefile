@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-py312 serve proto clean
+.PHONY: install test test-py312 serve proto clean peers peers-bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,5 +44,23 @@ serve: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
+# The field's own tools (guidellm, lm-eval, LangChain, grpcurl) in their own venv, .venv-peers, from a pinned
+# requirements file: guidellm 0.8 needs numpy>=2, the project's nvidia-pytriton caps numpy<2, so they cannot
+# share .venv (docs/benchmarks.md, "The field's own tools"). About 5 min and 2 GB (torch 2.13.0 CPU, which
+# guidellm requires, from this machine's local wheel). `make peers-bench` runs them against `dgemma serve`.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): benchmarks/peers/requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -r benchmarks/peers/requirements.txt
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+peers-bench: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python benchmarks/peers.py
+
 clean:
-	rm -rf $(VENV) $(VENV312) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV312) $(PEERS_VENV) .pytest_cache .hypothesis
