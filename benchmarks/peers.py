@@ -334,29 +334,34 @@ def run_grpcurl(ctx: dict) -> dict:
 
 
 def run_genai_perf(ctx: dict) -> dict:
-    """NVIDIA's genai-perf drives perf_analyzer, which PyPI's perf-analyzer package does not ship (a placeholder);
-    see docs/benchmarks.md for what stopped it here. Runs only where `genai-perf` and `perf_analyzer` are on PATH
-    or in the peers venv."""
+    """NVIDIA's genai-perf drives perf_analyzer, which PyPI's perf-analyzer package does not ship (a placeholder):
+    `make peers` takes it from tritonclient 2.50.0's wheel (docs/benchmarks.md). genai-perf reads perf_analyzer's
+    profile export and writes its own JSON, whose metrics are reported here."""
     gp = shutil.which("genai-perf") or (str(ctx["bin"] / "genai-perf") if (ctx["bin"] / "genai-perf").exists() else None)
     pa = shutil.which("perf_analyzer") or (str(ctx["bin"] / "perf_analyzer") if (ctx["bin"] / "perf_analyzer").exists()
                                            else None)
     if not gp or not pa:
         missing = [n for n, p in (("genai-perf", gp), ("perf_analyzer", pa)) if not p]
         return {"ok": False, "skipped": True,
-                "error": f"not installed: {', '.join(missing)} (not in .venv-peers: see docs/benchmarks.md, "
-                         "'genai-perf')"}
+                "error": f"not installed: {', '.join(missing)} (`make peers` installs both)"}
     out = ctx["work"] / "genai_perf"
     count = 2 if ctx["smoke"] else 20
     cmd = [gp, "profile", "-m", MODEL, "--endpoint-type", "completions", "--url", ctx["http"].split("//", 1)[1],
            "--streaming", "--synthetic-input-tokens-mean", "32", "--output-tokens-mean", "32",
            "--tokenizer", str(guidellm_tokenizer(ctx["work"])), "--concurrency", "1",
            "--request-count", str(count), "--warmup-request-count", "0", "--artifact-dir", str(out)]
-    res = run(cmd, ctx["timeout"], cwd=ctx["work"], env={"PATH": f"{Path(pa).parent}:{os.environ.get('PATH', '')}"})
+    # perf_analyzer (tritonclient 2.50.0's) links libcudart.so.12 (nvidia-cuda-runtime-cu12) even on the CPU.
+    cudart = glob.glob(str(ctx["bin"].parent / "lib" / "python3*" / "site-packages" / "nvidia" / "cuda_runtime" / "lib"))
+    ld = ":".join(cudart + [os.environ.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    res = run(cmd, ctx["timeout"], cwd=ctx["work"],
+              env={"PATH": f"{Path(pa).parent}:{os.environ.get('PATH', '')}", "LD_LIBRARY_PATH": ld})
     result: dict = {"ok": False, "command": " ".join(cmd), "rc": res["rc"], "seconds": res["seconds"]}
     files = sorted(glob.glob(str(out / "**" / "*genai_perf.json"), recursive=True))
     if res["rc"] == 0 and files:
         doc = json.loads(Path(files[-1]).read_text())
-        result["results"] = {k: v for k, v in doc.items() if isinstance(v, dict) and "unit" in v}
+        result["results"] = {k: {s: (round(x, 3) if isinstance(x, float) else x) for s, x in v.items()
+                                 if s in ("unit", "avg", "p50", "p99", "min", "max") and x is not None}
+                             for k, v in doc.items() if isinstance(v, dict) and "unit" in v}
         result["ok"] = True
     else:
         result["error"] = error_of(res, ctx["timeout"])
