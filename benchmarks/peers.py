@@ -337,9 +337,10 @@ def run_genai_perf(ctx: dict) -> dict:
     """NVIDIA's genai-perf drives perf_analyzer, which PyPI's perf-analyzer package does not ship (a placeholder):
     `make peers` takes it from tritonclient 2.50.0's wheel (docs/benchmarks.md). genai-perf reads perf_analyzer's
     profile export and writes its own JSON, whose metrics are reported here."""
-    gp = shutil.which("genai-perf") or (str(ctx["bin"] / "genai-perf") if (ctx["bin"] / "genai-perf").exists() else None)
-    pa = shutil.which("perf_analyzer") or (str(ctx["bin"] / "perf_analyzer") if (ctx["bin"] / "perf_analyzer").exists()
-                                           else None)
+    def find(name: str) -> str | None:  # the peers venv's first, else PATH's
+        return str(ctx["bin"] / name) if (ctx["bin"] / name).exists() else shutil.which(name)
+
+    gp, pa = find("genai-perf"), find("perf_analyzer")
     if not gp or not pa:
         missing = [n for n, p in (("genai-perf", gp), ("perf_analyzer", pa)) if not p]
         return {"ok": False, "skipped": True,
@@ -351,7 +352,8 @@ def run_genai_perf(ctx: dict) -> dict:
            "--tokenizer", str(guidellm_tokenizer(ctx["work"])), "--concurrency", "1",
            "--request-count", str(count), "--warmup-request-count", "0", "--artifact-dir", str(out)]
     # perf_analyzer (tritonclient 2.50.0's) links libcudart.so.12 (nvidia-cuda-runtime-cu12) even on the CPU.
-    cudart = glob.glob(str(ctx["bin"].parent / "lib" / "python3*" / "site-packages" / "nvidia" / "cuda_runtime" / "lib"))
+    site = ctx["bin"].parent / "lib" / "python3*" / "site-packages"
+    cudart = glob.glob(str(site / "nvidia" / "cuda_runtime" / "lib"))
     ld = ":".join(cudart + [os.environ.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     res = run(cmd, ctx["timeout"], cwd=ctx["work"],
               env={"PATH": f"{Path(pa).parent}:{os.environ.get('PATH', '')}", "LD_LIBRARY_PATH": ld})
