@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-py312 serve proto clean
+.PHONY: install test test-py312 serve proto clean peers peers-bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,5 +44,29 @@ serve: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
+# The field's own tools (guidellm, lm-eval, LangChain, grpcurl, genai-perf) in their own venv, .venv-peers, from a
+# pinned requirements file: guidellm 0.8 needs numpy>=2, the project's nvidia-pytriton caps numpy<2, so they cannot
+# share .venv (docs/benchmarks.md, "The field's own tools"). About 6 min and 2.2 GB (torch 2.13.0 CPU, which
+# guidellm requires, from this machine's local wheel). genai-perf's perf_analyzer is the binary in tritonclient
+# 2.50.0's wheel (the last one built for glibc 2.35; this Debian 12 has 2.36), installed without its
+# dependencies (it would pin numpy<2); it needs Debian's libb64-0d. x86_64 only.
+# `make peers-bench` runs them all against `dgemma serve`.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): benchmarks/peers/requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -r benchmarks/peers/requirements.txt
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps tritonclient==2.50.0
+	@ldconfig -p | grep -q libb64.so.0d || (apt-get update -q && apt-get install -y -q libb64-0d) \
+	  || echo "make peers: no libb64-0d: genai-perf's perf_analyzer will not start" >&2
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+peers-bench: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python benchmarks/peers.py
+
 clean:
-	rm -rf $(VENV) $(VENV312) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV312) $(PEERS_VENV) .pytest_cache .hypothesis
