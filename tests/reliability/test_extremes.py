@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.front.openai_schema import IGNORED, UNSUPPORTED, ChatRequest, CompletionRequest, TokenizeRequest
 from tests.e2e.conftest import Serve
+from tests.reliability.rpc import call_rpc
 
 DEADLINE_S, WALL_LIMIT_S, THREADS = 60.0, 600, 2
 ENV = {"NIM_LOG_LEVEL": "WARNING", "NIM_SHUTDOWN_DRAIN_DELAY": "0", "NIM_MAX_NEW_TOKENS_LIMIT": "256",
@@ -131,18 +132,6 @@ def grpc_cases(method: str, base: Message) -> list[tuple[str, str, Message]]:
 OK_OR_INVALID = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
 
-def call_grpc(stub, method: str, msg: Message) -> tuple[grpc.StatusCode, str]:
-    try:
-        if method == "GenerateStream":
-            for _ in stub.GenerateStream(msg, timeout=DEADLINE_S):
-                pass
-        else:
-            getattr(stub, method)(msg, timeout=DEADLINE_S)
-        return grpc.StatusCode.OK, ""
-    except grpc.RpcError as e:
-        return e.code(), e.details() or ""
-
-
 def names_in(label: str) -> set[str]:
     """The names along a field path ("options.parameters.t_min" -> options, parameters, t_min)."""
     return {part.split("[")[0] for part in label.replace("[", ".[").split(".") if part and part[0] != "["}
@@ -238,7 +227,7 @@ def test_every_field_through_its_extremes(extremes_server):
     def grpc_one(case) -> str | None:
         method, label, msg = case
         assert time.monotonic() < deadline, "the walk ran past its wall-clock limit"
-        code, details = call_grpc(stub, method, msg)
+        code, details = call_rpc(stub, method, method == "GenerateStream", msg, DEADLINE_S)
         if code not in OK_OR_INVALID:
             return f"{method} {label}: {code.name} {details[:200]}"
         named = details.split(":", 1)[0]

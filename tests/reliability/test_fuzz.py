@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
+from tests.reliability.rpc import call_rpc
 
 BATCH, BATCHES, DEADLINE_S, WALL_LIMIT_S = 32, 64, 3.0, 150  # 2,048 requests
 THREADS = 12  # calls in flight at once (below the server's NIM_MAX_CONCURRENT_RPCS)
@@ -123,15 +124,7 @@ CALLS = st.sampled_from(list(SERVICE.methods)).flatmap(
 
 def send(stub, call: tuple[str, bool, Message]) -> tuple[grpc.StatusCode, str]:
     name, streaming, msg = call
-    try:
-        if streaming:
-            for _ in getattr(stub, name)(msg, timeout=DEADLINE_S):
-                pass
-        else:
-            getattr(stub, name)(msg, timeout=DEADLINE_S)
-        return grpc.StatusCode.OK, ""
-    except grpc.RpcError as e:
-        return e.code(), e.details() or ""
+    return call_rpc(stub, name, streaming, msg, DEADLINE_S)
 
 
 def test_fuzzed_requests_get_documented_statuses_only(limited_server):
