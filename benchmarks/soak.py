@@ -56,7 +56,7 @@ EXTREME_PARAMS = [dict(stability_threshold=10**8), dict(stability_threshold=2**3
                   dict(t_min=3e38, t_max=3e38), dict(entropy_bound=float("inf")), dict(confidence_threshold=float("nan")),
                   dict(max_denoising_steps=2**31 - 1)]
 EXTREME_HTTP = [{"stability_threshold": 2**40}, {"stability_threshold": 10**7}, {"max_tokens": 2**63},
-                {"t_max": 1e300}, {"n": 10**9}, {"seed": -1}, {"messages": "x"}, {"prompt": {"a": 1}},
+                {"t_max": 1e300}, {"n": 10**9}, {"seed": -1}, {"temperature": 5}, {"prompt": {"a": 1}},
                 {"max_denoising_steps": "many"}]
 BODY_TIMEOUT_S = 5.0  # the server's NIM_HTTP_BODY_TIMEOUT in the soak
 SLOW_BODY_WAIT_S = 60.0  # the longest a slow-body client waits for the server's answer

@@ -22,7 +22,8 @@ def run_cli(server, capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
 def test_generate_json_and_visual(server, capsys, monkeypatch):
     rc, out, _ = run_cli(server, capsys, monkeypatch, "generate", "def ", "--json", "--max-new-tokens", "16", *STEPS)
     doc = json.loads(out)
-    assert rc == 0 and len(doc["token_ids"]) == 64 and doc["finish_reason"] in ("eos", "length")
+    # max_new_tokens is a hard cap: at most 16 tokens (fewer only when the model ends at an EOS)
+    assert rc == 0 and 1 <= len(doc["token_ids"]) <= 16 and doc["finish_reason"] in ("eos", "length")
     rc, out, err = run_cli(server, capsys, monkeypatch, "generate", "def ", "--visual", "--max-new-tokens", "16",
                            *STEPS)
     assert rc == 0 and "[canvas 0 step   4]" in err and out.strip() != ""  # the canvas, step by step
