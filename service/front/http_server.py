@@ -10,6 +10,7 @@ import socket
 import ssl
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.errors import InvalidArgument
 
@@ -20,6 +21,16 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield  # the supervisor handles SIGTERM/SIGINT and stops this server itself
+
+
+class _H11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with its keep-alive timer also running on a new connection: one that sends
+    nothing is closed after `timeout_keep_alive` (5 s), as an idle one between requests already is (uvicorn
+    starts the timer only after a response)."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -48,7 +59,7 @@ class HttpServer:
             kw = dict(ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key))
             if tls.client_ca is not None:
                 kw.update(ssl_ca_certs=str(tls.client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
-        config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, server_header=False,
+        config = uvicorn.Config(app, http=_H11, lifespan="off", log_config=None, access_log=False, server_header=False,
                                 timeout_graceful_shutdown=max(1, int(grace_s)), **kw)
         self.server = _Server(config)
         self._task: asyncio.Task | None = None

@@ -217,3 +217,16 @@ def test_the_tokenizer_pool_is_bounded():
     finally:
         d.close()
     assert most == 2 and len(names) == 2 and all(n.startswith("dgemma-tokenize") for n in names)
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(front):
+    """uvicorn starts its keep-alive timer only after a response: a client that connects and sends nothing
+    held its connection for as long as it liked. Now it is closed after `timeout_keep_alive` (5 s)."""
+    import socket
+
+    timeout = front.server.server.config.timeout_keep_alive
+    with socket.create_connection(("127.0.0.1", front.port), timeout=timeout + 5) as s:
+        start = time.monotonic()
+        assert s.recv(1) == b""  # the server closed it, without an answer
+        assert timeout - 0.5 <= time.monotonic() - start <= timeout + 3
+    assert front.request("GET", "/v1/health/live")[0] == 200  # a client that speaks is served as before
