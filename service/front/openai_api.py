@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
-from service.request import jobs, layout, stopping
+from service.request import jobs, layout
 from service.front.auth import BearerKeys
 from service.front.call_limit import CallLimit
 from service.request.jobs import OPENAI_PATHS, Job
@@ -362,10 +362,7 @@ class OpenAIApi:
 
     def _cut(self, r) -> dict:
         """A generation's hard cap (max_tokens), stop sequences, stop ids and ignore_eos, as Job fields."""
-        cap = r.length()[0]
-        spec = stopping.stop_spec(self.model.defaults.max_new_tokens if cap is None else cap, r.stops(),
-                                  r.stop_token_ids or (), vocab_size=self.model.config.vocab_size,
-                                  has_tokenizer=self.model.tokenizer is not None)
+        spec = jobs.stopping_of(self.model, r.length()[0], r.stops(), r.stop_token_ids or ())
         return dict(stopping=spec, ignore_eos=r.ignore_eos)
 
     def _turns(self, messages) -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ import grpc
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
-from service.request import jobs, layout, stopping
+from service.request import jobs, layout
 from service.front.interceptors import current_request_metrics, current_trace_context
 from service.request.jobs import Job
 from service.request.dispatch import Dispatcher, Usage, usage_of
@@ -77,9 +77,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
             self.model, r.text if kind == "text" else None, _chat(r.chat) if kind == "chat" else None,
             list(r.token_ids.ids) if kind == "token_ids" else None)
         max_new_tokens = r.max_new_tokens if r.HasField("max_new_tokens") else None
-        spec = stopping.stop_spec(self.model.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                                  r.stop, r.stop_token_ids, vocab_size=self.model.config.vocab_size,
-                                  has_tokenizer=self.model.tokenizer is not None)
+        spec = jobs.stopping_of(self.model, max_new_tokens, r.stop, r.stop_token_ids)
         return Job(request_id=jobs.request_id_of(r.request_id), prompt_ids=ids, options=_options(r.options),
                    max_new_tokens=max_new_tokens, return_drafts=r.return_drafts, stopping=spec,
                    ignore_eos=r.ignore_eos, field_names=jobs.field_names(prompt_field))

@@ -6,12 +6,13 @@ Protobuf stays at the edge: the servicer turns messages into these plain values 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 import uuid
 from dataclasses import dataclass, field
 
 from service.errors import InvalidArgument
 from service.request.catalog import ServedModel
-from service.request.stopping import StopSpec
+from service.request.stopping import StopSpec, stop_spec
 from service.request.triton_client import Tensor
 from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
 
@@ -180,3 +181,11 @@ def tokenizer_of(model: ServedModel, name: str):
     if model.tokenizer is None:
         raise InvalidArgument(name, "this model has no tokenizer; send token_ids")
     return model.tokenizer
+
+
+def stopping_of(model: ServedModel, max_new_tokens: int | None, stop: Sequence[str] = (),
+                stop_token_ids: Sequence[int] = ()) -> StopSpec:
+    """A generation's cut, as both fronts ask for it: the hard cap (the model's default length when unset), stop
+    sequences and stop token ids, validated against the served model."""
+    return stop_spec(model.defaults.max_new_tokens if max_new_tokens is None else max_new_tokens, stop,
+                     stop_token_ids, vocab_size=model.config.vocab_size, has_tokenizer=model.tokenizer is not None)
