@@ -27,6 +27,9 @@ class Request:
     constraints: list[int] | None = None
     # Generate up to max_new_tokens whatever EOS the model writes: no EOS ends it or pads after it.
     ignore_eos: bool = False
+    # The request's own token classes: class NUM_CLASSES + j allows the ids of choices[j] (an enum's tokens at
+    # one position). At most canvas_length sets.
+    choices: list[list[int]] | None = None
 
     def validate(self, cfg: ModelConfig) -> "Request":
         if not isinstance(self.prompt_ids, (list, tuple)) or len(self.prompt_ids) == 0:
@@ -41,9 +44,21 @@ class Request:
         self.params.validate()
         if self.pins is not None:
             self.pins.validate(cfg.canvas_length, cfg.vocab_size)
+        if self.choices is not None:
+            self._validate_choices(cfg.canvas_length, cfg.vocab_size)
         if self.constraints is not None:
             self._validate_constraints(cfg.canvas_length)
         return self
+
+    def _validate_choices(self, canvas_length: int, vocab_size: int) -> None:
+        if not isinstance(self.choices, (list, tuple)) or len(self.choices) > canvas_length:
+            raise InvalidArgument("choices", f"must be a list of at most {canvas_length} id sets")
+        for j, ids in enumerate(self.choices):
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise InvalidArgument("choices", f"set {j} is empty")
+            for i in ids:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                    raise InvalidArgument("choices", f"set {j}: id {i!r} is outside the vocabulary [0, {vocab_size})")
 
     def _validate_constraints(self, canvas_length: int) -> None:
         if not isinstance(self.constraints, (list, tuple)):
@@ -51,9 +66,10 @@ class Request:
         n = len(self.constraints)
         if n > canvas_length:
             raise InvalidArgument("constraints", f"has {n} positions; the canvas holds {canvas_length}")
+        top = NUM_CLASSES + len(self.choices or ())
         for c in self.constraints:
-            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < NUM_CLASSES:
-                raise InvalidArgument("constraints", f"class id {c!r} is outside [0, {NUM_CLASSES})")
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < top:
+                raise InvalidArgument("constraints", f"class id {c!r} is outside [0, {top})")
 
     @property
     def constrained(self) -> bool:

@@ -15,7 +15,7 @@ from service.engine.sequence import Sequence
 from service.errors import InvalidArgument
 from service.model.config import read_generation_config, special_ids
 from service.text.tokenizer import Tokenizer, load_tokenizer
-from service.sampler.constraints import build_class_masks, check_classes
+from service.sampler.constraints import build_class_masks, check_classes, choice_masks
 from service.sampler.params import GenerationParams, params_from_generation_config
 
 
@@ -44,7 +44,7 @@ class LocalEngine:
         with self._class_masks_lock:
             if self._class_masks is None:
                 special = {*self.eos_ids, self.pad_id, self.tokenizer.bos_id}
-                masks = build_class_masks(self.tokenizer, self.config.vocab_size, special)
+                masks = build_class_masks(self.tokenizer, self.config.vocab_size, special, self.pad_id)
                 self._class_masks = masks.to(self.runner.device)
         return self._class_masks
 
@@ -58,6 +58,8 @@ class LocalEngine:
     def new_sequence(self, request: Request) -> Sequence:
         self.validate(request)
         masks = self.class_masks() if request.constrained else None
+        if masks is not None and request.choices:  # the request's own classes after the checkpoint's: [C + K, V]
+            masks = torch.cat([masks, choice_masks(request.choices, self.config.vocab_size, masks.device)])
         seed = 0 if request.params.greedy else request.seed  # greedy output does not depend on the seed
         return Sequence(request, self.config, self.eos_ids, self.pad_id, self.runner.new_generator(seed),
                         self.runner.device, masks)

@@ -9,7 +9,7 @@ per-position tensors [B, L], still on that device. Backends plug in here: `Torch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from service.model.config import ModelConfig
 from service.sampler import ops
+from service.sampler.constraints import FREE
 from service.sampler.tiles import CanvasDraw, Vocab, sample_step
 
 
@@ -39,7 +40,8 @@ class CanvasStep:
     entropy_bound: float
     pin_ids: Tensor | None = None  # long [L]
     pin_mask: Tensor | None = None  # bool [L]
-    class_masks: Tensor | None = None  # bool [C, V], when draw.class_ids is set
+    class_masks: Tensor | None = None  # bool [C, V] (C: the checkpoint's classes and the request's own), when
+    # draw.class_ids is set
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,8 @@ def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int,
 
     Draws per canvas, in the reference's order: the sampling stream (inside sample_step), then renoise.
     """
-    masks = next((c.class_masks for c in canvases if c.class_masks is not None), None)
-    s = sample_step(vocab, hidden, [c.draw for c in canvases], tile, masks)
+    masks, draws = class_table(canvases)
+    s = sample_step(vocab, hidden, draws, tile, masks)
     pin_ids, pin_mask = _stack_pins(canvases, hidden.device)
     bounds = torch.tensor([[c.entropy_bound] for c in canvases], dtype=s.entropy.dtype, device=hidden.device)
     accepted = ops.accept_mask(s.entropy, bounds, pin_mask)  # [B, L]
@@ -107,6 +109,29 @@ def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int,
         entropy=s.entropy,
         soft=s.soft,
     )
+
+
+def class_table(canvases: list[CanvasStep]) -> tuple[Tensor | None, list[CanvasDraw]]:
+    """One class-mask table for the batch and the draws that index it. Canvases usually share the checkpoint's
+    table; a request with its own classes (choices) brings its own, and then the tables are stacked [sum C, V]
+    and each canvas's constrained class ids are offset to its table's rows."""
+    tables: list[Tensor] = []
+    for c in canvases:
+        if c.class_masks is not None and not any(t is c.class_masks for t in tables):
+            tables.append(c.class_masks)
+    draws = [c.draw for c in canvases]
+    if len(tables) <= 1:
+        return (tables[0] if tables else None), draws
+    starts, at = [], 0
+    for t in tables:
+        starts.append(at)
+        at += t.shape[0]
+    for b, c in enumerate(canvases):
+        ids = c.draw.class_ids
+        if c.class_masks is not None and ids is not None:
+            off = starts[next(k for k, t in enumerate(tables) if t is c.class_masks)]
+            draws[b] = replace(c.draw, class_ids=torch.where(ids == FREE, ids, ids + off))
+    return torch.cat(tables), draws
 
 
 def _stack_pins(canvases: list[CanvasStep], device: torch.device) -> tuple[Tensor | None, Tensor | None]:

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import DeadlineExceeded, InvalidArgument, PayloadTooLarge, RequestTimeout, Unauthenticated
-from service.request import jobs, layout
+from service.request import jobs, layout, structured
 from service.front.auth import BearerKeys
 from service.front.call_limit import CallLimit
 from service.request.jobs import OPENAI_PATHS, Job
@@ -41,6 +41,7 @@ from service.front.openai_schema import (
     parse,
     prompts_of,
 )
+from service.front.openai_structured import StructuredAsk, delta_of, message_of, response_format_ask, tool_ask
 from service.request.dispatch import Dispatcher, Usage, usage_of
 from service.request.triton_client import BackendEvent
 from service.telemetry.metrics import FrontMetrics
@@ -398,6 +399,13 @@ class OpenAIApi:
             if len(prompts) > 1:
                 raise InvalidArgument("prompt", "with suffix, give one prompt")
             return await self._infill(r, prompts[0], head, call, deadline)
+        ask = response_format_ask(r.response_format)
+        if ask is not None:
+            if len(prompts) > 1:
+                raise InvalidArgument("prompt", "with response_format, give one prompt")
+            ids = await self.dispatcher.offload(jobs.text_ids if isinstance(prompts[0], str) else jobs.checked_ids,
+                                                self.model, prompts[0], "prompt")
+            return await self._structured(r, ask, ids, "prompt", head, call, deadline, chat=False)
         max_new, length_field = r.length()
         cut = self._cut(r)
         batch = []
@@ -454,13 +462,20 @@ class OpenAIApi:
         r = self._parse(ChatRequest, body)
         self.dispatcher.check_model(r.model)
         r.checked_stream_options()
+        ask = tool_ask(r.tools, r.tool_choice)
+        if ask is not None and r.response_format is not None:
+            response_format_ask(r.response_format)  # checked all the same
+            raise InvalidArgument("response_format", "give either a tool call (tool_choice) or a response_format")
+        ask = ask or response_format_ask(r.response_format)
         ids = await self.dispatcher.offload(jobs.chat_ids, self.model, self._turns(r.messages), "messages",
                                             chat_extras(r.messages))
+        head = {"id": f"chatcmpl-{call.rid}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model.id}
+        if ask is not None:
+            return await self._structured(r, ask, ids, "messages", head, call, deadline, chat=True)
         max_new, length_field = r.length()
         job = self._job(r, call.rid, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts,
                         **self._cut(r))
-        head = {"id": f"chatcmpl-{call.rid}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model.id}
         if r.stream:
             head["object"] = "chat.completion.chunk"
             return _Produced(chunks=await _primed(self._stream([job], r, head, call, deadline, chat=True)))
@@ -470,6 +485,56 @@ class OpenAIApi:
                     "seed": job.seed(i)}
                    for i, f in enumerate(finals)]
         return _Produced({**head, "choices": choices, "usage": _usage(usage_of(job, finals))})
+
+    def _structured_layout(self, r, ask: StructuredAsk, ids: list[int]) -> structured.Structured | str:
+        """The document's canvas, or the document itself when the schema fixes every value."""
+        compiled = structured.compile_schema(ask.schema, ask.field)
+        if not any(isinstance(x, structured.Value) for x in compiled.items):
+            return "".join(compiled.items)
+        canvas = self.model.config.canvas_length
+        cap, length_field = r.length()
+        budget = canvas if cap is None else min(canvas, cap + 1)  # the document and its EOS
+        try:
+            return structured.structured_layout(jobs.tokenizer_of(self.model, ask.field), canvas, ids, compiled,
+                                                ask.field, eos_id=self.model.eos_id, pad_id=self.model.pad_id,
+                                                budget=budget)
+        except InvalidArgument as e:
+            raise (e.renamed(length_field) if budget < canvas and e.field == ask.field else e) from None
+
+    async def _structured(self, r, ask: StructuredAsk, ids: list[int], prompt_field: str, head: dict, call: Call,
+                          deadline: float | None, chat: bool) -> _Produced:
+        """One JSON document per choice (response_format, or a tool call's arguments): the schema's skeleton
+        pinned, its values generated in typed holes (service/request/structured.py). Stop sequences do not apply
+        (the schema ends the document); streamed, each choice is one chunk."""
+        if r.stops() or r.stop_token_ids:
+            raise InvalidArgument("stop" if r.stops() else "stop_token_ids",
+                                  "does not apply to a structured document (the schema ends it); leave it unset")
+        r.checked_stream_options()
+        s = await self.dispatcher.offload(self._structured_layout, r, ask, ids)
+        n = r.n or 1
+        if isinstance(s, str):
+            documents, usage = [s] * n, Usage(len(ids), 0)
+            seeds = [jobs.options_of({}, None, r.seed, r.n, OPENAI_PATHS).seed + i for i in range(n)]
+        else:
+            lay = s.layout
+            job = self._job(r, call.rid, ids, prompt_field, r.length()[1], lay.max_new_tokens, pin_ids=lay.pin_ids,
+                            pin_mask=lay.pin_mask, constraint_ids=lay.constraint_ids, choices=lay.choices)
+            finals, _, usage = await self.dispatcher.fill(job, lay, **self._run_kw(call, deadline))
+            tok = jobs.tokenizer_of(self.model, prompt_field)
+            documents = [structured.render(s, f.ids, tok, self.model.pad_id) for f in finals]
+            seeds = [job.seed(i) for i in range(n)]
+        choices = []
+        for i, (doc, seed) in enumerate(zip(documents, seeds)):
+            if chat:
+                message, finish = message_of(ask, doc)
+                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish,
+                                "seed": seed})
+            else:
+                choices.append({"index": i, "text": doc, "logprobs": None, "finish_reason": "stop", "seed": seed})
+        body = {**head, "choices": choices, "usage": _usage(usage)}
+        if not r.stream:
+            return _Produced(body)
+        return _Produced(chunks=_chunks_of(body, r.checked_stream_options(), chat))
 
     async def _stream(self, batch: list[Job], r, head: dict, call: Call, deadline: float | None, chat: bool
                       ) -> AsyncIterator[dict]:
@@ -513,6 +578,23 @@ class OpenAIApi:
             yield chunk
         if opts.include_usage:
             yield {**head, "choices": [], "usage": _usage(Usage(prompt_tokens, sum(generated)))}
+
+
+async def _chunks_of(body: dict, opts, chat: bool) -> AsyncIterator[dict]:
+    """A finished response as a stream: each choice's content (or tool calls) in one chunk, then its end."""
+    head = {k: v for k, v in body.items() if k not in ("choices", "usage")}
+    if chat:
+        head["object"] = "chat.completion.chunk"
+    usage = body["usage"] if opts.include_usage or opts.continuous_usage_stats else None
+    extra = {"usage": usage if opts.continuous_usage_stats else None} if usage is not None else {}
+    for c in body["choices"]:
+        part = {"delta": delta_of(c["message"])} if chat else {"text": c["text"]}
+        yield {**head, "choices": [{"index": c["index"], **part, "logprobs": None, "finish_reason": None}], **extra}
+        end = {"delta": {}} if chat else {"text": ""}
+        yield {**head, "choices": [{"index": c["index"], **end, "logprobs": None, "finish_reason": c["finish_reason"],
+                                    "seed": c["seed"]}], **extra}
+    if opts.include_usage:
+        yield {**head, "choices": [], "usage": usage}
 
 
 def _total(batch: list[Job], finals: list[list[BackendEvent]]) -> Usage:

@@ -26,11 +26,10 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "presence_penalty": ((None, 0), "not supported by the diffusion sampler"),
     "frequency_penalty": ((None, 0), "not supported by the diffusion sampler"),
     "logit_bias": ((None, {}), "not supported by the diffusion sampler"),
-    "tools": ((None, []), "tool calling is not supported"),
-    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "tools": ((None, []), "tool calling is on /v1/chat/completions"),
+    "tool_choice": ((None, "none"), "tool calling is on /v1/chat/completions"),
     "functions": ((None, []), "function calling is not supported"),
     "function_call": ((None, "none"), "function calling is not supported"),
-    "response_format": ((None, {"type": "text"}), "structured output is the gRPC Template RPC"),
     "modalities": ((None, ["text"]), "only text is supported"),
     "audio": ((None,), "only text is supported"),
     "prediction": ((None,), "not supported"),
@@ -76,6 +75,7 @@ class _Generation(_Body):
     top_k: int | None = None  # vLLM's: candidates among the k likeliest tokens; 0 or -1 (vLLM's "off") mean off
     sampler: Literal["reference", "fast"] | None = None
     return_drafts: bool = False
+    response_format: Any = None  # text, or json_schema (structured output); checked by openai_structured
 
     def diffusion_params(self) -> dict[str, Any]:
         top_k = 0 if self.top_k == -1 else self.top_k
@@ -116,6 +116,8 @@ class ChatMessage(_Body):
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage]
+    tools: Any = None  # checked by openai_structured.tool_ask
+    tool_choice: Any = None
 
 
 class TokenizeRequest(_Body):

@@ -15,6 +15,7 @@ from service.request.catalog import ServedModel
 from service.request.stopping import StopSpec, stop_spec
 from service.request.triton_client import Tensor
 from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
+from service.text.token_classes import choice_ids_of
 
 MAX_VARIATIONS = 16
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -55,6 +56,7 @@ class Job:
     pin_ids: list[int] | None = None
     pin_mask: list[bool] | None = None
     constraint_ids: list[int] | None = None
+    choices: list[list[int]] | None = None  # the request's own token classes (constraint ids from NUM_CLASSES)
     # a hard cap on returned tokens and stop conditions, applied by Dispatcher.run (None: the engine's output
     # as it is, whole canvases)
     stopping: StopSpec | None = None
@@ -86,6 +88,8 @@ class Job:
             t["pin_mask"] = Tensor("BOOL", self.pin_mask if self.pin_mask is not None else [True] * len(self.pin_ids))
         if self.constraint_ids is not None:
             t["constraint_ids"] = Tensor("INT32", self.constraint_ids)
+        if self.choices:
+            t["choice_ids"] = Tensor("INT32", choice_ids_of(self.choices))
         return t
 
 

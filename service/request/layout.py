@@ -83,6 +83,7 @@ class CanvasLayout:
     max_new_tokens: int
     segments: list[Segment]
     skip_ids: frozenset[int] = frozenset()  # never part of a slot's text (pad, eos)
+    choices: list[list[int]] = field(default_factory=list)  # the layout's own classes (NUM_CLASSES + j)
 
     @property
     def slots(self) -> list[Slot]:

@@ -17,8 +17,10 @@ from torch import Tensor
 from service.errors import InvalidArgument
 from service.text.token_classes import (  # noqa: F401  (re-exported: the engine's names for them)
     CLASS_NAMES,
+    DIGITS_OR_PAD,
     FREE,
     JSON_STRING,
+    JSON_STRING_OR_PAD,
     NUM_CLASSES,
     NUMBER_FIRST,
     NUMBER_REST,
@@ -42,10 +44,12 @@ def _json_string_ok(text: str) -> bool:
     return bool(text) and '"' not in text and "\\" not in text and _CONTROL.search(text) is None
 
 
-def class_masks_from_texts(texts: list[str], special: Iterable[int], vocab_size: int) -> Tensor:
+def class_masks_from_texts(texts: list[str], special: Iterable[int], vocab_size: int,
+                           pad_id: int | None = None) -> Tensor:
     """Allowed ids per class: bool [C, V]. texts[i] is id i decoded alone; ids past len(texts) are FREE only.
 
-    Pieces that decode to partial UTF-8 (U+FFFD) are left out of JSON_STRING and the number classes.
+    Pieces that decode to partial UTF-8 (U+FFFD) are left out of JSON_STRING and the number classes. The
+    *_OR_PAD classes are their piece class plus `pad_id` (none without it).
     """
     masks = torch.zeros(NUM_CLASSES, vocab_size, dtype=torch.bool)
     masks[FREE] = True
@@ -58,18 +62,32 @@ def class_masks_from_texts(texts: list[str], special: Iterable[int], vocab_size:
         masks[c, :n] = torch.tensor([pattern.fullmatch(t) is not None for t in whole], dtype=torch.bool)
     ids = torch.tensor([i for i in set(special) if 0 <= i < vocab_size], dtype=torch.long)
     masks[FREE + 1 :, ids] = False  # special ids belong to no class but FREE
+    masks[JSON_STRING_OR_PAD] = masks[JSON_STRING]
+    masks[DIGITS_OR_PAD] = masks[NUMBER_REST]
+    if pad_id is not None and 0 <= pad_id < vocab_size:
+        masks[[JSON_STRING_OR_PAD, DIGITS_OR_PAD], pad_id] = True
     return masks
 
 
-def build_class_masks(tokenizer: "Tokenizer", vocab_size: int, special: Iterable[int] = ()) -> Tensor:
-    """The class masks of a checkpoint: bool [C, V]. `special` adds ids to exclude (the engine's eos/pad/bos)."""
-    return class_masks_from_texts(tokenizer.token_texts(), {*tokenizer.special_ids(), *special}, vocab_size)
+def build_class_masks(tokenizer: "Tokenizer", vocab_size: int, special: Iterable[int] = (),
+                      pad_id: int | None = None) -> Tensor:
+    """The class masks of a checkpoint: bool [C, V]. `special` adds ids to exclude (the engine's eos/pad/bos);
+    `pad_id` is the one the *_OR_PAD classes allow."""
+    return class_masks_from_texts(tokenizer.token_texts(), {*tokenizer.special_ids(), *special}, vocab_size, pad_id)
+
+
+def choice_masks(choices: list[list[int]], vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """A request's choice sets as class rows: bool [K, V], row j allowing the ids of choices[j]."""
+    masks = torch.zeros(len(choices), vocab_size, dtype=torch.bool)
+    for j, ids in enumerate(choices):
+        masks[j, ids] = True
+    return masks.to(device)
 
 
 def check_classes(masks: Tensor, classes: Iterable[int]) -> None:
     """InvalidArgument("constraints") when a requested class allows no id of this vocabulary."""
     for c in sorted(set(classes)):
-        if not bool(masks[c].any()):
+        if c < NUM_CLASSES and not bool(masks[c].any()):
             raise InvalidArgument("constraints", f"class {c} ({CLASS_NAMES[c]}) matches no token of this vocabulary")
 
 

@@ -15,6 +15,7 @@ from service.errors import InvalidArgument, wire_code
 from service.model.config import ModelConfig
 from service.text.tokenizer import Tokenizer
 from service.sampler.constraints import FREE
+from service.text.token_classes import choices_of
 from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, Pins, request_params
 
 # The Triton status (pb_utils.TritonError.<NAME>) of the wire codes Triton has no name for; the others
@@ -23,7 +24,7 @@ from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, P
 TRITON_STATUS = {"OVERLOADED": "UNAVAILABLE", "DEADLINE_EXCEEDED": "UNAVAILABLE"}
 
 # `timeout_ms`: milliseconds left of the caller's deadline (0 or absent: none); not a field of Request.
-INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "seed", "return_drafts",
+INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "choice_ids", "seed", "return_drafts",
                "ignore_eos", "request_id", "sampler", "apply_chat_template", "timeout_ms", *INT_PARAMS, *FLOAT_PARAMS)
 
 
@@ -120,6 +121,7 @@ def request_from_inputs(
         ignore_eos=bool(_scalar(inputs, "ignore_eos") or False),
         request_id=str(_scalar(inputs, "request_id") or ""),
         constraints=constraints,
+        choices=choices_of(_ids(inputs, "choice_ids")),
     )
     try:
         return req.validate(cfg)
@@ -133,6 +135,8 @@ def input_error(e: InvalidArgument, inputs: Mapping[str, np.ndarray | None]) -> 
         return e.renamed("text_input" if inputs.get("text_input") is not None else "input_ids")
     if e.field == "constraints":
         return e.renamed("constraint_ids")
+    if e.field == "choices":
+        return e.renamed("choice_ids")
     return e
 
 

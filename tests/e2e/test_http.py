@@ -155,7 +155,7 @@ def test_models_and_tokenize(server, oai, http):
     ("completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ("chat", {"messages": []}, "messages"),
-    ("chat", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0]"),
 ])
 def test_bad_input_is_a_bad_request_naming_the_field(oai, route, body, field):
     body = {"model": "diffusiongemma", **body}

@@ -3,13 +3,23 @@
 import json
 
 import pytest
+import torch
 
 from service.cli import DEFAULT_CHECKPOINT
 from service.engine.api import CanvasEvent, DraftEvent, Request
 from service.engine.scheduler import Scheduler
 from service.engine.registry import create_engine
 from service.errors import InvalidArgument
-from service.sampler.constraints import FREE, JSON_STRING, NUM_CLASSES, NUMBER_FIRST, NUMBER_REST, TEXT
+from service.sampler.constraints import (
+    DIGITS_OR_PAD,
+    FREE,
+    JSON_STRING,
+    JSON_STRING_OR_PAD,
+    NUM_CLASSES,
+    NUMBER_FIRST,
+    NUMBER_REST,
+    TEXT,
+)
 from service.sampler.params import GenerationParams, Pins
 
 NUMBER = [NUMBER_FIRST] + [NUMBER_REST] * 3
@@ -27,6 +37,16 @@ def params(sampler="reference", steps=4):
 def first_canvases(events):
     """Every token list of canvas 0: drafts and the committed canvas."""
     return [ev.tokens for ev in events if isinstance(ev, (DraftEvent, CanvasEvent)) and ev.canvas_index == 0]
+
+
+def batched(engine, reqs) -> list[list[int]]:
+    """Each request's final ids, the requests run together through one scheduler."""
+    sched = Scheduler(engine)
+    streams = [sched.submit(r) for r in reqs]
+    for _ in range(200):
+        if not sched.step():
+            break
+    return [list(s)[-1].token_ids for s in streams]
 
 
 def assert_in_class(engine, tokens, constraints):
@@ -99,12 +119,7 @@ def test_constrained_request_batched_equals_solo(tiny):
         Request(tok.encode("c = "), params("fast"), seed=3, constraints=[TEXT] * 8 + NUMBER),
     ]
     solo = [list(tiny.generate(r))[-1].token_ids for r in reqs]
-    sched = Scheduler(tiny)
-    streams = [sched.submit(r) for r in reqs]
-    for _ in range(200):
-        if not sched.step():
-            break
-    assert [list(s)[-1].token_ids for s in streams] == solo
+    assert batched(tiny, reqs) == solo
 
 
 @pytest.mark.parametrize(
@@ -128,3 +143,55 @@ def test_constraints_need_a_tokenizer(small_ckpt):
         Scheduler(engine).submit(req)
     assert e.value.field == "constraints"
     list(engine.generate(Request([2, 3], params(), constraints=[FREE, FREE])))  # all free: no tokenizer needed
+
+
+def test_choice_sets_hold_each_position_to_its_ids(tiny):
+    """A request's own classes (Request.choices): NUM_CLASSES + j allows exactly choices[j]."""
+    tok = tiny.tokenizer
+    sets = [[tok.token_id("t"), tok.token_id("f")], [tok.token_id("rue"), tok.token_id("alse")]]
+    constraints = [NUM_CLASSES, NUM_CLASSES + 1]
+    for seed in range(4):
+        req = Request(tok.encode("ok = "), params(), seed=seed, constraints=constraints, choices=sets,
+                      return_drafts=True)
+        for tokens in first_canvases(list(tiny.generate(req))):
+            assert tokens[0] in sets[0] and tokens[1] in sets[1], tokens[:2]
+
+
+def test_or_pad_classes_allow_the_pad_and_their_pieces_only(tiny):
+    masks = tiny.class_masks()
+    for c, base in ((JSON_STRING_OR_PAD, JSON_STRING), (DIGITS_OR_PAD, NUMBER_REST)):
+        assert bool(masks[c, tiny.pad_id]) and not bool(masks[base, tiny.pad_id])
+        other = masks[c].clone()
+        other[tiny.pad_id] = False
+        assert torch.equal(other, masks[base])
+
+
+def test_requests_with_their_own_choices_batched_equal_solo(tiny):
+    """Canvases with different choice tables in one step: each is offset into the stacked table."""
+    tok = tiny.tokenizer
+    a, b = [tok.token_id("t"), tok.token_id("f")], [tok.token_id("red")]
+    reqs = [
+        Request(tok.encode("a = "), params(), seed=1, constraints=[NUM_CLASSES, JSON_STRING_OR_PAD], choices=[a]),
+        Request(tok.encode("b = "), params("fast"), seed=2, constraints=NUMBER),
+        Request(tok.encode("c = "), params(), seed=3, constraints=[TEXT, NUM_CLASSES], choices=[b]),
+        Request(tok.encode("d = "), params("fast"), seed=4),
+    ]
+    solo = [list(tiny.generate(r))[-1].token_ids for r in reqs]
+    assert solo[0][0] in a and solo[2][1] == b[0]
+    assert batched(tiny, reqs) == solo
+
+
+@pytest.mark.parametrize("choices, constraints", [
+    ([[]], [NUM_CLASSES]), ([[5000]], [NUM_CLASSES]), ([[-1]], [NUM_CLASSES]), ("x", [NUM_CLASSES]),
+    ([[3]] * 65, [NUM_CLASSES]),
+])
+def test_invalid_choices_name_the_field(tiny, choices, constraints):
+    with pytest.raises(InvalidArgument) as e:
+        list(tiny.generate(Request([2], params(), constraints=constraints, choices=choices)))
+    assert e.value.field == "choices"
+
+
+def test_a_class_past_the_choices_is_refused(tiny):
+    with pytest.raises(InvalidArgument) as e:
+        list(tiny.generate(Request([2], params(), constraints=[NUM_CLASSES + 1], choices=[[3]])))
+    assert e.value.field == "constraints" and str(NUM_CLASSES + 1) in str(e.value)

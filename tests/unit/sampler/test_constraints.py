@@ -13,6 +13,8 @@ from service.sampler.constraints import (
     FREE,
     JSON_STRING,
     NUM_CLASSES,
+    JSON_STRING_OR_PAD,
+    DIGITS_OR_PAD,
     NUMBER_FIRST,
     NUMBER_REST,
     NUMBER_WHOLE,
@@ -26,7 +28,8 @@ from service.sampler.constraints import (
 
 
 def test_class_ids_are_the_interface_values():
-    assert (FREE, TEXT, JSON_STRING, NUMBER_FIRST, NUMBER_REST, NUMBER_WHOLE, NUM_CLASSES) == (0, 1, 2, 3, 4, 5, 6)
+    assert (FREE, TEXT, JSON_STRING, NUMBER_FIRST, NUMBER_REST, NUMBER_WHOLE, NUM_CLASSES) == (0, 1, 2, 3, 4, 5, 8)
+    assert (JSON_STRING_OR_PAD, DIGITS_OR_PAD) == (6, 7)
 
 
 @pytest.fixture(scope="module")

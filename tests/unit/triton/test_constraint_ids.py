@@ -51,3 +51,19 @@ def test_model_config_declares_every_input(small_ckpt):
     declared = set(re.findall(r'\{ name: "(\w+)" data_type: \w+ dims: \[ [-0-9]+ \] optional: true', text))
     assert "constraint_ids" in INPUT_NAMES and set(INPUT_NAMES) <= declared
     assert '{ name: "constraint_ids" data_type: TYPE_INT32 dims: [ -1 ] optional: true }' in text
+
+
+def test_choice_ids_become_request_choices(tiny):
+    cfg, tok = tiny
+    req = request_from_inputs({"input_ids": ids(2), "constraint_ids": ids(NUM_CLASSES + 1, NUM_CLASSES),
+                               "choice_ids": ids(5, 9, -1, 7, -1)}, cfg, tok)
+    assert req.choices == [[5, 9], [7]] and req.constraints == [NUM_CLASSES + 1, NUM_CLASSES]
+
+
+@pytest.mark.parametrize("values", [(5, 9), (5, -1, -1), (99999, -1)])
+def test_bad_choice_ids_name_the_input(tiny, values):
+    cfg, tok = tiny
+    with pytest.raises(InvalidArgument) as e:
+        request_from_inputs({"input_ids": ids(2), "constraint_ids": ids(NUM_CLASSES), "choice_ids": ids(*values)},
+                            cfg, tok)
+    assert e.value.field == "choice_ids"
