@@ -72,6 +72,8 @@ def _functions(tools: Any) -> dict[str, tuple[int, Any]]:
 def tool_ask(tools: Any, tool_choice: Any) -> StructuredAsk | None:
     """The function a request calls: named in tool_choice, or the only tool with 'required'. 'none' (or no
     tools) is plain generation; 'auto' (OpenAI's default with tools) is refused, saying why."""
+    if tools is not None and not isinstance(tools, list):
+        raise InvalidArgument("tools", "must be a list of {type: function, function: {...}}")
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise InvalidArgument("tool_choice", "names a tool, but tools is empty")

@@ -141,7 +141,7 @@ def names_in(label: str) -> set[str]:
 
 # Fields whose values are checked against each other: an error may name either one.
 RELATED = [{"t_min", "t_max"}, {"text", "editable"}, {"parts", "skeleton"}, {"prompt", "messages"},
-           {"stream", "stream_options"}]
+           {"stream", "stream_options"}, {"tools", "tool_choice"}]
 
 
 def names_the_field(named: str, label: str) -> bool:
@@ -163,6 +163,10 @@ HTTP_BASES = [
                                             "max_denoising_steps": 2}),
     ("/v1/chat/completions", ChatRequest, {"messages": [{"role": "user", "content": "hi"}], **SHORT}),
     ("/v1/tokenize", TokenizeRequest, {"prompt": "def f():"}),
+    ("/v1/chat/completions", ChatRequest, {  # a forced tool call: the structured-output path
+        "messages": [{"role": "user", "content": "hi"}], "max_denoising_steps": 2, "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "string", "maxLength": 4}, "b": {"type": "boolean"}}}}}]}),
 ]
 NESTED = {"messages[0]": ["role", "content", "name"], "stream_options": ["include_usage"]}
 
