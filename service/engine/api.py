@@ -12,6 +12,30 @@ from service.sampler.constraints import FREE, NUM_CLASSES
 from service.sampler.params import GenerationParams, Pins
 
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs range)
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Per committed id, in order: its log-probability at the step its canvas was committed, and the likeliest
+    ids there with theirs (largest first). Pinned positions were not sampled: 0.0 (see docs/api.md)."""
+
+    token: list[float]  # [n]
+    top_ids: list[list[int]]  # [n, k]
+    top: list[list[float]]  # [n, k]
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    def __getitem__(self, index: slice) -> "Logprobs":
+        return Logprobs(self.token[index], self.top_ids[index], self.top[index])
+
+    @staticmethod
+    def join(parts: "list[Logprobs]") -> "Logprobs":
+        return Logprobs([v for p in parts for v in p.token], [r for p in parts for r in p.top_ids],
+                        [r for p in parts for r in p.top])
+
+
 @dataclass
 class Request:
     """One generation request: prompt ids, optional pins and constraints, parameters and seed."""
@@ -27,6 +51,9 @@ class Request:
     constraints: list[int] | None = None
     # Generate up to max_new_tokens whatever EOS the model writes: no EOS ends it or pads after it.
     ignore_eos: bool = False
+    # Log-probabilities of the committed ids and of the `logprobs` likeliest alternatives at each position's
+    # commit step (0 to MAX_LOGPROBS); None: off.
+    logprobs: int | None = None
 
     def validate(self, cfg: ModelConfig) -> "Request":
         if not isinstance(self.prompt_ids, (list, tuple)) or len(self.prompt_ids) == 0:
@@ -43,6 +70,10 @@ class Request:
             self.pins.validate(cfg.canvas_length, cfg.vocab_size)
         if self.constraints is not None:
             self._validate_constraints(cfg.canvas_length)
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise InvalidArgument("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
+                                              f"got {lp!r}")
         return self
 
     def _validate_constraints(self, canvas_length: int) -> None:
@@ -79,6 +110,7 @@ class CanvasEvent:
     steps: int
     started_ns: int = 0  # wall clock (time.time_ns) when denoising began, after the prefix was encoded
     committed_ns: int = 0  # wall clock when it was committed
+    logprobs: Logprobs | None = None  # one entry per token, when the request asked
 
 
 @dataclass(frozen=True)
@@ -109,6 +141,7 @@ class FinalEvent:
     token_ids: list[int]  # every generated canvas, pad included, as the reference returns them
     finish_reason: str  # "eos" or "length"
     stats: Stats
+    logprobs: Logprobs | None = None  # one entry per token id, when the request asked
 
 
 Event = Union[DraftEvent, CanvasEvent, FinalEvent]
