@@ -7,33 +7,13 @@ from dataclasses import dataclass, field
 from typing import Protocol, Union
 
 from service.errors import InvalidArgument
+from service.logprobs import Logprobs  # noqa: F401 (part of this API)
 from service.model.config import ModelConfig
 from service.sampler.constraints import FREE, NUM_CLASSES
 from service.sampler.params import GenerationParams, Pins
 
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs range)
-
-
-@dataclass(frozen=True)
-class Logprobs:
-    """Per committed id, in order: its log-probability at the step its canvas was committed, and the likeliest
-    ids there with theirs (largest first). Pinned positions were not sampled: 0.0 (see docs/api.md)."""
-
-    token: list[float]  # [n]
-    top_ids: list[list[int]]  # [n, k]
-    top: list[list[float]]  # [n, k]
-
-    def __len__(self) -> int:
-        return len(self.token)
-
-    def __getitem__(self, index: slice) -> "Logprobs":
-        return Logprobs(self.token[index], self.top_ids[index], self.top[index])
-
-    @staticmethod
-    def join(parts: "list[Logprobs]") -> "Logprobs":
-        return Logprobs([v for p in parts for v in p.token], [r for p in parts for r in p.top_ids],
-                        [r for p in parts for r in p.top])
 
 
 @dataclass

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.engine.api import Logprobs
+from service.logprobs import Logprobs
 from service.errors import InvalidArgument
 from service.request.triton_client import BackendEvent
 

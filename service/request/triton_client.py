@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
-from service.engine.api import Logprobs
+from service.logprobs import Logprobs
 from service.errors import DeadlineExceeded, DGemmaError, InvalidArgument, Unavailable
 from service.request.errors import error_from_triton
 
