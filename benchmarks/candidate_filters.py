@@ -1,4 +1,5 @@
-"""What greedy and the candidate filters cost in a step's vocabulary work (service/sampler/tiles.py).
+"""What greedy, the candidate filters and log-probabilities cost in a step's vocabulary work
+(service/sampler/tiles.py).
 
 `python benchmarks/candidate_filters.py [--threads 2] [--repeats 5] [--device cuda] [--hidden 2816]` prints one
 JSON object.
@@ -6,7 +7,8 @@ JSON object.
 Times `sample_step` over one canvas (unembedding, softmax, entropy, argmax, candidate draw and the
 self-conditioning matmul, in tiles) with a random unembedding, at the tiny model's shape and at the real
 vocabulary, for: the fast sampler as is, greedy (temperature 0), top_k 50, and top_p 0.9 as a sorted-mass
-filter prototyped here (not in the service): the cost that decided top_p (docs/api.md). Then, at the real
+filter prototyped here (not in the service): the cost that decided top_p (docs/api.md); and the fast sampler
+with log-probabilities of 5 and 20 alternatives (`logprobs`). Then, at the real
 vocabulary, one 64-row tile's row work alone (no GEMMs), which a loaded machine measures more steadily.
 """
 
@@ -43,7 +45,7 @@ def vocab_of(v: int, h: int, device: torch.device) -> Vocab:
     return Vocab(logits=lambda rows: torch.tanh(rows @ w.T / 30) * 30, soft_embedding=lambda probs: probs @ w)
 
 
-MODES = ("fast", "greedy", "top_k_50", "top_p_0.9")
+MODES = ("fast", "greedy", "top_k_50", "top_p_0.9", "logprobs_5", "logprobs_20")
 
 
 def step_fn(shape: dict, mode: str, device: torch.device) -> Callable[[], None]:
@@ -51,7 +53,8 @@ def step_fn(shape: dict, mode: str, device: torch.device) -> Callable[[], None]:
     vocab = vocab_of(shape["vocab"], shape["hidden"], device)
     hidden = torch.randn(1, shape["length"], shape["hidden"], generator=torch.Generator().manual_seed(1)).to(device)
     draw = CanvasDraw(torch.tensor(0.6, device=device), torch.Generator(device).manual_seed(2), False,
-                      greedy=mode == "greedy", top_k=50 if mode == "top_k_50" else 0)
+                      greedy=mode == "greedy", top_k=50 if mode == "top_k_50" else 0,
+                      logprobs=int(mode.split("_")[1]) if mode.startswith("logprobs") else -1)
 
     def step() -> None:
         original = tiles.candidates
@@ -67,12 +70,12 @@ def step_fn(shape: dict, mode: str, device: torch.device) -> Callable[[], None]:
     return step
 
 
-def time_modes(shape: dict, repeats: int, device: torch.device) -> dict[str, float]:
+def time_modes(shape: dict, repeats: int, device: torch.device, modes: tuple[str, ...] = MODES) -> dict[str, float]:
     """Best wall time per mode, the modes interleaved in each round (a shared machine's load hits them alike)."""
-    steps = {m: step_fn(shape, m, device) for m in MODES}
+    steps = {m: step_fn(shape, m, device) for m in modes}
     for f in steps.values():
         f()  # warm-up
-    best = {m: float("inf") for m in MODES}
+    best = {m: float("inf") for m in modes}
     for _ in range(repeats):
         for m, f in steps.items():
             best[m] = min(best[m], best_time(f, 1))
@@ -105,6 +108,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=64, help="hidden size of the real-vocabulary shape")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -116,7 +120,7 @@ def main() -> int:
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     for name, shape in shapes.items():
-        times = time_modes(shape, a.repeats, device)
+        times = time_modes(shape, a.repeats, device, tuple(a.modes.split(",")))
         out["seconds_per_canvas_step"][name] = {m: round(s, 5) for m, s in times.items()}
         out.setdefault("relative_to_fast", {})[name] = {m: round(s / times["fast"], 3) for m, s in times.items()}
     out["tile_ops_ms"] = {"rows": 64, "vocab": 262144, **tile_ops(64, 262144, 3 * a.repeats, device)}

@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from typing import Protocol, Union
 
 from service.errors import InvalidArgument
+from service.logprobs import Logprobs  # noqa: F401 (part of this API)
 from service.model.config import ModelConfig
 from service.sampler.constraints import FREE, NUM_CLASSES
 from service.sampler.params import GenerationParams, Pins
+
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs range)
 
 
 @dataclass
@@ -30,6 +34,9 @@ class Request:
     # The request's own token classes: class NUM_CLASSES + j allows the ids of choices[j] (an enum's tokens at
     # one position). At most canvas_length sets.
     choices: list[list[int]] | None = None
+    # Log-probabilities of the committed ids and of the `logprobs` likeliest alternatives at each position's
+    # commit step (0 to MAX_LOGPROBS); None: off.
+    logprobs: int | None = None
 
     def validate(self, cfg: ModelConfig) -> "Request":
         if not isinstance(self.prompt_ids, (list, tuple)) or len(self.prompt_ids) == 0:
@@ -48,6 +55,10 @@ class Request:
             self._validate_choices(cfg.canvas_length, cfg.vocab_size)
         if self.constraints is not None:
             self._validate_constraints(cfg.canvas_length)
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise InvalidArgument("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
+                                              f"got {lp!r}")
         return self
 
     def _validate_choices(self, canvas_length: int, vocab_size: int) -> None:
@@ -95,6 +106,7 @@ class CanvasEvent:
     steps: int
     started_ns: int = 0  # wall clock (time.time_ns) when denoising began, after the prefix was encoded
     committed_ns: int = 0  # wall clock when it was committed
+    logprobs: Logprobs | None = None  # one entry per token, when the request asked
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class FinalEvent:
     token_ids: list[int]  # every generated canvas, pad included, as the reference returns them
     finish_reason: str  # "eos" or "length"
     stats: Stats
+    logprobs: Logprobs | None = None  # one entry per token id, when the request asked
 
 
 Event = Union[DraftEvent, CanvasEvent, FinalEvent]

@@ -18,7 +18,7 @@ from torch import Tensor
 from service.model.config import ModelConfig
 from service.sampler import ops
 from service.sampler.constraints import FREE
-from service.sampler.tiles import CanvasDraw, Vocab, sample_step
+from service.sampler.tiles import CanvasDraw, StepLogprobs, Vocab, sample_step
 
 
 class Cache(Protocol):
@@ -52,6 +52,7 @@ class StepOutput:
     argmax: Tensor  # long [B, L]: argmax of the processed logits, pins applied
     entropy: Tensor  # float32 [B, L]
     soft: Tensor  # [B, L, H]: the next step's self-conditioning input
+    logprobs: list[StepLogprobs | None] | None = None  # per canvas whose draw asked for them (None: none did)
 
 
 class Runner(Protocol):
@@ -108,6 +109,7 @@ def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int,
         argmax=ops.apply_pins(s.argmax, pin_ids, pin_mask),
         entropy=s.entropy,
         soft=s.soft,
+        logprobs=s.logprobs,
     )
 
 

@@ -391,8 +391,9 @@ class Scheduler:
         host = torch.stack(flags).tolist() if flags else []
         for (b, item), (stable, confident) in zip(rows, host):
             try:
+                lp = out.logprobs[b] if out.logprobs is not None else None
                 events = list(item.seq.after_step(out.canvas[b], out.argmax[b], out.soft[b], stable, confident,
-                                                  shared))
+                                                  shared, lp))
             except Exception as e:
                 self._fail(item, e)
                 continue

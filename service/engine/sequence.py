@@ -13,12 +13,12 @@ import time
 import torch
 from torch import Tensor
 
-from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Request, Stats
+from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Logprobs, Request, Stats
 from service.engine.runner import Cache, CanvasStep
 from service.model.config import ModelConfig
 from service.sampler import ops
 from service.sampler.constraints import FREE, canvas_classes
-from service.sampler.tiles import CanvasDraw
+from service.sampler.tiles import CanvasDraw, StepLogprobs
 
 
 class Sequence:
@@ -55,6 +55,8 @@ class Sequence:
             self.first_classes = canvas_classes(request.constraints, self.length, pin_mask).to(device)
         self.class_masks = class_masks
         self.committed: list[list[int]] = []
+        self.committed_logprobs: list[Logprobs] = []  # per committed canvas, when the request asked
+        self.step_logprobs: StepLogprobs | None = None  # the last step's, on the device: a commit keeps them
         self.steps_per_canvas: list[int] = []
         self.decoder_passes = 0
         self.shared_passes = 0
@@ -112,7 +114,9 @@ class Sequence:
         """What the runner needs of this canvas for the next decoder step."""
         p = self.params
         temperature = ops.temperature(self.step, p.max_denoising_steps, *p.schedule(), self.device)
-        draw = CanvasDraw(temperature, self.generator, p.sampler == "reference", self.class_ids, p.greedy, p.top_k)
+        logprobs = -1 if self.request.logprobs is None else self.request.logprobs
+        draw = CanvasDraw(temperature, self.generator, p.sampler == "reference", self.class_ids, p.greedy, p.top_k,
+                          logprobs)
         return CanvasStep(self.canvas, self.soft, self.cache, draw, p.entropy_bound, self.pin_ids, self.pin_mask,
                           self.class_masks if self.class_ids is not None else None)
 
@@ -126,9 +130,10 @@ class Sequence:
         return torch.stack([stable, ops.mean_entropy(entropy, self.pin_mask) < p.confidence_threshold])
 
     def after_step(self, canvas: Tensor, argmax: Tensor, soft: Tensor, stable: bool, confident: bool,
-                   shared: bool = False) -> list[Event]:
+                   shared: bool = False, logprobs: StepLogprobs | None = None) -> list[Event]:
         """Take one step's result for this canvas (runner's StepOutput row, stop_flags read on the host)."""
         p = self.params
+        self.step_logprobs = logprobs
         self.decoder_passes += 1
         self.shared_passes += int(shared)
         self.steps += 1
@@ -151,14 +156,26 @@ class Sequence:
         ids = tokens.tolist()
         self.committed.append(ids)
         self.steps_per_canvas.append(self.steps)
+        logprobs = self._commit_logprobs()
         self.canvas, self.soft = None, None
-        events: list[Event] = [CanvasEvent(index, ids, self.steps, self.started_ns, time.time_ns())]
+        events: list[Event] = [CanvasEvent(index, ids, self.steps, self.started_ns, time.time_ns(), logprobs)]
         if hit_eos or len(self.committed) >= self.max_canvases:
             self.finish_reason = "eos" if hit_eos else "length"
             events.append(self.finish())
         else:
             self.to_encode = tokens
         return events
+
+    def _commit_logprobs(self) -> Logprobs | None:
+        """The commit step's log-probs on the host (every position commits at its canvas's last step: the
+        committed ids are that step's argmax); pinned positions were not sampled: 0.0."""
+        lp, self.step_logprobs = self.step_logprobs, None
+        if lp is None:
+            return None
+        chosen = lp.chosen if self.pin_mask is None else lp.chosen.masked_fill(self.pin_mask, 0.0)  # [L]
+        out = Logprobs(chosen.tolist(), lp.top_ids.tolist(), lp.top.tolist())
+        self.committed_logprobs.append(out)
+        return out
 
     def finish(self) -> FinalEvent:
         self.done = True
@@ -171,4 +188,5 @@ class Sequence:
             steps_per_canvas=list(self.steps_per_canvas),
             shared_decoder_passes=self.shared_passes,
         )
-        return FinalEvent(ids, self.finish_reason, stats)
+        logprobs = Logprobs.join(self.committed_logprobs) if self.request.logprobs is not None else None
+        return FinalEvent(ids, self.finish_reason, stats, logprobs)

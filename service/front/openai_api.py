@@ -30,6 +30,7 @@ from service.front.call_limit import CallLimit
 from service.request.jobs import OPENAI_PATHS, Job
 from service.request.limits import utf8_sizes
 from service.front.observe import Call
+from service.front.openai_logprobs import Offsets, TokenTexts, chat_logprobs, completion_logprobs
 from service.front.openai_schema import (
     DEFAULT_GAP_TOKENS,
     ChatRequest,
@@ -252,6 +253,7 @@ class OpenAIApi:
         self.body_timeout_s = body_timeout_s
         self.max_timeout_s = min(max_timeout_s, MAX_TIMEOUT_S) if max_timeout_s > 0 else MAX_TIMEOUT_S
         self.tracer = get_tracer("dgemma.front.http")
+        self.token_texts = TokenTexts(self.model.tokenizer, self.model.pad_id)
         routes = [
             Route("/v1/completions", self._route("POST /v1/completions", self._completions), methods=["POST"]),
             Route("/v1/chat/completions", self._route("POST /v1/chat/completions", self._chat), methods=["POST"]),
@@ -358,8 +360,19 @@ class OpenAIApi:
     def _job(self, r, rid: str, prompt_ids: list[int], prompt_field: str, length_field: str,
              max_new_tokens: int | None, **kw) -> Job:
         options = jobs.options_of(r.diffusion_params(), r.sampler, r.seed, r.n, OPENAI_PATHS)
+        names = jobs.field_names(prompt_field, length_field, OPENAI_PATHS)
+        names["logprobs"] = "top_logprobs" if isinstance(r, ChatRequest) else "logprobs"
         return Job(request_id=rid, prompt_ids=prompt_ids, options=options, max_new_tokens=max_new_tokens,
-                   field_names=jobs.field_names(prompt_field, length_field, OPENAI_PATHS), **kw)
+                   field_names=names, **kw)
+
+    def _logprobs(self, ev: BackendEvent, chat: bool, offsets: Offsets | None = None) -> dict | None:
+        """An event's tokens' log-probs in OpenAI's shape for the route (None: not asked); `offsets`: the choice's
+        so far (a stream's), else its text starts here."""
+        if ev.logprobs is None:
+            return None
+        if chat:
+            return chat_logprobs(ev.ids, ev.logprobs, self.token_texts)
+        return completion_logprobs(ev.ids, ev.logprobs, self.token_texts, offsets or Offsets(self.token_texts))
 
     def _cut(self, r) -> dict:
         """A generation's hard cap (max_tokens), stop sequences, stop ids and ignore_eos, as Job fields."""
@@ -395,9 +408,12 @@ class OpenAIApi:
                 self.dispatcher.limits.check_ids(field, len(p))
         head = {"id": f"cmpl-{call.rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.id}
+        logprobs = r.logprob_count()
         if r.suffix is not None:
             if len(prompts) > 1:
                 raise InvalidArgument("prompt", "with suffix, give one prompt")
+            if logprobs is not None:
+                raise InvalidArgument("logprobs", "not supported with suffix (an infill's tokens are not one run)")
             return await self._infill(r, prompts[0], head, call, deadline)
         ask = response_format_ask(r.response_format)
         if ask is not None:
@@ -407,7 +423,7 @@ class OpenAIApi:
                                                 self.model, prompts[0], "prompt")
             return await self._structured(r, ask, ids, "prompt", head, call, deadline, chat=False)
         max_new, length_field = r.length()
-        cut = self._cut(r)
+        cut = {**self._cut(r), "logprobs": logprobs}
         batch = []
         for k, (p, field) in enumerate(zip(prompts, fields)):
             ids = await self.dispatcher.offload(jobs.text_ids if isinstance(p, str) else jobs.checked_ids,
@@ -419,7 +435,8 @@ class OpenAIApi:
             return _Produced(chunks=await _primed(self._stream(batch, r, head, call, deadline, chat=False)))
         finals = await self._finals(batch, call, deadline)
         n = batch[0].options.num_variations
-        choices = [{"index": k * n + i, "text": f.text, "logprobs": None, "finish_reason": FINISH.get(f.finish_reason),
+        choices = [{"index": k * n + i, "text": f.text, "logprobs": self._logprobs(f, chat=False),
+                    "finish_reason": FINISH.get(f.finish_reason),
                     "stop_reason": f.stop_reason, "token_ids": f.ids, "seed": job.seed(i)}
                    for k, (job, fs) in enumerate(zip(batch, finals)) for i, f in enumerate(fs)]
         return _Produced({**head, "choices": choices, "usage": _usage(_total(batch, finals))})
@@ -475,12 +492,13 @@ class OpenAIApi:
             return await self._structured(r, ask, ids, "messages", head, call, deadline, chat=True)
         max_new, length_field = r.length()
         job = self._job(r, call.rid, ids, "messages", length_field, max_new, return_drafts=r.stream and r.return_drafts,
-                        **self._cut(r))
+                        logprobs=r.logprob_count(), **self._cut(r))
         if r.stream:
             head["object"] = "chat.completion.chunk"
             return _Produced(chunks=await _primed(self._stream([job], r, head, call, deadline, chat=True)))
         (finals,) = await self._finals([job], call, deadline)
-        choices = [{"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": f.text},
+                    "logprobs": self._logprobs(f, chat=True),
                     "finish_reason": FINISH.get(f.finish_reason), "stop_reason": f.stop_reason, "token_ids": f.ids,
                     "seed": job.seed(i)}
                    for i, f in enumerate(finals)]
@@ -509,6 +527,9 @@ class OpenAIApi:
         if r.stops() or r.stop_token_ids:
             raise InvalidArgument("stop" if r.stops() else "stop_token_ids",
                                   "does not apply to a structured document (the schema ends it); leave it unset")
+        if r.logprobs not in (None, False):
+            raise InvalidArgument("logprobs", "not supported with a structured document (its tokens are pinned and "
+                                              "holes, not one run)")
         r.checked_stream_options()
         s = await self.dispatcher.offload(self._structured_layout, r, ask, ids)
         n = r.n or 1
@@ -547,15 +568,16 @@ class OpenAIApi:
         prompt_tokens = sum(len(j.prompt_ids) for j in batch)
         opts = r.checked_stream_options()
         pad = self.model.pad_id
+        offsets = [Offsets(self.token_texts) for _ in started]  # each choice's text offsets, across its chunks
 
-        def choice(i: int, text: str, **extra) -> dict:
+        def choice(i: int, text: str, logprobs: dict | None = None, **extra) -> dict:
             if chat:
                 delta = {"content": text}
                 if not started[i]:
                     delta = {"role": "assistant", **delta}
                 started[i] = True
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": None, **extra}
+                return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None, **extra}
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": None, **extra}
 
         kw = self._run_kw(call, deadline)
         async for k, (v, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch], self._at_once(batch)):
@@ -565,7 +587,8 @@ class OpenAIApi:
                                          "token_ids": ev.ids})
             elif ev.kind == "canvas":  # its text is what became final (the request layer holds back a possible stop)
                 generated[i] += sum(t != pad for t in ev.ids)
-                c = choice(i, ev.text, canvas_index=ev.canvas_index, steps=ev.step)
+                c = choice(i, ev.text, self._logprobs(ev, chat, offsets[i]), canvas_index=ev.canvas_index,
+                           steps=ev.step)
             else:  # the text no canvas released, and the choice's end
                 generated[i] = ev.completion_tokens if ev.completion_tokens is not None else generated[i]
                 c = choice(i, ev.tail, token_ids=ev.ids, seed=batch[k].seed(v), stop_reason=ev.stop_reason)

@@ -19,8 +19,6 @@ from service.errors import InvalidArgument
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "top_p": ((None, 1), "no nucleus sampling: its sort over the vocabulary costs a step about 3.5x the sampler "
                          "(docs/benchmarks.md); use top_k"),
-    "logprobs": ((None, False), "log probabilities are not returned"),
-    "top_logprobs": ((None, 0), "log probabilities are not returned"),
     "echo": ((None, False), "not supported"),
     "best_of": ((None, 1), "not supported; use n"),
     "presence_penalty": ((None, 0), "not supported by the diffusion sampler"),
@@ -28,8 +26,8 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "logit_bias": ((None, {}), "not supported by the diffusion sampler"),
     "tools": ((None, []), "tool calling is on /v1/chat/completions"),
     "tool_choice": ((None, "none"), "tool calling is on /v1/chat/completions"),
-    "functions": ((None, []), "function calling is not supported"),
-    "function_call": ((None, "none"), "function calling is not supported"),
+    "functions": ((None, []), "OpenAI's deprecated name: use tools and tool_choice"),
+    "function_call": ((None, "none"), "OpenAI's deprecated name: use tools and tool_choice"),
     "modalities": ((None, ["text"]), "only text is supported"),
     "audio": ((None,), "only text is supported"),
     "prediction": ((None,), "not supported"),
@@ -39,7 +37,9 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
                      "prompt_cache_key"})
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a list); each runs as its own job
-DEFAULT_GAP_TOKENS = 16  # OpenAI's default max_tokens, the gap's length when `suffix` is given without it
+DEFAULT_GAP_TOKENS = 16
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs`: OpenAI's range
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions `top_logprobs`: OpenAI's range (the engine's MAX_LOGPROBS)  # OpenAI's default max_tokens, the gap's length when `suffix` is given without it
 
 
 class _Body(BaseModel):
@@ -104,6 +104,16 @@ class _Generation(_Body):
 class CompletionRequest(_Generation):
     prompt: Any  # one prompt or a list of them (checked by prompts_of: a union would blur the errors)
     suffix: str | None = None
+    logprobs: bool | int | None = None  # alternatives per token, 0 to 5 (false and null: off)
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token with each token's log-prob, or None (off)."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is True or not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidArgument("logprobs", f"must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] or null, "
+                                              f"got {self.logprobs!r}")
+        return self.logprobs
 
 
 class ChatMessage(_Body):
@@ -118,6 +128,19 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage]
     tools: Any = None  # checked by openai_structured.tool_ask
     tool_choice: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # alternatives per token, 0 to 20, with logprobs: true
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token with each token's log-prob, or None (off)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidArgument("top_logprobs", "requires logprobs: true")
+        if not self.logprobs:
+            return None
+        n = self.top_logprobs or 0
+        if not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {n}")
+        return n
 
 
 class TokenizeRequest(_Body):

@@ -61,6 +61,7 @@ class Job:
     # as it is, whole canvases)
     stopping: StopSpec | None = None
     ignore_eos: bool = False  # the engine generates up to max_new_tokens whatever EOS it writes
+    logprobs: int | None = None  # alternatives per token (0 to 20) with each token's log-prob; None: off
     # the backend's input names -> this request's field paths, for errors the backend finds
     field_names: dict[str, str] = field(default_factory=dict)
 
@@ -81,6 +82,8 @@ class Job:
             t[name] = Tensor(kind, [v])
         if self.ignore_eos:
             t["ignore_eos"] = Tensor("BOOL", [True])
+        if self.logprobs is not None:
+            t["logprobs"] = Tensor("INT32", [self.logprobs])
         if self.return_drafts:
             t["return_drafts"] = Tensor("BOOL", [True])
         if self.pin_ids is not None:

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from service.logprobs import Logprobs
 from service.errors import InvalidArgument
 from service.request.triton_client import BackendEvent
 
@@ -85,6 +86,7 @@ class Stopper:
         self.cut_tokens = False  # the cap cut off tokens that were not pad
         self.engine_tokens = 0  # non-pad ids the engine generated (stats of an early final)
         self.steps: list[int] = []
+        self.logprobs: list[Logprobs] = []  # each canvas's, cut as its ids (when the request asked)
         self._prefix = self._read = 0  # incremental decoding: ids[_prefix:_read] decode to the text's tail
 
     # ---- decoding ----------------------------------------------------------------------------------
@@ -187,7 +189,10 @@ class Stopper:
     def on_canvas(self, ev: BackendEvent) -> BackendEvent:
         """A committed canvas event, cut: its ids up to the cut, and the text that became final."""
         cut = self.feed(ev.ids, ev.step)
-        return dataclasses.replace(ev, ids=cut.ids, text=cut.text)
+        logprobs = None if ev.logprobs is None else ev.logprobs[:len(cut.ids)]
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        return dataclasses.replace(ev, ids=cut.ids, text=cut.text, logprobs=logprobs)
 
     def on_final(self, ev: BackendEvent | None, prompt_tokens: int = 0) -> BackendEvent:
         """The variation's final event: the engine's (`ev`), or one made here when the Stopper ended it early
@@ -199,5 +204,8 @@ class Stopper:
                      "decoder_passes": passes, "steps_per_canvas": list(self.steps),
                      "tokens_per_forward": self.engine_tokens / passes if passes else 0.0, "shared_decoder_passes": 0}
             ev = BackendEvent("final", [], "", -1, 0, stats)
+        asked = bool(self.logprobs) or ev.logprobs is not None
+        logprobs = Logprobs.join(self.logprobs)[:len(self.ids)] if asked else None  # the kept ids' (a prefix)
         return dataclasses.replace(ev, ids=list(self.ids), text=self.final_text, finish_reason=self.finish_reason,
-                                   tail=tail, stop_reason=self.stop_reason, completion_tokens=self.completion_tokens)
+                                   tail=tail, stop_reason=self.stop_reason, completion_tokens=self.completion_tokens,
+                                   logprobs=logprobs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
+from service.logprobs import Logprobs
 from service.errors import DeadlineExceeded, DGemmaError, InvalidArgument, Unavailable
 from service.request.errors import error_from_triton
 
@@ -36,6 +37,7 @@ class BackendEvent:
     tail: str = ""  # text that no canvas event released (held back as a possible stop sequence's start)
     stop_reason: str | int | None = None  # the stop sequence or stop token id that ended the variation
     completion_tokens: int | None = None  # ids returned after the cut, pad excluded (None: the engine's count)
+    logprobs: Logprobs | None = None  # one entry per id in `ids`, when the request asked (canvas and final events)
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,16 @@ def _decode(response: service_pb2.ModelInferResponse) -> BackendEvent:
     return BackendEvent(
         kind=one("event"), ids=r.as_numpy("output_ids").astype(int).tolist(), text=one("text_output"),
         canvas_index=one("canvas_index"), step=one("step"), stats=json.loads(stats) if stats else {},
-        finish_reason=one("finish_reason"),
+        finish_reason=one("finish_reason"), logprobs=_logprobs(r),
     )
+
+
+def _logprobs(r: InferResult) -> Logprobs | None:
+    """The response's log-probs (outputs only a request with `logprobs` gets)."""
+    if r.get_output("logprobs") is None:
+        return None
+    return Logprobs(r.as_numpy("logprobs").tolist(), r.as_numpy("top_logprob_ids").astype(int).tolist(),
+                    r.as_numpy("top_logprobs").tolist())
 
 
 class TritonClient:

@@ -13,6 +13,11 @@ sampler L * V float64 uniforms (multinomial's stream), the fast sampler one unif
 candidate id is drawn for every position; the caller keeps those the entropy bound accepts. A greedy
 canvas's candidate is its argmax and draws nothing; a top_k canvas draws among its top_k logits only
 (entropy and self-conditioning still see the whole distribution).
+
+A canvas with `logprobs` set also gets, per position, the log-probability of its argmax (the id the position
+commits if this step is its canvas's last) and its `logprobs` likeliest ids with theirs, under the distribution
+its candidate is drawn from: log_softmax of the processed logits, over the top_k logits only when top_k is set.
+Only those canvases pay for it; it draws nothing, so the ids are the same with it on or off.
 Shapes: B canvases, L canvas length, V vocabulary, H hidden, T tile rows, C token classes.
 """
 
@@ -52,6 +57,7 @@ class CanvasDraw:
     class_ids: Tensor | None = None  # long [L]: token class per position, or None (all FREE)
     greedy: bool = False  # the candidate is the argmax: no random numbers drawn
     top_k: int = 0  # candidates from the top_k largest processed logits only; 0: all
+    logprobs: int = -1  # -1: off; n >= 0: the argmax's log-prob and the n likeliest ids' per position
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,16 @@ class StepSample:
     argmax: Tensor  # long, of the processed logits
     sampled: Tensor  # long: a candidate draw at every position
     soft: Tensor  # the next step's self-conditioning input
+    logprobs: list["StepLogprobs | None"] | None = None  # per canvas, where its draw asked (None: none did)
+
+
+@dataclass(frozen=True)
+class StepLogprobs:
+    """One canvas's log-probabilities at one step, on its device."""
+
+    chosen: Tensor  # float32 [L]: of each position's argmax
+    top: Tensor  # float32 [L, K]: the K likeliest, largest first (K = min(logprobs, top_k or V))
+    top_ids: Tensor  # long [L, K]
 
 
 def tile_rows_for(canvas_length: int, vocab_size: int, device: torch.device, budget_fraction: float = 0.05) -> int:
@@ -99,6 +115,7 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
     argmax = torch.empty(n, dtype=torch.long, device=dev)
     sampled = torch.empty(n, dtype=torch.long, device=dev)
     soft = torch.empty(n, h, dtype=hidden.dtype, device=dev)
+    lps = [_new_logprobs(d, length, dev) for d in draws]
     for start in range(0, n, tile):
         stop = min(n, start + tile)
         m = stop - start
@@ -117,6 +134,9 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
             probs, entropy[lo:hi], ids = _sample_rows(processed[lo - start : hi - start], d, u)
             sampled[lo:hi] = argmax[lo:hi] if ids is None else ids
             parts.append(probs)
+            if lps[c] is not None:
+                _record_logprobs(lps[c], lo - c * length, probs, processed[lo - start : hi - start], argmax[lo:hi],
+                                 d.top_k)
         probs = parts[0] if len(parts) == 1 else torch.cat(parts)  # [m, V]
         del logits, processed, parts
         if m < tile:
@@ -124,7 +144,43 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
         soft[start:stop] = vocab.soft_embedding(probs)[:m]
         del probs
     return StepSample(entropy.view(b, length), argmax.view(b, length), sampled.view(b, length),
-                      soft.view(b, length, h))
+                      soft.view(b, length, h), lps if any(lp is not None for lp in lps) else None)
+
+
+def _new_logprobs(draw: CanvasDraw, length: int, device: torch.device) -> StepLogprobs | None:
+    """A canvas's empty log-prob buffers, or None when its draw did not ask."""
+    if draw.logprobs < 0:
+        return None
+    k = draw.logprobs if draw.top_k <= 0 else min(draw.logprobs, draw.top_k)
+    return StepLogprobs(torch.empty(length, dtype=torch.float32, device=device),
+                        torch.empty(length, k, dtype=torch.float32, device=device),
+                        torch.empty(length, k, dtype=torch.long, device=device))
+
+
+def _record_logprobs(out: StepLogprobs, lo: int, probs: Tensor, processed: Tensor, argmax: Tensor,
+                     top_k: int) -> None:
+    """Rows [lo, lo + k) of `out` from one canvas's rows of a tile: probs and processed [k, V], argmax [k].
+    Log-probs under the candidate's distribution: softmax's, renormalised over the top_k ids when
+    0 < top_k < V. Only [k, K] tensors are made."""
+    keep = out.top.shape[1]
+    hi = lo + processed.shape[0]
+    chosen = probs.gather(1, argmax[:, None])  # [k, 1]
+    if 0 < top_k < processed.shape[-1]:
+        index = processed.topk(top_k, dim=-1).indices  # [k, top_k], largest first (as the draw's candidates)
+        kept = probs.gather(1, index)  # [k, top_k]
+        norm = kept.sum(dim=-1, keepdim=True).log_()  # [k, 1]
+        kept, index = kept[:, :keep], index[:, :keep]
+    else:
+        index = processed.topk(keep, dim=-1).indices  # [k, K]
+        kept, norm = probs.gather(1, index), None
+    out.chosen[lo:hi] = _log(chosen, norm)[:, 0]
+    out.top[lo:hi] = _log(kept, norm)
+    out.top_ids[lo:hi] = index
+
+
+def _log(p: Tensor, norm: Tensor | None) -> Tensor:
+    """log(p) - norm ([k, n], norm [k, 1] or None: 0)."""
+    return p.log() if norm is None else p.log() - norm
 
 
 def _segments(start: int, stop: int, length: int):

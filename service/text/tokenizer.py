@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders
 
 from service.errors import CheckpointError, InvalidArgument
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens (Gemma's tokenizer)
+
+
+@lru_cache(maxsize=1)
+def _byte_level_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character each byte is written as -> the byte."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: b for b in visible}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = 256 + extra, extra + 1
+    return {chr(c): b for b, c in chars.items()}
+
 
 # Gemma chat format: <bos><|turn>user\n…<turn|>\n<|turn>model\n
 TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"
@@ -35,6 +52,16 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (a byte token's byte, part of a character perhaps; a special token's name)."""
+        piece = self._tok.id_to_token(token_id) or ""
+        if m := _BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        table = _byte_level_bytes()
+        if isinstance(self._tok.decoder, decoders.ByteLevel) and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return self.decode([token_id], skip_special=False).encode("utf-8")
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

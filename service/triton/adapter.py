@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Request
+from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Logprobs, Request
 from service.errors import InvalidArgument, wire_code
 from service.model.config import ModelConfig
 from service.text.tokenizer import Tokenizer
@@ -24,8 +24,11 @@ from service.sampler.params import FLOAT_PARAMS, INT_PARAMS, GenerationParams, P
 TRITON_STATUS = {"OVERLOADED": "UNAVAILABLE", "DEADLINE_EXCEEDED": "UNAVAILABLE"}
 
 # `timeout_ms`: milliseconds left of the caller's deadline (0 or absent: none); not a field of Request.
-INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "choice_ids", "seed", "return_drafts",
-               "ignore_eos", "request_id", "sampler", "apply_chat_template", "timeout_ms", *INT_PARAMS, *FLOAT_PARAMS)
+INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "choice_ids", "seed",
+               "return_drafts", "ignore_eos", "request_id", "sampler", "apply_chat_template", "timeout_ms", "logprobs",
+               *INT_PARAMS, *FLOAT_PARAMS)
+# Outputs only a request with `logprobs` gets, on its canvas and final responses (one row per output id).
+LOGPROB_OUTPUTS = ("logprobs", "top_logprob_ids", "top_logprobs")
 
 
 def error_code(err: BaseException) -> str:
@@ -112,6 +115,7 @@ def request_from_inputs(
     if tokenizer is None and any(c != FREE for c in constraints or ()):
         raise InvalidArgument("constraint_ids", "this model has no tokenizer; token classes need one")
     seed = _scalar(inputs, "seed")
+    logprobs = _scalar(inputs, "logprobs")
     req = Request(
         prompt_ids=ids,
         params=request_params(defaults, given),
@@ -122,6 +126,7 @@ def request_from_inputs(
         request_id=str(_scalar(inputs, "request_id") or ""),
         constraints=constraints,
         choices=choices_of(_ids(inputs, "choice_ids")),
+        logprobs=None if logprobs is None else int(logprobs),
     )
     try:
         return req.validate(cfg)
@@ -152,7 +157,9 @@ def outputs_for_event(event: Event, detokenize: Callable[[list[int]], str] | Non
     else:
         raise TypeError(f"not an engine event: {type(event).__name__}")
     text = detokenize(ids) if detokenize is not None else ""
+    lp = getattr(event, "logprobs", None)
     return {
+        **(_logprob_outputs(lp) if lp is not None else {}),
         "event": np.array([kind.encode()], dtype=np.object_),
         "output_ids": np.asarray(ids, dtype=np.int32),
         "text_output": np.array([text.encode()], dtype=np.object_),
@@ -161,6 +168,14 @@ def outputs_for_event(event: Event, detokenize: Callable[[list[int]], str] | Non
         "stats": np.array([json.dumps(stats).encode()], dtype=np.object_),
         "finish_reason": np.array([reason.encode()], dtype=np.object_),
     }
+
+
+def _logprob_outputs(lp: Logprobs) -> dict[str, np.ndarray]:
+    """A canvas's or final's log-probs: [n] and [n, k] arrays (n output ids, k alternatives)."""
+    n, k = len(lp), len(lp.top[0]) if len(lp) else 0
+    return {"logprobs": np.asarray(lp.token, dtype=np.float32).reshape(n),
+            "top_logprob_ids": np.asarray(lp.top_ids, dtype=np.int32).reshape(n, k),
+            "top_logprobs": np.asarray(lp.top, dtype=np.float32).reshape(n, k)}
 
 
 def backend_spans(submitted_ns: int, ended_ns: int, canvases: list[CanvasEvent]) -> list[tuple[str, int, int, dict]]:

@@ -157,3 +157,34 @@ def test_dispatcher_ends_a_stopped_variation_early_and_cuts_usage(model):
     streamed = "".join(e.text for i, e in got if i == 0 and e.kind == "canvas") + finals[0].tail
     assert streamed == finals[0].text
     assert usage_of(job, [finals[0], finals[1]]).completion_tokens == len(finals[0].ids) + len(finals[1].ids)
+
+
+def _lp(n: int, base: float) -> "Logprobs":
+    from service.engine.api import Logprobs
+    return Logprobs([base - k for k in range(n)], [[k] for k in range(n)], [[base - k] for k in range(n)])
+
+
+@pytest.mark.parametrize("spec, expected", [
+    (dict(stop=("end.",)), "hello end."),  # a stop sequence across the canvases: ids through it
+    (dict(max_tokens=6), "hello "),  # the cap inside the first canvas
+    (dict(stop_ids=(LETTERS.index("d") + 2,)), "hello end"),  # a stop token, kept as OpenAI counts it
+])
+def test_logprobs_are_cut_to_the_same_ids(spec, expected):
+    s = stopper(**spec)
+    canvases = [ids("hello en"), ids("d. more")]
+    events = [BackendEvent("canvas", c, decode(c), k, 3, logprobs=_lp(len(c), -k * 10.0)) for k, c in enumerate(canvases)]
+    out = [s.on_canvas(ev) for ev in events]
+    final = s.on_final(BackendEvent("final", canvases[0] + canvases[1], "", -1, 0,
+                                    logprobs=_lp(15, 0.0)))
+    for ev in out:
+        assert len(ev.logprobs) == len(ev.ids)
+    assert decode(final.ids) == expected and len(final.logprobs) == len(final.ids)
+    whole = out[0].logprobs.token + (out[1].logprobs.token if out[1].logprobs is not None else [])
+    assert final.logprobs.token == whole[:len(final.ids)]
+    assert final.logprobs.token[:len(out[0].ids)] == [-k for k in range(len(out[0].ids))]
+
+
+def test_no_logprobs_asked_none_returned():
+    s = stopper(max_tokens=3)
+    assert s.on_canvas(BackendEvent("canvas", ids("abcd"), "abcd", 0, 1)).logprobs is None
+    assert s.on_final(None).logprobs is None

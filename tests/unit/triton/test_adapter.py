@@ -9,11 +9,12 @@ import types
 import numpy as np
 import pytest
 
-from service.engine.api import CanvasEvent, FinalEvent, Stats
+from service.engine.api import CanvasEvent, FinalEvent, Logprobs, Stats
 from service.errors import Cancelled, CheckpointError, DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from service.request.errors import error_from_triton
 from service.model.config import read_config
 from service.triton.adapter import (
+    LOGPROB_OUTPUTS,
     deadline_from_inputs,
     error_code,
     outputs_for_event,
@@ -240,3 +241,20 @@ def test_model_py_streams_events_and_errors(small_ckpt, monkeypatch):
         assert model.m_canvases.value == 1
     finally:
         model.finalize()
+
+
+def test_logprobs_input_and_outputs(cfg):
+    req = request_from_inputs({"input_ids": ids(2, 3), "logprobs": ids(3)}, cfg, None)
+    assert req.logprobs == 3
+    assert request_from_inputs({"input_ids": ids(2, 3)}, cfg, None).logprobs is None
+    with pytest.raises(InvalidArgument) as e:
+        request_from_inputs({"input_ids": ids(2, 3), "logprobs": ids(21)}, cfg, None)
+    assert e.value.field == "logprobs"
+    lp = Logprobs([-0.5, -1.0], [[5, 7], [6, 1]], [[-0.5, -2.0], [-1.0, -1.5]])
+    out = outputs_for_event(CanvasEvent(0, [5, 6], 3, logprobs=lp), None)
+    assert out["logprobs"].dtype == np.float32 and out["logprobs"].tolist() == [-0.5, -1.0]
+    assert out["top_logprob_ids"].tolist() == [[5, 7], [6, 1]] and out["top_logprobs"].shape == (2, 2)
+    final = outputs_for_event(FinalEvent([5, 6], "eos", Stats(2, 2, 3, [3]), Logprobs([-0.5, -1.0], [[], []], [[], []])),
+                              None)
+    assert final["top_logprobs"].shape == (2, 0) and final["logprobs"].shape == (2,)
+    assert not set(LOGPROB_OUTPUTS) & set(outputs_for_event(CanvasEvent(0, [5], 1), None))  # not asked: not sent

@@ -156,7 +156,7 @@ class TritonPythonModel:
                 self._emit_spans(trace_parent, submitted_ns, canvases, request_id, error=error_code(item))
                 return pb_utils.InferenceResponse(error=_triton_error(item)), True
             tensors = outputs_for_event(item, self._detok)
-            out = [pb_utils.Tensor(name, tensors[name]) for name in self.outputs]
+            out = [pb_utils.Tensor(name, tensors[name]) for name in self.outputs if name in tensors]  # logprobs: if asked
             if isinstance(item, CanvasEvent):
                 canvases.append(item)
                 self.m_canvases.increment(1)
