@@ -272,8 +272,38 @@ try:
                      "chunks": len(chunks), "text": "".join(chunks)}
 except Exception as e:
     out["stream"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+from pydantic import BaseModel
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def get_weather(city: str, days: int) -> str:
+    """The weather in a city for some days."""
+    return "sunny"
+
+
+for key, method in (("structured_json_schema", "json_schema"), ("structured_function_calling", "function_calling")):
+    try:  # LangChain's structured output: response_format json_schema, or a forced tool call, parsed by Pydantic
+        t = time.perf_counter()
+        p = llm.with_structured_output(Person, method=method).invoke("Invent a person.")
+        out[key] = {"ok": isinstance(p, Person), "seconds": round(time.perf_counter() - t, 3), "value": p.model_dump()}
+    except Exception as e:
+        out[key] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+try:
+    t = time.perf_counter()
+    r = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris for 2 days?")
+    call = r.tool_calls[0]
+    out["tool_call"] = {"ok": call["name"] == "get_weather" and set(call["args"]) == {"city", "days"},
+                        "seconds": round(time.perf_counter() - t, 3), "call": {k: call[k] for k in ("name", "args")}}
+except Exception as e:
+    out["tool_call"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
 print(json.dumps(out))
 """
+LANGCHAIN_CHECKS = ("invoke", "stream", "structured_json_schema", "structured_function_calling", "tool_call")
 
 
 def run_langchain(ctx: dict) -> dict:
@@ -288,9 +318,10 @@ def run_langchain(ctx: dict) -> dict:
         result["error"] = error_of(res, ctx["timeout"])
         return result
     result.update(doc)
-    result["ok"] = res["rc"] == 0 and all(doc[k]["ok"] for k in ("invoke", "stream"))
+    result["ok"] = res["rc"] == 0 and all(doc[k]["ok"] for k in LANGCHAIN_CHECKS)
     if not result["ok"]:
-        result["error"] = "; ".join(f"{k}: {doc[k]['error']}" for k in ("invoke", "stream") if not doc[k]["ok"])
+        result["error"] = "; ".join(f"{k}: {doc[k].get('error', 'wrong result')}" for k in LANGCHAIN_CHECKS
+                                    if not doc[k]["ok"])
     return result
 
 
