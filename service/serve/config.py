@@ -154,6 +154,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         max_new_tokens_limit=_int(env, "NIM_MAX_NEW_TOKENS_LIMIT", 0),
         max_denoising_steps_limit=_int(env, "NIM_MAX_DENOISING_STEPS_LIMIT", 0),
         engine_step_timeout=_float(env, "NIM_ENGINE_STEP_TIMEOUT", 120.0, 0.0),
+        batch_invariant=int(env.get("NIM_BATCH_INVARIANT", "").lower() in TRUE),
     ).validate()
     front = FrontSettings(
         checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=serving.label,
