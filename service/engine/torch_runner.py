@@ -115,6 +115,7 @@ class TorchRunner:
     def default_memory_budget(self) -> int:
         """2 GiB on a CPU; on a GPU, 85% of the memory free once the weights are loaded."""
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # UNVERIFIED on a GPU: freed load-time blocks count as free, not as cached
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(0.85 * free)
         return 2 << 30

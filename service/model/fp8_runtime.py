@@ -1,6 +1,6 @@
 """FP8 weights kept in FP8 on a GPU: dense linears on torch._scaled_mm, routed experts on F.scaled_grouped_mm.
 
-UNVERIFIED: no machine of this project has a Hopper (SM89+) GPU. What the CPU can check is checked by the tests:
+UNVERIFIED: no machine of this project has a Hopper (SM90) or Blackwell (SM100) GPU. What the CPU can check is checked by the tests:
 the scale handling of `FP8Linear` (torch._scaled_mm also runs on a CPU) and of `FP8Experts` through its
 per-expert loop, both against the dequantized weights. The CUDA branch of `FP8Experts` (F.scaled_grouped_mm,
 rowwise scales) has never run. Activations are quantized to float8_e4m3fn per tensor with the export's static
@@ -16,18 +16,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.errors import Unavailable
+from service.model.kernels import fp8_refusal
 from service.model.layers import Experts
 from service.model.native import native_reason
 
 FP8_MAX = 448.0
-MIN_CAPABILITY = (8, 9)
+MIN_CAPABILITY = (9, 0)
 
 
 def fp8_native_reason(device: torch.device | str) -> str | None:
-    """None when FP8 weights can run natively on `device`, else why not (the build is then dequantized)."""
+    """None when FP8 weights can run natively on `device`, else why not (the build is then dequantized, or on a
+    GPU without the kernels refused: see `fp8_gpu_refusal`)."""
     missing = [n for n, ok in (("_scaled_mm", hasattr(torch, "_scaled_mm")),
                                ("scaled_grouped_mm", hasattr(F, "scaled_grouped_mm"))) if not ok]
-    return native_reason(device, "FP8", MIN_CAPABILITY, "Ada, Hopper", missing)
+    return native_reason(device, "FP8", MIN_CAPABILITY, "Hopper, Blackwell SM100", missing) or \
+        fp8_gpu_refusal(device)
+
+
+def fp8_gpu_refusal(device: torch.device | str) -> str | None:
+    """On a CUDA device outside SM90/SM100: why an FP8 engine is refused there, and what it gets instead."""
+    dev = torch.device(device)
+    return fp8_refusal(tuple(torch.cuda.get_device_capability(dev))) if dev.type == "cuda" else None
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,7 +82,7 @@ class FP8Experts(Experts):
     def project(self, x: Tensor, which: str, offsets: Tensor) -> Tensor:
         w, sb = (self.gate_up_fp8, self.gate_up_scale) if which == "gate_up_proj" else (self.down_fp8, self.down_scale)
         xq, sa = quantize_rows(x)
-        if x.device.type == "cuda":  # UNVERIFIED: no SM89+ GPU here
+        if x.device.type == "cuda":  # UNVERIFIED: no SM90/SM100 GPU here
             return F.scaled_grouped_mm(xq, w.transpose(-2, -1), sa.reshape(-1), F.ScalingType.RowWise, sb,
                                        F.ScalingType.RowWise, offs=offsets, output_dtype=x.dtype)
         parts, start = [], 0  # one _scaled_mm per expert: the CPU check of the scales, and any other device

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.errors import CheckpointError
+from service.errors import CheckpointError, Unavailable
 from service.model.config import ModelConfig, read_config
-from service.model.fp8_runtime import apply_fp8, fp8_native_reason
+from service.model.fp8_runtime import apply_fp8, fp8_gpu_refusal, fp8_native_reason
 from service.model.nvfp4_runtime import apply_nvfp4, nvfp4_native_reason
 from service.model.network import DiffusionGemma
 from service.model.quantized import EXPERT_KEY, SCALE_SUFFIXES, dequantize_state, read_quant_config
@@ -288,7 +288,9 @@ def load_model(
     model.eval()
     if runtime is not None:
         # UNVERIFIED on a GPU (none here): FP8/NVFP4 weights stay packed; everything else is as loaded above.
-        swapped = runtime(model, packed, dev)
+        swapped = runtime(model, packed, device=dev)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # UNVERIFIED on a GPU: stacking transients back to the driver before budgeting
         log.info("%s build on %s: %d modules run %s kernels (unverified on GPU)", quant.quant_algo, dev, swapped,
                  quant.quant_algo)
     return cfg, model
@@ -299,6 +301,9 @@ def _native_runtime(quant, device: torch.device, keep: bool | None) -> Callable 
     if quant is None or keep is False:
         return None
     fp8 = quant.quant_algo.startswith("FP8")
+    refused = fp8_gpu_refusal(device) if fp8 else None
+    if refused:  # an FP8 engine dequantized on such a GPU would only be a slower bf16 one
+        raise Unavailable(f"FP8 build: {refused}")
     reason = (fp8_native_reason if fp8 else nvfp4_native_reason)(device)
     if reason is not None and not keep:
         log.info("%s build dequantized at load: %s", quant.quant_algo, reason)

@@ -62,6 +62,8 @@ def resolve_serving(ckpt: Path, requested: str | None, field: str, machine: Mach
     ok, why = can_run(profile, machine)
     if profile.backend == "trtllm" and not ok:
         raise Unavailable(f"{profile.name}: {why} (UNVERIFIED backend; serve a torch-* build instead)")
+    if profile.precision == "fp8" and machine.cuda and not ok:
+        raise Unavailable(f"{profile.name}: {why}")  # no FP8 engine dequantized on a GPU: bf16 is the way there
     device = "cuda" if machine.cuda and profile.target != "cpu" else "cpu"
     native = ok and profile.precision in ("fp8", "nvfp4")  # service.model.fp8_runtime / nvfp4_runtime
     if profile.quantized and not native:
