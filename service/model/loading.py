@@ -94,6 +94,9 @@ def shard_header(path: Path) -> tuple[dict[str, dict], int]:
         for key, e in header.items():
             if e["dtype"] not in _ST_DTYPES:
                 raise ValueError(f"{key}: dtype {e['dtype']} is not supported")
+        data = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if path.stat().st_size < 8 + size + data:
+            raise ValueError(f"file is {path.stat().st_size} bytes, its header needs {8 + size + data}")
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise CheckpointError(f"cannot read {path.name}: {e}") from None
     return header, 8 + size
@@ -239,15 +242,16 @@ def load_state(ckpt: Path, model: DiffusionGemma, device: str | torch.device = "
     is_scale = lambda k: k.endswith(SCALE_SUFFIXES)
     scales = {k: t for f in files for k, t in iter_tensors(f, is_scale)}  # small: read before the weights
     filler = _Filler(model, torch.device(device), scales, keep_quantized)
-    ignored, unexpected = [], []
+    wanted = lambda k: not is_scale(k) and (k == _ENC_EMBED or _map_key(k) is not None)
+    skipped = [k for f in files for k in shard_header(f)[0] if not is_scale(k) and not wanted(k)]  # never read
+    ignored = [k for k in skipped if _IGNORED.match(k) or _ENC_LAYER.match(k)]
+    unexpected = [k for k in skipped if k not in ignored]
     for f in files:
-        for key, t in iter_tensors(f, lambda k: not is_scale(k)):
+        for key, t in iter_tensors(f, wanted):
             name = _map_key(key)
             if key == _ENC_EMBED:  # tied copy: used when the decoder's own is absent (a later one replaces it)
                 if "embed_tokens.weight" not in filler.filled:
                     filler.add("embed_tokens.weight", key, t)
-            elif name is None:
-                (ignored if _IGNORED.match(key) or _ENC_LAYER.match(key) else unexpected).append(key)
             elif name not in filler.expected and not EXPERT_KEY.match(name):
                 unexpected.append(key)
             else:
