@@ -17,7 +17,7 @@ from service.model.config import ModelConfig, read_config
 from service.model.fp8_runtime import apply_fp8, fp8_gpu_refusal, fp8_native_reason
 from service.model.nvfp4_runtime import apply_nvfp4, nvfp4_native_reason
 from service.model.network import DiffusionGemma
-from service.model.quantized import EXPERT_KEY, SCALE_SUFFIXES, dequantize_state, read_quant_config
+from service.model.quantized import EXPERT_KEY, SCALE_SUFFIXES, QuantConfig, dequantize_state, read_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def load_model(
     return cfg, model
 
 
-def _native_runtime(quant, device: torch.device, keep: bool | None) -> Callable | None:
+def _native_runtime(quant: QuantConfig | None, device: torch.device, keep: bool | None) -> Callable | None:
     """apply_fp8 or apply_nvfp4 when the build's packed weights are kept on `device`, else None (dequantized)."""
     if quant is None or keep is False:
         return None
