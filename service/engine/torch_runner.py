@@ -46,12 +46,14 @@ class TorchRunner:
         threads: int | None = None,
         tile_rows: int | None = None,
         cuda_graphs: bool = True,
+        batch_invariant: bool = False,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         if tile_rows is not None and (isinstance(tile_rows, bool) or not isinstance(tile_rows, int) or tile_rows < 1):
             raise InvalidArgument("tile_rows", f"must be a positive integer, got {tile_rows!r}")
         config, model = load_model(checkpoint_dir, dtype=dtype, device=check_device(device))
+        model.batch_invariant = batch_invariant  # opt-in: ids equal a solo run's; default one expert GEMM per batch
         self._setup(config, model, tile_rows, cuda_graphs)
 
     @classmethod
@@ -73,7 +75,8 @@ class TorchRunner:
 
     def describe(self) -> str:
         graphs = ", CUDA graphs" if self.graphs is not None else ""
-        return f"torch {str(self.dtype).removeprefix('torch.')} on {self.device.type}{graphs}"
+        invariant = ", batch-invariant" if self.model.batch_invariant else ""
+        return f"torch {str(self.dtype).removeprefix('torch.')} on {self.device.type}{graphs}{invariant}"
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.model.new_cache(capacity)
@@ -112,6 +115,7 @@ class TorchRunner:
     def default_memory_budget(self) -> int:
         """2 GiB on a CPU; on a GPU, 85% of the memory free once the weights are loaded."""
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # UNVERIFIED on a GPU: freed load-time blocks count as free, not as cached
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(0.85 * free)
         return 2 << 30

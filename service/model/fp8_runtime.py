@@ -1,6 +1,6 @@
 """FP8 weights kept in FP8 on a GPU: dense linears on torch._scaled_mm, routed experts on F.scaled_grouped_mm.
 
-UNVERIFIED: no machine of this project has a Hopper (SM89+) GPU. What the CPU can check is checked by the tests:
+UNVERIFIED: no machine of this project has a Hopper (SM90) or Blackwell (SM100) GPU. What the CPU can check is checked by the tests:
 the scale handling of `FP8Linear` (torch._scaled_mm also runs on a CPU) and of `FP8Experts` through its
 per-expert loop, both against the dequantized weights. The CUDA branch of `FP8Experts` (F.scaled_grouped_mm,
 rowwise scales) has never run. Activations are quantized to float8_e4m3fn per tensor with the export's static
@@ -16,18 +16,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.errors import Unavailable
+from service.model.kernels import fp8_refusal
 from service.model.layers import Experts
 from service.model.native import native_reason
 
 FP8_MAX = 448.0
-MIN_CAPABILITY = (8, 9)
+MIN_CAPABILITY = (9, 0)
 
 
 def fp8_native_reason(device: torch.device | str) -> str | None:
-    """None when FP8 weights can run natively on `device`, else why not (the build is then dequantized)."""
+    """None when FP8 weights can run natively on `device`, else why not (the build is then dequantized, or on a
+    GPU without the kernels refused: see `fp8_gpu_refusal`)."""
     missing = [n for n, ok in (("_scaled_mm", hasattr(torch, "_scaled_mm")),
                                ("scaled_grouped_mm", hasattr(F, "scaled_grouped_mm"))) if not ok]
-    return native_reason(device, "FP8", MIN_CAPABILITY, "Ada, Hopper", missing)
+    return native_reason(device, "FP8", MIN_CAPABILITY, "Hopper, Blackwell SM100", missing) or \
+        fp8_gpu_refusal(device)
+
+
+def fp8_gpu_refusal(device: torch.device | str) -> str | None:
+    """On a CUDA device outside SM90/SM100: why an FP8 engine is refused there, and what it gets instead."""
+    dev = torch.device(device)
+    return fp8_refusal(tuple(torch.cuda.get_device_capability(dev))) if dev.type == "cuda" else None
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,7 +82,7 @@ class FP8Experts(Experts):
     def project(self, x: Tensor, which: str, offsets: Tensor) -> Tensor:
         w, sb = (self.gate_up_fp8, self.gate_up_scale) if which == "gate_up_proj" else (self.down_fp8, self.down_scale)
         xq, sa = quantize_rows(x)
-        if x.device.type == "cuda":  # UNVERIFIED: no SM89+ GPU here
+        if x.device.type == "cuda":  # UNVERIFIED: no SM90/SM100 GPU here
             return F.scaled_grouped_mm(xq, w.transpose(-2, -1), sa.reshape(-1), F.ScalingType.RowWise, sb,
                                        F.ScalingType.RowWise, offs=offsets, output_dtype=x.dtype)
         parts, start = [], 0  # one _scaled_mm per expert: the CPU check of the scales, and any other device
@@ -89,38 +98,45 @@ class FP8Experts(Experts):
 
 
 def _expert_weights(raw: dict[str, Tensor], prefix: str, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-    """Stack per-expert FP8 weights (each [out_e, in], scalar or per-channel scale) into [E, sum out, in] and
-    per-row scales [E, sum out]."""
-    weights, scales, e = [], [], 0
-    while f"{prefix}.{e}.{names[0]}.weight" in raw:
-        ws, ss = [], []
+    """Per-expert FP8 weights (each [out_e, in], scalar or per-channel scale), popped from `raw` as they are
+    copied, -> [E, sum out, in] and per-row scales [E, sum out]: one expert's copy in flight, not a layer's."""
+    count = 0
+    while f"{prefix}.{count}.{names[0]}.weight" in raw:
+        count += 1
+    first = [raw[f"{prefix}.0.{n}.weight"] for n in names]
+    rows, dev = sum(w.shape[0] for w in first), first[0].device
+    weight = torch.empty(count, rows, first[0].shape[1], dtype=torch.uint8, device=dev)  # as bytes: not every
+    scales = torch.empty(count, rows, dtype=torch.float32, device=dev)  # device copies float8
+    for e in range(count):
+        row = 0
         for n in names:
-            w, s = raw[f"{prefix}.{e}.{n}.weight"], raw[f"{prefix}.{e}.{n}.weight_scale"].float().reshape(-1)
-            ws.append(w)
-            ss.append(s.expand(w.shape[0]))
-        weights.append(torch.cat([w.view(torch.uint8) for w in ws]))  # as bytes: not every device cats float8
-        scales.append(torch.cat(ss))
-        e += 1
-    return torch.stack(weights).view(torch.float8_e4m3fn), torch.stack(scales)
+            w, s = raw.pop(f"{prefix}.{e}.{n}.weight"), raw.pop(f"{prefix}.{e}.{n}.weight_scale").float().reshape(-1)
+            raw.pop(f"{prefix}.{e}.{n}.input_scale", None)
+            weight[e, row:row + w.shape[0]] = w.view(torch.uint8)
+            scales[e, row:row + w.shape[0]] = s.to(dev).expand(w.shape[0])
+            row += w.shape[0]
+    return weight.view(torch.float8_e4m3fn), scales
 
 
-def apply_fp8(model: nn.Module, raw: dict[str, Tensor]) -> int:
+def apply_fp8(model: nn.Module, raw: dict[str, Tensor], device: torch.device | str | None = None) -> int:
     """Swap the model's linears and experts whose weights `raw` (our module names) holds in FP8 for their FP8
-    versions, on the model's device. Returns how many modules were swapped."""
+    versions, on `device` (None: each module's own). Consumes `raw`'s FP8 entries. Returns how many modules were
+    swapped."""
     swapped = 0
     for name, module in list(model.named_modules()):
-        device = next(module.parameters(), torch.empty(0)).device
+        where = device or next(module.parameters(), torch.empty(0)).device
         if isinstance(module, nn.Linear) and raw.get(f"{name}.weight", torch.empty(0)).dtype == torch.float8_e4m3fn:
-            fp8 = FP8Linear(raw[f"{name}.weight"], raw[f"{name}.weight_scale"], raw.get(f"{name}.input_scale"))
+            fp8 = FP8Linear(raw.pop(f"{name}.weight"), raw.pop(f"{name}.weight_scale"),
+                            raw.pop(f"{name}.input_scale", None))
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, fp8.to(device))
+            setattr(model.get_submodule(parent) if parent else model, child, fp8.to(where))
             swapped += 1
         elif type(module) is Experts and raw.get(f"{name}.0.gate_proj.weight", torch.empty(0)).dtype == \
                 torch.float8_e4m3fn:
             gate_up, gu_scale = _expert_weights(raw, name, ("gate_proj", "up_proj"))
             down, down_scale = _expert_weights(raw, name, ("down_proj",))
             module.__class__ = FP8Experts
-            module.load_fp8(*(t.to(device) for t in (gate_up, gu_scale, down, down_scale)))
+            module.load_fp8(*(t.to(where) for t in (gate_up, gu_scale, down, down_scale)))
             swapped += 1
     if not swapped:
         raise Unavailable("the FP8 build has no FP8 linear this runtime recognises")

@@ -196,7 +196,8 @@ class Experts(nn.Module):
         """x [N, H], weights/idx [N, K] -> [N, H]. Summed over k in order, as the reference does.
 
         seq_len: x holds N // seq_len sequences back to back, and every row gets the bits it would get
-        in a pass over its own sequence (see `_calls`). None: one sequence (or training: any bits).
+        in a pass over its own sequence (see `_calls`). None: one grouped GEMM per projection over all N rows
+        (the throughput path; a row's bits may then depend on the other sequences' routing).
         """
         n, k = idx.shape
         flat = idx.reshape(-1)  # [N*K] expert of each assignment
@@ -278,12 +279,13 @@ class Layer(nn.Module):
         w, idx = self.router(x)
         return self.experts(self.pre_feedforward_layernorm_2(x), w, idx, seq_len)
 
-    def feed_forward(self, x: Tensor, batch_invariant: bool = True) -> Tensor:
+    def feed_forward(self, x: Tensor, batch_invariant: bool = False) -> Tensor:
         """The residual block after attention: dense MLP in parallel with the MoE. x [B, T, H].
 
-        Serving keeps each row's bits those of its own sequence's pass, so that a request's ids do not
-        depend on its batch: experts share GEMMs across sequences only where that holds (Experts._calls).
-        Training passes batch_invariant=False for one grouped GEMM over the whole batch.
+        Default (throughput): every sequence's routed tokens go into one grouped GEMM per projection, so the
+        expert weights are read once per layer whatever B is. batch_invariant=True keeps each row's bits those
+        of its own sequence's pass (a request's ids do not depend on its batch): experts share GEMMs across
+        sequences only where that holds (Experts._calls), at the cost of per-sequence calls.
         """
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         moe = self.moe(x.reshape(-1, x.shape[-1]), x.shape[1] if batch_invariant else None).reshape(x.shape)

@@ -25,6 +25,10 @@ class SelfConditioning(nn.Module):
 
 
 class DiffusionGemma(nn.Module):
+    # False (default, throughput): one expert GEMM per projection per layer for the whole batch of a decoder pass.
+    # True: each canvas's ids are those of its solo run, bit for bit (Layer.feed_forward); set by the runner.
+    batch_invariant = False
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -124,7 +128,7 @@ class DiffusionGemma(nn.Module):
                 values = torch.cat([cv, v[r : r + 1]], dim=2)
                 rows.append(layer.self_attn.attend(q[r : r + 1], keys, values, None))  # all in view attend
             x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(torch.cat(rows)))
-            x = layer.feed_forward(x) * layer.decoder_layer_scalar
+            x = layer.feed_forward(x, self.batch_invariant) * layer.decoder_layer_scalar
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

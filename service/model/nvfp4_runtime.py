@@ -127,7 +127,7 @@ def _expert_tensors(raw: dict[str, Tensor], prefix: str, names: tuple[str, ...],
     weight and input scales (the linears of one projection must share them, as ModelOpt exports gate and up)."""
     weights, scales, scale_2, input_scale, e = [], [], [], [], 0
     while f"{prefix}.{e}.{names[0]}.weight" in raw:
-        linears = [{s: raw[f"{prefix}.{e}.{n}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2",
+        linears = [{s: raw.pop(f"{prefix}.{e}.{n}.{s}") for s in ("weight", "weight_scale", "weight_scale_2",
                                                                "input_scale")} for n in names]
         for s in ("weight_scale_2", "input_scale"):
             if any(not torch.equal(lin[s].float(), linears[0][s].float()) for lin in linears[1:]):
@@ -141,17 +141,18 @@ def _expert_tensors(raw: dict[str, Tensor], prefix: str, names: tuple[str, ...],
             f"{key}_scale_2": torch.stack(scale_2), f"{key}_input_scale": torch.stack(input_scale)}
 
 
-def apply_nvfp4(model: nn.Module, raw: dict[str, Tensor], emulate: bool = False) -> int:
-    """Swap the model's experts whose weights `raw` (our module names) holds in NVFP4 for NVFP4Experts, on the
-    model's device. Returns how many were swapped."""
+def apply_nvfp4(model: nn.Module, raw: dict[str, Tensor], emulate: bool = False,
+                device: torch.device | str | None = None) -> int:
+    """Swap the model's experts whose weights `raw` (our module names) holds in NVFP4 for NVFP4Experts, on `device`
+    (None: the module's own). Consumes `raw`'s NVFP4 entries. Returns how many were swapped."""
     swapped = 0
     for name, module in list(model.named_modules()):
         if type(module) is Experts and raw.get(f"{name}.0.gate_proj.weight", torch.empty(0)).dtype == torch.uint8:
-            device = next(module.parameters()).device
+            where = device or next(module.parameters()).device
             tensors = _expert_tensors(raw, name, ("gate_proj", "up_proj"), "gate_up")
             tensors.update(_expert_tensors(raw, name, ("down_proj",), "down"))
             module.__class__ = NVFP4Experts
-            module.load_nvfp4({k: t.to(device) for k, t in tensors.items()})
+            module.load_nvfp4({k: t.to(where) for k, t in tensors.items()})
             module.emulate = emulate
             swapped += 1
     if not swapped:

@@ -26,8 +26,8 @@ SUPPORTED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4")  # per-channel: weight
 NVFP4_BLOCK = 16
 # e2m1 code (sign bit 3, exponent bits 2..1, mantissa bit 0) -> value
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
-_EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
+EXPERT_KEY = re.compile(r"^(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def dequantize_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Replace every quantized `<m>.weight` and its scales with a float32 `<m>.weight`. Unquantized tensors pass."""
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        if key.endswith(_SCALE_SUFFIXES):
+        if key.endswith(SCALE_SUFFIXES):
             continue
         base = key[: -len(".weight")] if key.endswith(".weight") else None
         scale = tensors.get(f"{base}.weight_scale") if base else None
@@ -122,7 +122,7 @@ def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        m = _EXPERT.match(key)
+        m = EXPERT_KEY.match(key)
         if m:
             groups.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
         else:

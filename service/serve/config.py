@@ -62,6 +62,8 @@ def resolve_serving(ckpt: Path, requested: str | None, field: str, machine: Mach
     ok, why = can_run(profile, machine)
     if profile.backend == "trtllm" and not ok:
         raise Unavailable(f"{profile.name}: {why} (UNVERIFIED backend; serve a torch-* build instead)")
+    if profile.precision == "fp8" and machine.cuda and not ok:
+        raise Unavailable(f"{profile.name}: {why}")  # no FP8 engine dequantized on a GPU: bf16 is the way there
     device = "cuda" if machine.cuda and profile.target != "cpu" else "cpu"
     native = ok and profile.precision in ("fp8", "nvfp4")  # service.model.fp8_runtime / nvfp4_runtime
     if profile.quantized and not native:
@@ -154,6 +156,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         max_new_tokens_limit=_int(env, "NIM_MAX_NEW_TOKENS_LIMIT", 0),
         max_denoising_steps_limit=_int(env, "NIM_MAX_DENOISING_STEPS_LIMIT", 0),
         engine_step_timeout=_float(env, "NIM_ENGINE_STEP_TIMEOUT", 120.0, 0.0),
+        batch_invariant=int(env.get("NIM_BATCH_INVARIANT", "").lower() in TRUE),
     ).validate()
     front = FrontSettings(
         checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=serving.label,

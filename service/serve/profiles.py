@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import InvalidArgument
+from service.model.kernels import fp8_refusal
 
 PROFILE_FORMAT = "dgemma-profile/1"
 # Old names (before the build stage) -> new ones; accepted with the new meaning.
@@ -51,7 +52,7 @@ class Profile:
 
 
 def _profile(backend: str, precision: str, target: str) -> Profile:
-    cc = {"fp8": (8, 9), "nvfp4": (10, 0)}.get(precision)
+    cc = {"fp8": (9, 0), "nvfp4": (10, 0)}.get(precision)  # fp8: SM90 and SM100 only (service.model.kernels)
     return Profile(f"{backend}-{precision}-{target}", backend, precision, target,
                    "float32" if precision == "fp32" else "bfloat16", cc)
 
@@ -162,6 +163,9 @@ def can_run(profile: Profile, machine: Machine) -> tuple[bool, str]:
         return True, "cuda" if machine.cuda else "cpu"
     if not machine.cuda:
         return False, f"needs a {profile.target} GPU (SM{''.join(map(str, profile.min_compute_capability))}+); no CUDA"
+    refused = fp8_refusal(machine.compute_capability) if profile.precision == "fp8" else None
+    if refused:
+        return False, refused
     need = profile.min_compute_capability
     if need and machine.compute_capability < need:
         return False, (f"needs SM{need[0]}{need[1]}+, this GPU is SM"
@@ -170,7 +174,7 @@ def can_run(profile: Profile, machine: Machine) -> tuple[bool, str]:
 
 
 def select_profile(available: Sequence[Profile], machine: Machine) -> Profile:
-    """Best runnable of `available`: nvfp4 on SM100+, fp8 on SM89+, bf16 on other GPUs, fp32 on a CPU."""
+    """Best runnable of `available`: nvfp4 on SM100+, fp8 on SM90/SM100, bf16 on other GPUs, fp32 on a CPU."""
     order = ("nvfp4", "fp8", "bf16", "fp32") if machine.cuda else ("fp32", "bf16")
     runnable = [p for p in available if can_run(p, machine)[0]]
     for precision in order:

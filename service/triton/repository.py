@@ -32,6 +32,7 @@ class RepositorySettings:
     engine_step_timeout: float = 120.0  # a denoising step running longer is hung: the heartbeat stops; 0: no limit
     tile_rows: int = 0  # rows of the sampler's vocabulary tiles; 0: the runner's default for its device
     threads: int = 0
+    batch_invariant: int = 0  # 1: a request's ids equal its solo run's (per-canvas expert GEMMs); 0: throughput
     model_name: str = MODEL_NAME
 
     def validate(self) -> "RepositorySettings":

@@ -22,8 +22,8 @@ TYPES = {np.int32: "INT32", np.float32: "FP32", np.uint64: "UINT64", np.bool_: "
 
 @pytest.fixture(scope="module")
 def server(small_ckpt, tmp_path_factory):
-    repo = build_repository(tmp_path_factory.mktemp("repo"), RepositorySettings(checkpoint_dir=str(small_ckpt),
-                                                                                 threads=SERVER_THREADS))
+    repo = build_repository(tmp_path_factory.mktemp("repo"), RepositorySettings(
+        checkpoint_dir=str(small_ckpt), threads=SERVER_THREADS, batch_invariant=1))  # batched == solo, bit for bit
     srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("log") / "triton.log")
     srv.start(timeout=180, wait_model=MODEL_NAME)
     yield srv
@@ -32,7 +32,7 @@ def server(small_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(small_ckpt):
-    return create_engine(checkpoint_dir=small_ckpt)
+    return create_engine(checkpoint_dir=small_ckpt, batch_invariant=True)
 
 
 def make_inputs(**values):

@@ -27,7 +27,7 @@ NUMBER = [NUMBER_FIRST] + [NUMBER_REST] * 3
 
 @pytest.fixture(scope="module")
 def tiny():
-    return create_engine(checkpoint_dir=DEFAULT_CHECKPOINT)
+    return create_engine(checkpoint_dir=DEFAULT_CHECKPOINT, batch_invariant=True)  # batched == solo, bit for bit
 
 
 def params(sampler="reference", steps=4):

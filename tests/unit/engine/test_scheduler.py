@@ -14,7 +14,7 @@ from tests.checkpoints import build_reference, save_checkpoint
 
 @pytest.fixture(scope="module")
 def engine(small_ckpt):
-    return create_engine(checkpoint_dir=small_ckpt)
+    return create_engine(checkpoint_dir=small_ckpt, batch_invariant=True)  # batched == solo, bit for bit
 
 
 def drain(sched: Scheduler, max_steps: int = 2000) -> None:

@@ -55,3 +55,17 @@ def test_no_native_fp8_off_cuda():
     assert "CUDA only" in fp8_native_reason("cpu")
     with pytest.raises(Unavailable, match="no FP8 linear"):
         apply_fp8(torch.nn.Sequential(torch.nn.Linear(2, 2)), {})
+
+
+@pytest.mark.parametrize("cc, refused", [((8, 9), True), ((12, 0), True), ((9, 0), False), ((10, 0), False)])
+def test_fp8_engine_refused_on_sm89_and_sm12x(tmp_path, monkeypatch, cc, refused):
+    """A faked capability: the loader refuses an FP8 build on a CUDA device without torch._scaled_grouped_mm,
+    naming what the card gets instead, before anything is put on the device."""
+    from service.model.fp8_runtime import fp8_gpu_refusal
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    assert (fp8_gpu_refusal("cuda") is not None) == refused
+    if refused:
+        ckpt = write_quantized(DEFAULT_CHECKPOINT, tmp_path / "q", "FP8")
+        with pytest.raises(Unavailable, match="SM90 and SM100 only.*torch-bf16-any"):
+            load_model(ckpt, device="cuda")

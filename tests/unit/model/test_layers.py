@@ -62,3 +62,52 @@ def test_batched_experts_give_each_sequence_its_solo_bits_and_share_gemms(expert
 def test_training_path_is_one_call(experts):
     idx = torch.zeros(10, 2, dtype=torch.long)
     assert len(experts._calls(idx.reshape(-1), 2, None)) == 1
+
+
+def count_projections(monkeypatch, experts) -> list[str]:
+    """Every grouped GEMM `experts` makes from now on, by projection name."""
+    seen: list[str] = []
+    real = type(experts).project
+    monkeypatch.setattr(type(experts), "project", lambda self, x, which, offs: seen.append(which) or real(
+        self, x, which, offs))
+    return seen
+
+
+def test_throughput_path_is_one_gemm_per_projection_for_the_whole_batch(experts, monkeypatch):
+    """Default path: all sequences' tokens in one grouped GEMM per projection; each row within float tolerance of
+    its per-sequence pass (exact bits are the batch-invariant mode's promise, not this one's)."""
+    g = torch.Generator().manual_seed(1)
+    seqs, seq_len, k = 4, 64, 2
+    e, hidden = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+    x = torch.randn(seqs * seq_len, hidden, generator=g)  # [S*L, H]
+    idx = routing(seqs, seq_len, e, k, g)  # [S*L, K]
+    w = torch.rand(seqs * seq_len, k, generator=g)
+    seen = count_projections(monkeypatch, experts)
+    with torch.no_grad():
+        shared = experts(x, w, idx)
+        assert seen == ["gate_up_proj", "down_proj"]
+        solo = torch.cat([experts(x[s * seq_len:(s + 1) * seq_len], w[s * seq_len:(s + 1) * seq_len],
+                                  idx[s * seq_len:(s + 1) * seq_len], seq_len) for s in range(seqs)])
+    torch.testing.assert_close(shared, solo, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_decoder_pass_batched_against_solo_by_mode(small_ckpt, invariant, monkeypatch):
+    """A whole decoder pass over 3 canvases: the throughput mode makes 2 expert GEMMs per layer whatever the
+    batch, the batch-invariant mode more; both match each canvas alone within tolerance (the experts' exact
+    bits in the batch-invariant mode: test_batched_experts_give_each_sequence_its_solo_bits_and_share_gemms)."""
+    _, model = load_model(small_ckpt, dtype="float32")
+    model.batch_invariant = invariant
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(2)
+    canvas = torch.randint(3, cfg.vocab_size, (3, cfg.canvas_length), generator=g)  # [B, L]
+    prompts = [torch.randint(3, cfg.vocab_size, (1, n), generator=g) for n in (5, 9, 14)]
+    caches = [model.new_cache(n.shape[1] + cfg.canvas_length) for n in prompts]
+    for p, c in zip(prompts, caches):
+        model.encode(p, [p.shape[1]], [c])
+    seen = count_projections(monkeypatch, model.layers[0].experts)
+    batched = model.decode(canvas, None, caches)  # [B, L, H]
+    per_layer = len(seen) / cfg.num_layers
+    assert per_layer == 2 if not invariant else per_layer >= 2
+    solo = torch.cat([model.decode(canvas[b:b + 1], None, [caches[b]]) for b in range(3)])
+    torch.testing.assert_close(batched, solo, rtol=1e-4, atol=1e-4)

@@ -133,3 +133,24 @@ def test_bad_engine_limits_name_the_variable(tmp_path, name, value):
     with pytest.raises(InvalidArgument) as e:
         serve_options({"NIM_CACHE_PATH": str(tmp_path), name: value})
     assert e.value.field == name
+
+
+def test_batch_invariant_mode_is_opt_in_and_reaches_the_model_config(tmp_path):
+    """NIM_BATCH_INVARIANT: off by default (one expert GEMM for the whole batch); 1/true turns it on in
+    config.pbtxt, which model.py hands to the runner (TorchRunner(batch_invariant=True))."""
+    from service.triton.repository import render_config
+
+    line = 'key: "batch_invariant" value: {{ string_value: "{}" }}'
+    off = serve_options({"NIM_CACHE_PATH": str(tmp_path)}).repository
+    assert off.batch_invariant == 0 and line.format(0) in render_config(off)
+    for value in ("1", "true"):
+        on = serve_options({"NIM_CACHE_PATH": str(tmp_path), "NIM_BATCH_INVARIANT": value}).repository
+        assert on.batch_invariant == 1 and line.format(1) in render_config(on)
+
+
+def test_runner_sets_the_mode_on_its_network(small_ckpt):
+    from service.engine.torch_runner import TorchRunner
+
+    assert not TorchRunner(small_ckpt).model.batch_invariant
+    runner = TorchRunner(small_ckpt, batch_invariant=True)
+    assert runner.model.batch_invariant and "batch-invariant" in runner.describe()

@@ -12,6 +12,8 @@ CPU_BARE = dataclasses.replace(CPU, modelopt=False)
 A100 = Machine(True, (8, 0), "A100", False, True)
 H100 = Machine(True, (9, 0), "H100", False, True)
 B200 = Machine(True, (10, 0), "B200", True, True)
+L40S = Machine(True, (8, 9), "L40S", False, True)
+RTX5090 = Machine(True, (12, 0), "RTX 5090", False, True)
 
 
 def test_six_profiles_named_backend_precision_target():
@@ -20,7 +22,7 @@ def test_six_profiles_named_backend_precision_target():
     for p in PROFILES:
         assert p.name == f"{p.backend}-{p.precision}-{p.target}"
         assert p.activation_dtype == ("float32" if p.precision == "fp32" else "bfloat16")
-    assert find_profile("torch-fp8-hopper").min_compute_capability == (8, 9)
+    assert find_profile("torch-fp8-hopper").min_compute_capability == (9, 0)
     assert find_profile("trtllm-nvfp4-blackwell").min_compute_capability == (10, 0)
 
 
@@ -29,7 +31,7 @@ def test_id_is_a_content_hash():
     assert len(set(ids)) == 6 and all(len(i) == 64 and int(i, 16) >= 0 for i in ids)
     p = PROFILES[2]
     assert dataclasses.replace(p).id == p.id  # same content, same id
-    for field, value in [("target", "ada"), ("activation_dtype", "float16"), ("min_compute_capability", (9, 0))]:
+    for field, value in [("target", "ada"), ("activation_dtype", "float16"), ("min_compute_capability", (8, 9))]:
         assert dataclasses.replace(p, **{field: value}).id != p.id
 
 
@@ -88,3 +90,14 @@ def test_probe_keeps_the_serving_front_torch_free_on_a_cpu_torch():
             "'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["torch-fp32-cpu", "False"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("card", [L40S, RTX5090], ids=["sm89", "sm120"])
+def test_fp8_only_where_scaled_grouped_mm_runs(card):
+    """torch._scaled_grouped_mm has SM90 and SM100 kernels only: SM89 and SM12x are offered bf16, not FP8."""
+    for name in ("torch-fp8-hopper", "trtllm-fp8-hopper"):
+        ok, why = can_run(find_profile(name), dataclasses.replace(card, tensorrt_llm=True))
+        assert not ok and "SM90 and SM100 only" in why and "torch-bf16-any" in why, why
+    fp8_or_bf16 = [find_profile("torch-fp8-hopper"), find_profile("torch-bf16-any")]
+    assert select_profile(fp8_or_bf16, card).name == "torch-bf16-any"
+    assert can_run(find_profile("torch-fp8-hopper"), H100)[0] and can_run(find_profile("torch-fp8-hopper"), B200)[0]

@@ -53,3 +53,12 @@ def test_trtllm_build_fails_clearly_without_tensorrt_llm(tmp_path):
     d = fake_build(tmp_path, "trtllm-fp8-hopper")
     with pytest.raises(Unavailable, match="tensorrt_llm"):
         resolve_serving(d, None, "NIM_MODEL_PROFILE", H100)
+
+
+@pytest.mark.parametrize("cc", [(8, 9), (12, 0)])
+def test_fp8_build_refused_on_gpus_without_its_kernels(tmp_path, cc):
+    d = fake_build(tmp_path, "torch-fp8-hopper")
+    with pytest.raises(Unavailable, match=r"torch-fp8-hopper: FP8 runs on SM90 and SM100 only.*serve bf16 instead "
+                                          r"\(torch-bf16-any"):
+        resolve_serving(d, None, "NIM_MODEL_PROFILE", Machine(True, cc, "GPU", False, True))
+    assert resolve_serving(d, None, "F", CPU).label == "torch-fp8-hopper (dequantized on cpu)"  # a CPU still can

@@ -74,6 +74,7 @@ class TritonPythonModel:
             params.get("engine_backend", "torch"), checkpoint_dir=params["checkpoint_dir"], limits=limits,
             on_step=self._update_gauges, device=params.get("device", "cpu"), dtype=params.get("dtype") or None,
             threads=int(params.get("threads") or 0) or None, tile_rows=int(params.get("tile_rows") or 0) or None,
+            batch_invariant=params.get("batch_invariant") == "1",
         )
         self.scheduler = self.engine.scheduler
         self.step_timeout_s = opt("engine_step_timeout", float)  # a longer step: hung (None: no limit)
