@@ -8,7 +8,10 @@ peak GPU memory. It drives the product's own path: requests go through the sched
 each step on the TorchRunner (decoder pass, replayed from CUDA graphs, then the sampler's vocabulary
 work in tiles on the GPU) and does the per-request bookkeeping. Each canvas runs `--steps` fixed
 denoising steps (early stopping off); the timed steps are those after the batch is full and its graph
-captured. bf16 only: FP8 and NVFP4 weights come from the build stage (`engine_build`), not built yet.
+captured. bf16 only (the weights are made in bf16 on the device: about 47 GiB at this shape, no float32
+copy); FP8 and NVFP4 weights come from the build stage (`engine_build`). `peak_memory_gib` is the steps'
+peak, counted from after the load (`load_peak_memory_gib` is the load's); each result says how many CUDA graphs
+were captured and replayed so far.
 The shape (from derivative configs and GGUF metadata; the checkpoint's own config.json was not
 available): hidden 2816, 16 heads, 30 layers (5 global: 5, 11, 17, 23, 29), sliding head dim 256 with
 8 KV heads, global head dim 512 with 2 KV heads and K = V, dense MLP 2112, 128 experts top-8 of width
@@ -66,9 +69,11 @@ def toy_config() -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, dev: torch.device) -> DiffusionGemma:
+    """bf16 random weights allocated on `dev` directly: built on meta and cast there first, so no float32 copy
+    (94 GiB at the real shape) ever exists."""
     with torch.device("meta"):
-        model = DiffusionGemma(cfg)
-    model = model.to_empty(device=dev).to(torch.bfloat16)
+        model = DiffusionGemma(cfg).to(torch.bfloat16)
+    model = model.to_empty(device=dev)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02) if p.ndim > 1 else p.fill_(1.0)
@@ -104,6 +109,7 @@ def measure(engine: LocalEngine, canvases: int, prompt: int, steps: int, sampler
     graphs = engine.runner.graphs
     return {"canvases": canvases, "ms_per_step": round(ms, 2),
             "tokens_per_s": round(canvases * cfg.canvas_length / (steps * ms / 1000), 1),
+            "cuda_graph_captures": graphs.captures if graphs is not None else "no (CPU smoke run)",
             "cuda_graph_replays": graphs.replays if graphs is not None else "no (CPU smoke run)"}
 
 
@@ -128,10 +134,16 @@ def main() -> int:
     else:
         dev, cfg = torch.device("cuda"), real_config()
     runner = TorchRunner.from_model(cfg, random_model(cfg, dev), tile_rows=a.tile_rows)
+    on_gpu = dev.type == "cuda"
+    load_gib = None
+    if on_gpu:  # the weights' own memory, then the steps' peak from here on
+        torch.cuda.synchronize()
+        load_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     batches = [int(x) for x in a.batches.split(",")]
     limits = Limits(max_live_canvases=max(batches), max_queue=max(batches), max_memory_bytes=1 << 50)
     engine = LocalEngine(tempfile.mkdtemp(prefix="dgemma-random-"), runner, limits)  # no tokenizer, no gen config
-    on_gpu = dev.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     results = []
     for batch in batches:
@@ -146,7 +158,9 @@ def main() -> int:
         "precision": "bf16", "sampler": a.sampler, "steps": a.steps, "prompt": a.prompt,
         "tile_rows": runner.tile_rows, "runner": runner.describe(),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu (smoke run, not a measurement)",
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
+        "load_peak_memory_gib": load_gib,  # while the random weights were made
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,  # the steps'
+        # peak since the load: weights, KV caches, graphs and sampler tiles
         "results": results,
     }))
     return 0

@@ -9,7 +9,9 @@
 #    recipe's corruption, a warm restart of the learning rate) -> ckpt/ (the 5 checkpoint files)
 # Everything printed goes to session.log, with the card's name. Output: $OUT (./gpu_out elsewhere),
 # 7 files, within the device tool's 8. Back here: `python -m tools.tiny_model.evaluate --checkpoint DIR`.
-# Knobs (environment): GPU_BENCH_S (270 s), TRAIN_MIN (3.5), STEPS (3000), BATCH (256), LR (1.5e-3),
+# Time: at most GPU_BENCH_S (230 s) + TRAIN_S (270 s) + a few seconds of nvidia-smi: about 510 s, inside one
+# 600 s call with margin (a timeout kills a step, the rest still runs and the log still comes back).
+# Knobs (environment): GPU_BENCH_S (230 s), TRAIN_S (270 s), TRAIN_MIN (3.5), STEPS (3000), BATCH (256), LR (1.5e-3),
 # DEVICE (cuda), GPU_BENCH_ARGS, PYTHON (python3). A CPU dry run of the plumbing:
 #   DEVICE=cpu GPU_BENCH_ARGS=--smoke-cpu TRAIN_MIN=0.2 STEPS=5 BATCH=4 OUT=/tmp/dry bash tools/gpu_session.sh
 set -u
@@ -27,13 +29,13 @@ WORK=$(mktemp -d)
 
   echo "== benchmarks/gpu_real_shape.py ${GPU_BENCH_ARGS:-}"
   # shellcheck disable=SC2086  # GPU_BENCH_ARGS is a word list
-  timeout "${GPU_BENCH_S:-270}" $PY benchmarks/gpu_real_shape.py ${GPU_BENCH_ARGS:-} > "$OUT/gpu_real_shape.json"
+  timeout "${GPU_BENCH_S:-230}" $PY benchmarks/gpu_real_shape.py ${GPU_BENCH_ARGS:-} > "$OUT/gpu_real_shape.json"
   echo "gpu_real_shape.py exit $?"
   cat "$OUT/gpu_real_shape.json"
 
   start=$($PY -c "import json; print(json.load(open('$SHIPPED/training_meta.json'))['steps'])")
   echo "== tools.tiny_model.train from step $start"
-  timeout 420 $PY -m tools.tiny_model.train --device "${DEVICE:-cuda}" --init-from "$SHIPPED" \
+  timeout "${TRAIN_S:-270}" $PY -m tools.tiny_model.train --device "${DEVICE:-cuda}" --init-from "$SHIPPED" \
     --workdir "$WORK" --out "$OUT/ckpt" --batch "${BATCH:-256}" --lr "${LR:-1.5e-3}" --warm-restart \
     --steps $((start + ${STEPS:-3000})) --minutes "${TRAIN_MIN:-3.5}" --save-every 500 \
     --span-fraction 0.75 --span-min-noise 0.05 --max-prefix 80
