@@ -14,6 +14,8 @@ the loop reads the group sizes on the host, so a decoder pass with NVFP4 experts
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +28,12 @@ from service.model.quantized import NVFP4_BLOCK, dequantize_nvfp4
 FP4_MAX = 6.0
 E4M3_MAX = 448.0
 MIN_CAPABILITY = (10, 0)
+log = logging.getLogger("dgemma.model")
+# Logged once when NVFP4 experts load for native execution: what the step pays for the missing grouped kernel.
+PER_EXPERT_LINE = ("NVFP4 experts run one F.scaled_mm per expert with rows, not one grouped GEMM: torch %s's "
+                   "F.scaled_grouped_mm is not verified here for NVFP4's 1x16 e4m3 block scales. The group sizes are "
+                   "read on the host, so decoder passes are not CUDA-graph captured (UNVERIFIED: no Blackwell GPU "
+                   "has run this)")
 # midpoints between the e2m1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
@@ -157,5 +165,7 @@ def apply_nvfp4(model: nn.Module, raw: dict[str, Tensor], emulate: bool = False,
             swapped += 1
     if not swapped:
         raise Unavailable("the NVFP4 build has no NVFP4 experts this runtime recognises")
+    if not emulate:
+        log.warning(PER_EXPERT_LINE, torch.__version__)
     return swapped
 

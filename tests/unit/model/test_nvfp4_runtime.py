@@ -97,3 +97,18 @@ def test_no_native_nvfp4_off_cuda():
     assert "CUDA only" in nvfp4_native_reason("cpu")
     with pytest.raises(Unavailable, match="no NVFP4 experts"):
         apply_nvfp4(torch.nn.Sequential(torch.nn.Linear(2, 2)), {})
+
+
+def test_native_nvfp4_experts_say_once_that_they_run_per_expert(tmp_path, caplog):
+    """No grouped FP4 GEMM is called: loading for native execution logs one line saying so (emulation does not)."""
+    ckpt = write_quantized(DEFAULT_CHECKPOINT, tmp_path / "q", "NVFP4")
+    _, model = load_model(ckpt, dtype="float32")
+    with caplog.at_level("WARNING", logger="dgemma.model"):
+        apply_nvfp4(model, stored_tensors(ckpt), emulate=False)
+    lines = [r.getMessage() for r in caplog.records if "per expert" in r.getMessage()]
+    assert len(lines) == 1 and "not CUDA-graph captured" in lines[0] and torch.__version__ in lines[0]
+    caplog.clear()
+    _, model = load_model(ckpt, dtype="float32")
+    with caplog.at_level("WARNING", logger="dgemma.model"):
+        apply_nvfp4(model, stored_tensors(ckpt), emulate=True)
+    assert not [r for r in caplog.records if "per expert" in r.getMessage()]
