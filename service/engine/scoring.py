@@ -34,13 +34,12 @@ from service.engine.api import MAX_LOGPROBS, FinalEvent, Logprobs, Request, Stat
 from service.engine.runner import Cache, CanvasStep
 from service.engine.sequence import Sequence
 from service.errors import InvalidArgument
+from service.logprobs import DEFAULT_SCORE_SAMPLES as DEFAULT_SAMPLES, MAX_SCORE_SAMPLES as MAX_SAMPLES
 from service.model.config import ModelConfig
 from service.sampler.params import MAX_NEW_TOKENS
 from service.sampler.scoring import ScoreRows
 from service.sampler.tiles import CanvasDraw
 
-DEFAULT_SAMPLES = 8  # decoder passes per canvas of continuation
-MAX_SAMPLES = 128
 T_LO = 0.05  # the lowest noise level the embedded model was trained at (tools/tiny_model/objective.py)
 
 
