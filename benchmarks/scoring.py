@@ -59,6 +59,7 @@ def main() -> None:
             sums.append(statistics.stdev(sum(r) for r in runs))
             means.append(statistics.mean(sum(r) for r in runs))
             token_sd.append(statistics.mean(statistics.stdev(col) for col in zip(*runs)))
+        print(k, round(wall, 1), file=sys.stderr, flush=True)
         rows[k] = {"sum_sd": round(statistics.mean(sums), 3), "token_sd": round(statistics.mean(token_sd), 3),
                    "sum_mean": round(statistics.mean(means), 2),
                    "ms_per_score_batched": round(wall * 1000 / len(reqs), 1)}
