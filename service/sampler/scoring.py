@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.sampler.tiles import Vocab
+from service.sampler.tiles import Vocab, tiles_of
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,8 @@ def score_rows(vocab: Vocab, hidden: Tensor, ids: Tensor, top: list[int], tile: 
     target = torch.empty(n, dtype=torch.float32, device=hidden.device)
     top_lp = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
     top_ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)
-    for start in range(0, n, tile):
-        stop = min(n, start + tile)
-        m = stop - start
-        rows = flat[start:stop]
-        if m < tile:  # static tile shape: pad with zero rows
-            rows = torch.cat([rows, rows.new_zeros(tile - m, h)])
-        logp = torch.log_softmax(vocab.logits(rows)[:m], dim=-1)  # [m, V] float32
+    for start, stop, rows in tiles_of(flat, tile):
+        logp = torch.log_softmax(vocab.logits(rows)[: stop - start], dim=-1)  # [m, V] float32
         target[start:stop] = logp.gather(1, flat_ids[start:stop, None])[:, 0]
         if k:
             best = logp.topk(k, dim=-1)
