@@ -25,3 +25,9 @@ class Logprobs:
     def join(parts: "list[Logprobs]") -> "Logprobs":
         return Logprobs([v for p in parts for v in p.token], [r for p in parts for r in p.top_ids],
                         [r for p in parts for r in p.top])
+
+
+# Scoring (service/engine/scoring.py, docs/api.md "Score"): Monte Carlo samples (decoder passes) per canvas of
+# continuation. Here, without torch, so the fronts validate with the engine's numbers.
+DEFAULT_SCORE_SAMPLES = 8
+MAX_SCORE_SAMPLES = 128

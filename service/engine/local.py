@@ -11,6 +11,7 @@ import torch
 from service.engine.api import Event, Request
 from service.engine.runner import Runner
 from service.engine.scheduler import Limits, Scheduler
+from service.engine.scoring import ScoreRequest, ScoreSequence
 from service.engine.sequence import Sequence
 from service.errors import InvalidArgument
 from service.model.config import read_generation_config, special_ids
@@ -48,15 +49,17 @@ class LocalEngine:
                 self._class_masks = masks.to(self.runner.device)
         return self._class_masks
 
-    def validate(self, request: Request) -> Request:
+    def validate(self, request: Request | ScoreRequest) -> Request | ScoreRequest:
         """The request's own checks, plus what needs this engine: a tokenizer and non-empty classes."""
         request.validate(self.config)
-        if request.constrained:
+        if isinstance(request, Request) and request.constrained:
             check_classes(self.class_masks(), request.constraints)
         return request
 
-    def new_sequence(self, request: Request) -> Sequence:
+    def new_sequence(self, request: Request | ScoreRequest) -> Sequence | ScoreSequence:
         self.validate(request)
+        if isinstance(request, ScoreRequest):
+            return ScoreSequence(request, self.config, self.runner.new_generator(request.seed), self.runner.device)
         masks = self.class_masks() if request.constrained else None
         if masks is not None and request.choices:  # the request's own classes after the checkpoint's: [C + K, V]
             masks = torch.cat([masks, choice_masks(request.choices, self.config.vocab_size, masks.device)])
@@ -64,6 +67,7 @@ class LocalEngine:
         return Sequence(request, self.config, self.eos_ids, self.pad_id, self.runner.new_generator(seed),
                         self.runner.device, masks)
 
-    def generate(self, request: Request) -> Iterator[Event]:
-        """Validate and run one request: drafts (if asked), canvases, then one FinalEvent."""
+    def generate(self, request: Request | ScoreRequest) -> Iterator[Event]:
+        """Validate and run one request: drafts (if asked), canvases, then one FinalEvent (a ScoreRequest: one
+        FinalEvent whose logprobs are the continuation's estimates, finish_reason "score")."""
         return self.scheduler.generate(request)

@@ -18,6 +18,7 @@ from torch import Tensor
 from service.model.config import ModelConfig
 from service.sampler import ops
 from service.sampler.constraints import FREE
+from service.sampler.scoring import ScoreRows, score_rows
 from service.sampler.tiles import CanvasDraw, StepLogprobs, Vocab, sample_step
 
 
@@ -42,6 +43,10 @@ class CanvasStep:
     pin_mask: Tensor | None = None  # bool [L]
     class_masks: Tensor | None = None  # bool [C, V] (C: the checkpoint's classes and the request's own), when
     # draw.class_ids is set
+    # A scoring canvas (service/engine/scoring.py): the true ids [L] whose log-probs the step returns; nothing is
+    # sampled for it. score_top: alternatives per position.
+    score_ids: Tensor | None = None
+    score_top: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ class StepOutput:
     argmax: Tensor  # long [B, L]: argmax of the processed logits, pins applied
     entropy: Tensor  # float32 [B, L]
     soft: Tensor  # [B, L, H]: the next step's self-conditioning input
-    logprobs: list[StepLogprobs | None] | None = None  # per canvas whose draw asked for them (None: none did)
+    # per canvas: StepLogprobs where its draw asked, ScoreRows for a scoring canvas (None: no canvas has either)
+    logprobs: list[StepLogprobs | ScoreRows | None] | None = None
 
 
 class Runner(Protocol):
@@ -95,7 +101,11 @@ def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int,
     """The sampler's half of a step, shared by runners: hidden [B, L, H] -> StepOutput, on hidden's device.
 
     Draws per canvas, in the reference's order: the sampling stream (inside sample_step), then renoise.
+    Scoring canvases draw nothing: their rows are split off (service/sampler/scoring.py) and come back unchanged
+    with their ScoreRows in `logprobs`.
     """
+    if any(c.score_ids is not None for c in canvases):
+        return _with_scores(vocab, hidden, canvases, tile, vocab_size)
     masks, draws = class_table(canvases)
     s = sample_step(vocab, hidden, draws, tile, masks)
     pin_ids, pin_mask = _stack_pins(canvases, hidden.device)
@@ -111,6 +121,27 @@ def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int,
         soft=s.soft,
         logprobs=s.logprobs,
     )
+
+
+def _with_scores(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int, vocab_size: int) -> StepOutput:
+    """A step whose batch holds scoring canvases: the others sampled as usual, the scoring ones scored."""
+    scored = [b for b, c in enumerate(canvases) if c.score_ids is not None]
+    rest = [b for b, c in enumerate(canvases) if c.score_ids is None]
+    rows = score_rows(vocab, hidden[scored], torch.stack([canvases[b].score_ids for b in scored]),
+                      [canvases[b].score_top for b in scored], tile)
+    canvas = torch.stack([c.canvas for c in canvases])  # [B, L]: a scoring canvas comes back as it went
+    argmax, soft = canvas.clone(), torch.zeros_like(hidden)  # [B, L], [B, L, H]
+    entropy = torch.zeros(canvas.shape, dtype=torch.float32, device=hidden.device)
+    logprobs: list = [None] * len(canvases)
+    for b, r in zip(scored, rows):
+        logprobs[b] = r
+    if rest:
+        out = denoise(vocab, hidden[rest], [canvases[b] for b in rest], tile, vocab_size)
+        index = torch.tensor(rest, device=hidden.device)
+        canvas[index], argmax[index], entropy[index], soft[index] = out.canvas, out.argmax, out.entropy, out.soft
+        for b, lp in zip(rest, out.logprobs or [None] * len(rest)):
+            logprobs[b] = lp
+    return StepOutput(canvas=canvas, argmax=argmax, entropy=entropy, soft=soft, logprobs=logprobs)
 
 
 def class_table(canvases: list[CanvasStep]) -> tuple[Tensor | None, list[CanvasDraw]]:

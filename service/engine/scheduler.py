@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from service.engine.api import Event, FinalEvent, Request
+from service.engine.scoring import ScoreRequest, ScoreSequence, cache_tokens
 from service.engine.sequence import Sequence
 from service.errors import Cancelled, DeadlineExceeded, DGemmaError, InvalidArgument, Overloaded, Unavailable
 
@@ -134,7 +135,7 @@ class Stream:
 @dataclass
 class _Live:
     stream: Stream
-    seq: Sequence
+    seq: Sequence | ScoreSequence
 
 
 class Scheduler:
@@ -165,7 +166,7 @@ class Scheduler:
 
     def submit(
         self,
-        request: Request,
+        request: Request | ScoreRequest,
         deadline: float | None = None,
         on_event: Callable[[object], None] | None = None,
         cancel_check: Callable[[], bool] | None = None,
@@ -177,12 +178,13 @@ class Scheduler:
         lim = self.limits
         if len(request.prompt_ids) > lim.max_prompt_tokens:
             raise InvalidArgument("prompt_ids", f"longer than the limit of {lim.max_prompt_tokens} tokens")
-        for name in ("max_new_tokens", "max_denoising_steps"):
+        for name in () if isinstance(request, ScoreRequest) else ("max_new_tokens", "max_denoising_steps"):
             cap = getattr(lim, name)
             if cap is not None and getattr(request.params, name) > cap:
                 raise InvalidArgument(name, f"exceeds this server's limit of {cap}")
         if self._cache_bytes(request) + self.runner.step_bytes(1) > lim.max_memory_bytes:
-            raise InvalidArgument("max_new_tokens", "prompt plus output exceed this server's memory budget")
+            field = "target_ids" if isinstance(request, ScoreRequest) else "max_new_tokens"
+            raise InvalidArgument(field, "prompt plus output exceed this server's memory budget")
         if lim.max_request_seconds is not None:
             cap_at = time.monotonic() + lim.max_request_seconds
             deadline = cap_at if deadline is None else min(deadline, cap_at)
@@ -221,7 +223,7 @@ class Scheduler:
             stream.cancel()
 
     def _cache_bytes(self, request: Request) -> int:
-        return Sequence.max_tokens(request, self.cfg.canvas_length) * self._kv_bytes_per_token
+        return cache_tokens(request, self.cfg.canvas_length) * self._kv_bytes_per_token
 
     @property
     def alive(self) -> bool:
@@ -353,7 +355,7 @@ class Scheduler:
         """One batched encoder pass: new prompts (prefill) and committed canvases (commit)."""
         for item in [item for item in self._live if item.seq.to_encode is not None and item.seq.cache is None]:
             try:
-                item.seq.cache = self.runner.new_cache(Sequence.max_tokens(item.seq.request, self.cfg.canvas_length))
+                item.seq.cache = self.runner.new_cache(cache_tokens(item.seq.request, self.cfg.canvas_length))
             except Exception as e:
                 self._fail(item, e)
         pending = [item for item in self._live if item.seq.to_encode is not None]

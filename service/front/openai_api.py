@@ -30,7 +30,8 @@ from service.front.call_limit import CallLimit
 from service.request.jobs import OPENAI_PATHS, Job
 from service.request.limits import utf8_sizes
 from service.front.observe import Call
-from service.front.openai_logprobs import Offsets, TokenTexts, chat_logprobs, completion_logprobs
+from service.front.openai_logprobs import (Offsets, TokenTexts, chat_logprobs, completion_logprobs, echoed_logprobs,
+                                           joined)
 from service.front.openai_schema import (
     DEFAULT_GAP_TOKENS,
     ChatRequest,
@@ -409,6 +410,12 @@ class OpenAIApi:
         head = {"id": f"cmpl-{call.rid}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model.id}
         logprobs = r.logprob_count()
+        if r.echo:
+            for name, given in (("suffix", r.suffix is not None), ("stream", r.stream),
+                                ("response_format", response_format_ask(r.response_format) is not None)):
+                if given:
+                    raise InvalidArgument("echo", f"not supported with {name}")
+            return await self._echo(r, prompts, fields, head, call, deadline)
         if r.suffix is not None:
             if len(prompts) > 1:
                 raise InvalidArgument("prompt", "with suffix, give one prompt")
@@ -441,12 +448,53 @@ class OpenAIApi:
                    for k, (job, fs) in enumerate(zip(batch, finals)) for i, f in enumerate(fs)]
         return _Produced({**head, "choices": choices, "usage": _usage(_total(batch, finals))})
 
+    async def _echo(self, r: CompletionRequest, prompts: list, fields: list[str], head: dict, call: Call,
+                    deadline: float | None) -> _Produced:
+        """echo: each choice's text starts with its prompt; with logprobs, the prompt's tokens are scored (the
+        first given nothing, each other after the ones before it: docs/api.md, "Score") and the generated ones,
+        if any (max_tokens > 0), have the generation's log-probs as without echo."""
+        logprobs = r.logprob_count()
+        max_new, length_field = r.length()
+        prompt_ids = [await self.dispatcher.offload(jobs.text_ids if isinstance(p, str) else jobs.checked_ids,
+                                                    self.model, p, f) for p, f in zip(prompts, fields)]
+        scored = [k for k, ids in enumerate(prompt_ids) if logprobs is not None and len(ids) > 1]
+        scores = [jobs.score_job(f"{call.rid}-s{k}", prompt_ids[k][:1], prompt_ids[k][1:], r.score_samples, r.seed,
+                                 logprobs, {"input_ids": fields[k], "score_ids": fields[k], "score_samples":
+                                            "score_samples", "seed": "seed", "logprobs": "logprobs"})
+                  for k in scored]
+        batch = [] if max_new == 0 else [
+            self._job(r, call.rid if len(prompts) == 1 else f"{call.rid}-p{k}", ids, fields[k], length_field, max_new,
+                      **self._cut(r), logprobs=logprobs) for k, ids in enumerate(prompt_ids)]
+        score_finals, finals = await asyncio.gather(self._finals(scores, call, deadline),
+                                                    self._finals(batch, call, deadline))
+        prompt_lp = dict(zip(scored, (f[0].logprobs for f in score_finals)))
+        n = r.n if batch else 1
+        tok = self.model.tokenizer
+        choices = []
+        for k, (p, ids) in enumerate(zip(prompts, prompt_ids)):
+            text = p if isinstance(p, str) else tok.decode(ids) if tok is not None else ""
+            for i in range(n):
+                f = finals[k][i] if batch else None
+                lp = None
+                if logprobs is not None:
+                    offsets = Offsets(self.token_texts)
+                    lp = echoed_logprobs(ids, prompt_lp.get(k), self.token_texts, offsets)
+                    lp = joined(lp, f and self._logprobs(f, chat=False, offsets=offsets))
+                choices.append({"index": k * n + i, "text": text + (f.text if f else ""), "logprobs": lp,
+                                "finish_reason": FINISH.get(f.finish_reason) if f else "length",
+                                "stop_reason": f.stop_reason if f else None,
+                                "token_ids": ids + (f.ids if f else []), "seed": (r.seed or 0) + i})
+        usage = _total(batch, finals) if batch else Usage(sum(len(ids) for ids in prompt_ids), 0)
+        return _Produced({**head, "choices": choices, "usage": _usage(usage)})
+
     def _at_once(self, batch: list[Job]) -> int:
         """Prompts run at once: as many as the concurrent-generation limit holds; the rest wait their turn."""
         return self.dispatcher.max_inflight // batch[0].options.num_variations
 
     async def _finals(self, batch: list[Job], call: Call, deadline: float | None) -> list[list[BackendEvent]]:
         """Each job's variations' final events, the jobs run at once."""
+        if not batch:
+            return []
         kw = self._run_kw(call, deadline)
         finals: list[list] = [[None] * j.options.num_variations for j in batch]
         async for k, (i, ev) in _merge([self.dispatcher.run(j, **kw) for j in batch], self._at_once(batch)):

@@ -16,7 +16,7 @@ from service.text.tokenizer import Tokenizer
 FLOOR = -9999.0  # an id of probability 0 (a token class or top_k excludes it), as vLLM writes -inf: JSON has no inf
 
 
-def _value(v: float) -> float:
+def finite(v: float) -> float:
     return v if math.isfinite(v) else FLOOR
 
 
@@ -67,8 +67,8 @@ def completion_logprobs(ids: list[int], lp: Logprobs, texts: TokenTexts, offsets
     kept = _kept(ids, lp, texts.pad_id)
     return {
         "tokens": [texts.text(ids[k]) for k in kept],
-        "token_logprobs": [_value(lp.token[k]) for k in kept],
-        "top_logprobs": [{texts.text(t): _value(v) for t, v in zip(lp.top_ids[k], lp.top[k])} for k in kept],
+        "token_logprobs": [finite(lp.token[k]) for k in kept],
+        "top_logprobs": [{texts.text(t): finite(v) for t, v in zip(lp.top_ids[k], lp.top[k])} for k in kept],
         "text_offset": [offsets.next(ids[k]) for k in kept],
     }
 
@@ -77,9 +77,24 @@ def chat_logprobs(ids: list[int], lp: Logprobs, texts: TokenTexts) -> dict:
     """openai.types.chat.chat_completion.ChoiceLogprobs: content, one entry per token with its alternatives."""
 
     def entry(token_id: int, value: float) -> dict:
-        return {"token": texts.text(token_id), "logprob": _value(value), "bytes": list(texts.bytes(token_id))}
+        return {"token": texts.text(token_id), "logprob": finite(value), "bytes": list(texts.bytes(token_id))}
 
     return {"content": [{**entry(ids[k], lp.token[k]),
                          "top_logprobs": [entry(t, v) for t, v in zip(lp.top_ids[k], lp.top[k])]}
                         for k in _kept(ids, lp, texts.pad_id)],
             "refusal": None}
+
+
+def echoed_logprobs(ids: list[int], lp: Logprobs | None, texts: TokenTexts, offsets: Offsets) -> dict:
+    """A prompt's entries in a completion's logprobs (echo): ids [n], lp the scored log-probs of ids[1:] (None when
+    n is 1). The first token has no log-prob (null), as OpenAI writes it."""
+    values = [None] + [finite(v) for v in lp.token] if lp is not None else [None]
+    tops = [None] + [{texts.text(t): finite(v) for t, v in zip(a, b)} for a, b in zip(lp.top_ids, lp.top)] \
+        if lp is not None else [None]
+    return {"tokens": [texts.text(t) for t in ids], "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": [offsets.next(t) for t in ids]}
+
+
+def joined(first: dict, then: dict | None) -> dict:
+    """Two completion logprobs objects, one after the other."""
+    return first if then is None else {k: first[k] + then[k] for k in first}

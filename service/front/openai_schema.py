@@ -19,7 +19,6 @@ from service.errors import InvalidArgument
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "top_p": ((None, 1), "no nucleus sampling: its sort over the vocabulary costs a step about 3.5x the sampler "
                          "(docs/benchmarks.md); use top_k"),
-    "echo": ((None, False), "not supported"),
     "best_of": ((None, 1), "not supported; use n"),
     "presence_penalty": ((None, 0), "not supported by the diffusion sampler"),
     "frequency_penalty": ((None, 0), "not supported by the diffusion sampler"),
@@ -105,6 +104,8 @@ class CompletionRequest(_Generation):
     prompt: Any  # one prompt or a list of them (checked by prompts_of: a union would blur the errors)
     suffix: str | None = None
     logprobs: bool | int | None = None  # alternatives per token, 0 to 5 (false and null: off)
+    echo: bool = False  # the prompt before the completion, and with logprobs the prompt's scored log-probs
+    score_samples: int | None = None  # extension: the estimator's samples per canvas for echo's log-probs
 
     def logprob_count(self) -> int | None:
         """Alternatives per token with each token's log-prob, or None (off)."""

@@ -16,6 +16,7 @@ import grpc
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2 as pb
 from service.api.diffusiongemma.v1 import diffusiongemma_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
+from service.front.openai_logprobs import TokenTexts, finite
 from service.request import jobs, layout
 from service.front.interceptors import current_request_metrics, current_trace_context
 from service.request.jobs import Job
@@ -51,6 +52,7 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self.model = dispatcher.model
+        self.token_texts = TokenTexts(self.model.tokenizer, self.model.pad_id)
 
     def _admit(self, r) -> None:
         """Before any tokenizing: the model asked for, and the request's text and ids within the limits."""
@@ -183,6 +185,52 @@ class DiffusionGemmaServicer(pb_grpc.DiffusionGemmaServicer):
                                      stats=_stats(f.stats))
                    for i, (f, (text, values, named)) in enumerate(zip(finals, filled))]
         return pb.TemplateResponse(request_id=job.request_id, model=self.model.id, choices=choices, usage=usage)
+
+    # ---- Score ---------------------------------------------------------------------------------
+
+    def _score_job(self, r: pb.ScoreRequest) -> Job:
+        self._admit(r)
+        kind, cont = r.WhichOneof("context"), r.WhichOneof("continuation")
+        if kind is None:
+            raise InvalidArgument("context_text", "give context_text or context_ids")
+        if cont is None:
+            raise InvalidArgument("continuation_text", "give continuation_text or continuation_ids")
+        limits = self.dispatcher.limits
+        if kind == "context_ids":
+            limits.check_ids("context_ids.ids", len(r.context_ids.ids))
+            context = jobs.checked_ids(self.model, list(r.context_ids.ids), "context_ids.ids")
+        else:
+            context = jobs.text_ids(self.model, r.context_text, "context_text")
+        if cont == "continuation_ids":
+            limits.check_ids("continuation_ids.ids", len(r.continuation_ids.ids))
+            continuation = jobs.checked_ids(self.model, list(r.continuation_ids.ids), "continuation_ids.ids")
+        else:
+            continuation = jobs.tokenizer_of(self.model, cont).encode(r.continuation_text, add_bos=False)
+            if not continuation:
+                raise InvalidArgument("continuation_text", "is empty")
+        fields = {"input_ids": kind if kind == "context_text" else "context_ids.ids",
+                  "score_ids": cont if cont == "continuation_text" else "continuation_ids.ids",
+                  "score_samples": "score_samples", "seed": "seed", "logprobs": "top_logprobs"}
+        return jobs.score_job(jobs.request_id_of(r.request_id), context, continuation,
+                              r.score_samples if r.HasField("score_samples") else None,
+                              r.seed if r.HasField("seed") else None, r.top_logprobs, fields)
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        job = await self.dispatcher.offload(self._score_job, request)
+        final = (await self._finals(job, context))[0]
+        texts = self.token_texts
+
+        def entry(token_id: int, value: float) -> pb.TokenLogprob:
+            return pb.TokenLogprob(token_id=token_id, token=texts.text(token_id), logprob=finite(value))
+
+        lp = final.logprobs
+        tokens = [pb.ScoredToken(token_id=t, token=texts.text(t), logprob=finite(v),
+                                 top_logprobs=[entry(i, x) for i, x in zip(ids, top)])
+                  for t, v, ids, top in zip(job.score_ids, lp.token, lp.top_ids, lp.top)]
+        usage = Usage(len(job.prompt_ids), len(job.score_ids))
+        return pb.ScoreResponse(request_id=job.request_id, model=self.model.id, tokens=tokens,
+                                total_logprob=sum(lp.token), score_samples=int(final.stats.get("steps_per_canvas", [0])[0]),
+                                seed=job.options.seed, stats=_stats(final.stats), usage=_usage(usage))
 
     # ---- Tokenize, ListModels ------------------------------------------------------------------
 

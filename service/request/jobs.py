@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from service.errors import InvalidArgument
+from service.logprobs import MAX_SCORE_SAMPLES
 from service.request.catalog import ServedModel
 from service.request.stopping import StopSpec, stop_spec
 from service.request.triton_client import Tensor
@@ -18,6 +19,7 @@ from service.sampler.params import DIFFUSION_PARAMS, INT_PARAMS
 from service.text.token_classes import choice_ids_of
 
 MAX_VARIATIONS = 16
+MAX_SCORE_ALTERNATIVES = 20  # the engine's MAX_LOGPROBS
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 ROLES = {"system": "system", "user": "user", "model": "model", "assistant": "model", "tool": "tool"}
 SAMPLERS = {0: None, 1: "reference", 2: "fast"}  # proto enum Sampler -> the backend's name
@@ -62,6 +64,9 @@ class Job:
     stopping: StopSpec | None = None
     ignore_eos: bool = False  # the engine generates up to max_new_tokens whatever EOS it writes
     logprobs: int | None = None  # alternatives per token (0 to 20) with each token's log-prob; None: off
+    # a scoring job (docs/api.md, "Score"): the continuation scored after prompt_ids, and its samples per canvas
+    score_ids: list[int] | None = None
+    score_samples: int | None = None
     # the backend's input names -> this request's field paths, for errors the backend finds
     field_names: dict[str, str] = field(default_factory=dict)
 
@@ -75,6 +80,10 @@ class Job:
             "seed": Tensor("UINT64", [self.seed(variation)]),
             "request_id": Tensor("BYTES", [f"{self.request_id}/{variation}"]),
         }
+        if self.score_ids is not None:
+            t["score_ids"] = Tensor("INT32", self.score_ids)
+            if self.score_samples is not None:
+                t["score_samples"] = Tensor("INT32", [self.score_samples])
         if self.max_new_tokens is not None:
             t["max_new_tokens"] = Tensor("INT32", [self.max_new_tokens])
         for name, v in self.options.params.items():
@@ -94,6 +103,21 @@ class Job:
         if self.choices:
             t["choice_ids"] = Tensor("INT32", choice_ids_of(self.choices))
         return t
+
+
+def score_job(request_id: str, context: list[int], continuation: list[int], samples: int | None, seed: int | None,
+              top: int, fields: dict[str, str]) -> Job:
+    """A scoring job, its numbers checked under the request's field names (`fields`: the backend's input names ->
+    the request's: input_ids, score_ids, score_samples, seed, logprobs)."""
+    if samples is not None and not 1 <= samples <= MAX_SCORE_SAMPLES:
+        raise InvalidArgument(fields["score_samples"], f"must be in [1, {MAX_SCORE_SAMPLES}], got {samples}")
+    if not 0 <= top <= MAX_SCORE_ALTERNATIVES:
+        raise InvalidArgument(fields["logprobs"], f"must be in [0, {MAX_SCORE_ALTERNATIVES}], got {top}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise InvalidArgument(fields["seed"], "must be in [0, 2^63)")
+    names = {**fields, "prompt_ids": fields["input_ids"], "text_input": fields["input_ids"]}
+    return Job(request_id=request_id, prompt_ids=context, options=Options(seed=seed or 0), logprobs=top,
+               score_ids=continuation, score_samples=samples, field_names=names)
 
 
 def request_id_of(given: str) -> str:

@@ -116,12 +116,8 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
     sampled = torch.empty(n, dtype=torch.long, device=dev)
     soft = torch.empty(n, h, dtype=hidden.dtype, device=dev)
     lps = [_new_logprobs(d, length, dev) for d in draws]
-    for start in range(0, n, tile):
-        stop = min(n, start + tile)
+    for start, stop, rows in tiles_of(flat, tile):
         m = stop - start
-        rows = flat[start:stop]
-        if m < tile:  # static tile shape: pad with zero rows
-            rows = torch.cat([rows, rows.new_zeros(tile - m, h)])
         logits = vocab.logits(rows)[:m]  # [m, V] float32
         processed = logits.div_(temps[start:stop])
         if class_ids is not None:
@@ -145,6 +141,18 @@ def sample_step(vocab: Vocab, hidden: Tensor, draws: list[CanvasDraw], tile: int
         del probs
     return StepSample(entropy.view(b, length), argmax.view(b, length), sampled.view(b, length),
                       soft.view(b, length, h), lps if any(lp is not None for lp in lps) else None)
+
+
+def tiles_of(flat: Tensor, tile: int):
+    """(start, stop, rows [tile, H]) over flat [N, H], `tile` rows at a time; the last padded with zero rows (static
+    tile shape)."""
+    n = flat.shape[0]
+    for start in range(0, n, tile):
+        stop = min(n, start + tile)
+        rows = flat[start:stop]
+        if stop - start < tile:
+            rows = torch.cat([rows, rows.new_zeros(tile - (stop - start), flat.shape[1])])
+        yield start, stop, rows
 
 
 def _new_logprobs(draw: CanvasDraw, length: int, device: torch.device) -> StepLogprobs | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Logprobs, Request
+from service.engine.scoring import DEFAULT_SAMPLES, ScoreRequest
 from service.errors import InvalidArgument, wire_code
 from service.model.config import ModelConfig
 from service.text.tokenizer import Tokenizer
@@ -26,7 +27,10 @@ TRITON_STATUS = {"OVERLOADED": "UNAVAILABLE", "DEADLINE_EXCEEDED": "UNAVAILABLE"
 # `timeout_ms`: milliseconds left of the caller's deadline (0 or absent: none); not a field of Request.
 INPUT_NAMES = ("text_input", "input_ids", "pin_ids", "pin_mask", "constraint_ids", "choice_ids", "seed",
                "return_drafts", "ignore_eos", "request_id", "sampler", "apply_chat_template", "timeout_ms", "logprobs",
-               *INT_PARAMS, *FLOAT_PARAMS)
+               "score_ids", "score_samples", *INT_PARAMS, *FLOAT_PARAMS)
+# A scoring request (`score_ids` set) takes these inputs only; its `logprobs` is the alternatives per position.
+SCORE_INPUTS = ("text_input", "input_ids", "apply_chat_template", "seed", "request_id", "timeout_ms", "logprobs",
+                "score_ids", "score_samples")
 # Outputs only a request with `logprobs` gets, on its canvas and final responses (one row per output id).
 LOGPROB_OUTPUTS = ("logprobs", "top_logprob_ids", "top_logprobs")
 
@@ -72,25 +76,18 @@ def request_from_inputs(
     cfg: ModelConfig,
     tokenizer: Tokenizer | None,
     defaults: GenerationParams | None = None,
-) -> Request:
-    """Build and validate an engine Request; unset parameters take `defaults`; errors name the input."""
+) -> Request | ScoreRequest:
+    """Build and validate an engine Request (a ScoreRequest when `score_ids` is set); unset parameters take
+    `defaults`; errors name the input."""
     defaults = defaults or GenerationParams()
     unknown = [k for k, v in inputs.items() if v is not None and k not in INPUT_NAMES]
     if unknown:
         raise InvalidArgument(unknown[0], "is not an input of this model")
-    text = _scalar(inputs, "text_input")
-    ids = _ids(inputs, "input_ids")
-    if (text is None) == (ids is None):
-        raise InvalidArgument("text_input", "give exactly one of text_input or input_ids")
-    if text is not None:
-        if not text:
-            raise InvalidArgument("text_input", "the prompt is empty")
-        if tokenizer is None:
-            raise InvalidArgument("text_input", "this model has no tokenizer; send input_ids")
-        chat = bool(_scalar(inputs, "apply_chat_template") or False)
-        ids = tokenizer.chat_prompt([("user", text)]) if chat else tokenizer.encode(text)
-    elif not ids:
-        raise InvalidArgument("input_ids", "the prompt is empty")
+    ids = _prompt(inputs, tokenizer)
+    if inputs.get("score_ids") is not None:
+        return _score_request(inputs, ids, cfg)
+    if inputs.get("score_samples") is not None:
+        raise InvalidArgument("score_samples", "given without score_ids")
     given: dict = {}  # the parameters this request sets
     for name in INT_PARAMS:
         v = _scalar(inputs, name)
@@ -134,6 +131,39 @@ def request_from_inputs(
         raise input_error(e, inputs) from None
 
 
+def _prompt(inputs: Mapping[str, np.ndarray | None], tokenizer: Tokenizer | None) -> list[int]:
+    """The prompt's ids, from text_input (tokenized, chat template on request) or input_ids."""
+    text = _scalar(inputs, "text_input")
+    ids = _ids(inputs, "input_ids")
+    if (text is None) == (ids is None):
+        raise InvalidArgument("text_input", "give exactly one of text_input or input_ids")
+    if text is not None:
+        if not text:
+            raise InvalidArgument("text_input", "the prompt is empty")
+        if tokenizer is None:
+            raise InvalidArgument("text_input", "this model has no tokenizer; send input_ids")
+        chat = bool(_scalar(inputs, "apply_chat_template") or False)
+        return tokenizer.chat_prompt([("user", text)]) if chat else tokenizer.encode(text)
+    if not ids:
+        raise InvalidArgument("input_ids", "the prompt is empty")
+    return ids
+
+
+def _score_request(inputs: Mapping[str, np.ndarray | None], ids: list[int], cfg: ModelConfig) -> ScoreRequest:
+    """A scoring request: the prompt is the context, score_ids the continuation (docs/api.md, "Score")."""
+    extra = [k for k, v in inputs.items() if v is not None and k not in SCORE_INPUTS]
+    if extra:
+        raise InvalidArgument(extra[0], "is not an input of a scoring request (score_ids is set)")
+    seed, samples, top = (_scalar(inputs, n) for n in ("seed", "score_samples", "logprobs"))
+    req = ScoreRequest(ids, _ids(inputs, "score_ids") or [], DEFAULT_SAMPLES if samples is None else int(samples),
+                       int(seed) if seed is not None else 0, int(top) if top is not None else 0,
+                       str(_scalar(inputs, "request_id") or ""))
+    try:
+        return req.validate(cfg)
+    except InvalidArgument as e:
+        raise input_error(e, inputs) from None
+
+
 def input_error(e: InvalidArgument, inputs: Mapping[str, np.ndarray | None]) -> InvalidArgument:
     """An engine error under this interface's input names (the engine's prompt_ids is input_ids or text_input)."""
     if e.field == "prompt_ids":
@@ -142,7 +172,8 @@ def input_error(e: InvalidArgument, inputs: Mapping[str, np.ndarray | None]) -> 
         return e.renamed("constraint_ids")
     if e.field == "choices":
         return e.renamed("choice_ids")
-    return e
+    names = {"target_ids": "score_ids", "samples": "score_samples", "top_logprobs": "logprobs"}
+    return e.renamed(names[e.field]) if e.field in names else e
 
 
 def outputs_for_event(event: Event, detokenize: Callable[[list[int]], str] | None) -> dict[str, np.ndarray]:

@@ -18,5 +18,5 @@ def test_stubs_import_and_describe_the_service():
     service = pb.DESCRIPTOR.services_by_name["DiffusionGemma"]
     assert service.full_name == "diffusiongemma.v1.DiffusionGemma"
     assert {m.name for m in service.methods} == {
-        "Generate", "GenerateStream", "Infill", "Edit", "Template", "Tokenize", "ListModels"}
+        "Generate", "GenerateStream", "Infill", "Edit", "Template", "Tokenize", "ListModels", "Score"}
     assert Path(pb.__file__).parent == ROOT / PACKAGE_DIR

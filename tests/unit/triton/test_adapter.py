@@ -258,3 +258,21 @@ def test_logprobs_input_and_outputs(cfg):
                               None)
     assert final["top_logprobs"].shape == (2, 0) and final["logprobs"].shape == (2,)
     assert not set(LOGPROB_OUTPUTS) & set(outputs_for_event(CanvasEvent(0, [5], 1), None))  # not asked: not sent
+
+
+def test_score_inputs_make_a_score_request(cfg):
+    from service.engine.scoring import DEFAULT_SAMPLES, ScoreRequest
+
+    ids = lambda *v: np.array(v, dtype=np.int32)  # noqa: E731
+    req = request_from_inputs({"input_ids": ids(2, 3), "score_ids": ids(4, 5), "logprobs": ids(2),
+                               "seed": np.array([9], dtype=np.uint64)}, cfg, None)
+    assert isinstance(req, ScoreRequest) and req.prompt_ids == [2, 3] and req.target_ids == [4, 5]
+    assert req.samples == DEFAULT_SAMPLES and req.seed == 9 and req.top_logprobs == 2
+    for inputs, field in [({"score_samples": ids(0)}, "score_samples"), ({"logprobs": ids(21)}, "logprobs"),
+                          ({"max_new_tokens": ids(8)}, "max_new_tokens")]:
+        with pytest.raises(InvalidArgument) as e:
+            request_from_inputs({"input_ids": ids(2), "score_ids": ids(4), **inputs}, cfg, None)
+        assert e.value.field == field
+    with pytest.raises(InvalidArgument) as e:
+        request_from_inputs({"input_ids": ids(2), "score_samples": ids(4)}, cfg, None)
+    assert e.value.field == "score_samples"

@@ -70,6 +70,11 @@ class DiffusionGemmaStub:
                 request_serializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/diffusiongemma.v1.DiffusionGemma/Score',
+                request_serializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class DiffusionGemmaServicer:
@@ -128,6 +133,15 @@ class DiffusionGemmaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Scores a continuation after a context: each continuation token's log-probability, estimated by Monte
+        Carlo over the denoising objective (docs/api.md, "Score": what it estimates, its bias and variance).
+        The same seed gives the same scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiffusionGemmaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_DiffusionGemmaServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ListModelsRequest.FromString,
                     response_serializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ScoreRequest.FromString,
+                    response_serializer=service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +376,33 @@ class DiffusionGemma:
             '/diffusiongemma.v1.DiffusionGemma/ListModels',
             service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ListModelsRequest.SerializeToString,
             service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffusiongemma.v1.DiffusionGemma/Score',
+            service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ScoreRequest.SerializeToString,
+            service_dot_api_dot_diffusiongemma_dot_v1_dot_diffusiongemma__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
