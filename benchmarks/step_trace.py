@@ -28,7 +28,6 @@ import json
 import random
 import sys
 import tempfile
-import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -59,17 +58,27 @@ _STOP_FLAGS_SITE = "engine/scheduler.py:_decode_live"
 
 def _site() -> str:
     """The innermost frame in service/: 'engine/runner.py:denoise'."""
-    for frame in reversed(traceback.extract_stack()):
-        if frame.filename.startswith(_SERVICE):
-            return f"{frame.filename[len(_SERVICE) + 1:]}:{frame.name}"
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_SERVICE):
+            return f"{name[len(_SERVICE) + 1:]}:{frame.f_code.co_name}"
+        frame = frame.f_back
     return "outside service/"
+
+
+class HostRead(BaseException):
+    """A data-dependent host read inside a step (StepTrace(strict=True)). A BaseException: the scheduler turns
+    an Exception in a step into failed requests, and this must fail the caller."""
 
 
 class StepTrace(TorchDispatchMode):
     """Counts ops, parameter bytes read and host reads; fakes the host reads' values so a meta step runs."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: list[torch.Tensor], strict: bool = False) -> None:
+        """strict: a host read other than the stop-flag transfer raises HostRead (the tests' mode)."""
         super().__init__()
+        self.strict = strict
         self.storages = {p.untyped_storage()._cdata for p in params}
         self.ops = 0
         self.weight_bytes = 0
@@ -88,7 +97,7 @@ class StepTrace(TorchDispatchMode):
     def _counting_tensor(self, data, *args, **kwargs):
         device = kwargs.get("device")
         if device is not None and torch.device(device).type != "cpu" and not isinstance(data, torch.Tensor):
-            self.syncs[f"torch.tensor(host values) at {_site()}"] += 1
+            self._note(f"torch.tensor(host values) at {_site()}")
         return self._tensor(data, *args, **kwargs)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -131,7 +140,12 @@ class StepTrace(TorchDispatchMode):
         return None
 
     def _record(self, func) -> None:
-        self.syncs[f"{func.__name__} at {_site()}"] += 1
+        self._note(f"{func.__name__} at {_site()}")
+
+    def _note(self, what: str) -> None:
+        if self.strict and not what.endswith(_STOP_FLAGS_SITE):
+            raise HostRead(f"host read inside a step: {what}")
+        self.syncs[what] += 1
 
     def host_syncs(self) -> int:
         """Host reads other than the stop-flag transfer."""
@@ -150,15 +164,17 @@ def meta_model(cfg: ModelConfig) -> DiffusionGemma:
     return model.eval()
 
 
-def steady_scheduler(cfg: ModelConfig, model: DiffusionGemma, canvases: int, prompt: int) -> Scheduler:
-    """A scheduler with `canvases` one-canvas requests past their prefill and first two decoder steps."""
+def steady_scheduler(cfg: ModelConfig, model: DiffusionGemma, canvases: int, prompt: int,
+                     requests: list[Request] | None = None) -> Scheduler:
+    """A scheduler with `canvases` one-canvas requests (or `requests`) past their prefill and first two
+    decoder steps."""
     runner = TorchRunner.from_model(cfg, model, cuda_graphs=False)
     limits = Limits(max_live_canvases=canvases, max_queue=canvases, max_memory_bytes=1 << 60)
     engine = LocalEngine(tempfile.mkdtemp(prefix="dgemma-trace-"), runner, limits)
     params = GenerationParams(max_new_tokens=cfg.canvas_length, max_denoising_steps=16)
     sched = engine.scheduler
     for i in range(canvases):
-        sched.submit(Request([2] + [5] * (prompt - 1), params, seed=i))
+        sched.submit(requests[i] if requests else Request([2] + [5] * (prompt - 1), params, seed=i))
     with StepTrace(list(model.parameters())):  # meta host reads would raise outside the trace
         for _ in range(2):
             sched.step()
