@@ -38,7 +38,7 @@ class CanvasStep:
     soft: Tensor | None  # [L, H]: the previous step's self-conditioning input, None on a first step
     cache: Cache
     draw: CanvasDraw  # temperature, generator, sampler, token classes
-    entropy_bound: float
+    entropy_bound: Tensor | float  # float32 [1] on the device (a float costs a fill kernel per step)
     pin_ids: Tensor | None = None  # long [L]
     pin_mask: Tensor | None = None  # bool [L]
     class_masks: Tensor | None = None  # bool [C, V] (C: the checkpoint's classes and the request's own), when
@@ -109,11 +109,13 @@ def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int,
     masks, draws = class_table(canvases)
     s = sample_step(vocab, hidden, draws, tile, masks)
     pin_ids, pin_mask = _stack_pins(canvases, hidden.device)
-    bounds = torch.tensor([[c.entropy_bound] for c in canvases], dtype=s.entropy.dtype, device=hidden.device)
+    bounds = torch.stack([_bound(c.entropy_bound, s.entropy.dtype, hidden.device) for c in canvases])  # [B, 1]
     accepted = ops.accept_mask(s.entropy, bounds, pin_mask)  # [B, L]
     kept = torch.where(accepted, s.sampled, torch.stack([c.canvas for c in canvases]))
-    renoised = torch.stack([ops.renoise(kept[b], accepted[b], vocab_size, c.draw.generator)
-                            for b, c in enumerate(canvases)])
+    # one uniform canvas per generator (ops.renoise's draws, in order), then one select for the batch
+    noise = torch.stack([ops.init_canvas(kept.shape[1], vocab_size, c.draw.generator, hidden.device)
+                         for c in canvases])  # [B, L]
+    renoised = torch.where(accepted, kept, noise)
     return StepOutput(
         canvas=ops.apply_pins(renoised, pin_ids, pin_mask),
         argmax=ops.apply_pins(s.argmax, pin_ids, pin_mask),
@@ -142,6 +144,13 @@ def _with_scores(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile:
         for b, lp in zip(rest, out.logprobs or [None] * len(rest)):
             logprobs[b] = lp
     return StepOutput(canvas=canvas, argmax=argmax, entropy=entropy, soft=soft, logprobs=logprobs)
+
+
+def _bound(bound: Tensor | float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A canvas's entropy bound as [1] on the device; a float through a fill kernel, never a host copy."""
+    if isinstance(bound, Tensor):
+        return bound.to(dtype)
+    return torch.full((1,), bound, dtype=dtype, device=device)
 
 
 def class_table(canvases: list[CanvasStep]) -> tuple[Tensor | None, list[CanvasDraw]]:

@@ -43,6 +43,10 @@ class Sequence:
         self.eos = torch.tensor([] if request.ignore_eos else list(eos_ids), dtype=torch.long, device=device)
         self.pad_id = pad_id
         self.generator = generator
+        # Per-request scalars on the device, made once here: a step reads views of them (no host copy in a step).
+        self.temperatures = ops.temperature_schedule(self.params.max_denoising_steps, *self.params.schedule(),
+                                                     device)  # [N]
+        self.entropy_bound = torch.full((1,), self.params.entropy_bound, dtype=torch.float32, device=device)  # [1]
         self.max_canvases = math.ceil(self.params.max_new_tokens / self.length)  # the reference's count
         pins = request.pins.full(self.length) if request.pins is not None else None
         self.pins = (pins[0].to(device), pins[1].to(device)) if pins is not None else (None, None)
@@ -113,11 +117,11 @@ class Sequence:
     def step_input(self) -> CanvasStep:
         """What the runner needs of this canvas for the next decoder step."""
         p = self.params
-        temperature = ops.temperature(self.step, p.max_denoising_steps, *p.schedule(), self.device)
+        temperature = self.temperatures[p.max_denoising_steps - self.step]  # T(n), a view
         logprobs = -1 if self.request.logprobs is None else self.request.logprobs
         draw = CanvasDraw(temperature, self.generator, p.sampler == "reference", self.class_ids, p.greedy, p.top_k,
                           logprobs)
-        return CanvasStep(self.canvas, self.soft, self.cache, draw, p.entropy_bound, self.pin_ids, self.pin_mask,
+        return CanvasStep(self.canvas, self.soft, self.cache, draw, self.entropy_bound, self.pin_ids, self.pin_mask,
                           self.class_masks if self.class_ids is not None else None)
 
     def stop_flags(self, argmax: Tensor, entropy: Tensor) -> Tensor:

@@ -1,6 +1,8 @@
 """The KV cache of one sequence: encoder mode writes it, decoder mode reads it. Owned by the caller.
 
-Slot i holds the keys and values of absolute position i, so `length` is all a mask needs.
+Slot i holds the keys and values of absolute position i, so `length` is all a mask needs. Decoder mode writes
+its canvas's keys and values to the slots past `length` (`view_with`), which the commit's encoder pass
+overwrites: the visible prefix and the canvas are then one view, with no concatenation per layer per step.
 """
 
 from __future__ import annotations
@@ -43,3 +45,13 @@ class KVCache:
     def view(self, layer: int, start: int, end: int) -> tuple[Tensor, Tensor]:
         """K and V of positions [start, end) as [1, Hkv, T, D]."""
         return self.k[layer][None, :, start:end], self.v[layer][None, :, start:end]
+
+    def view_with(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V of positions [start, length) followed by k, v [Hkv, L, D], as views [1, Hkv, T + L, D].
+
+        k and v go to slots [length, length + L), past the cache's length (`length` does not move)."""
+        end = self.length + k.shape[1]
+        self.reserve(end)
+        self.k[layer][:, self.length : end] = k
+        self.v[layer][:, self.length : end] = v
+        return self.view(layer, start, end)

@@ -100,12 +100,24 @@ class Attention(nn.Module):
         """
         groups = q.shape[1] // k.shape[1]
         gqa = groups > 1 and mask is None and k.shape[-1] <= 256
+        if groups > 1 and not gqa and mask is None and not causal:
+            return _attend_folded(q, k, v, groups)
         if groups > 1 and not gqa:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=gqa)
         b, _, t, _ = out.shape
         return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def _attend_folded(q: Tensor, k: Tensor, v: Tensor, groups: int) -> Tensor:
+    """Unmasked grouped-query attention without repeating K/V: a KV head's `groups` query heads become one head
+    of groups * Tq rows (every row sees every key, so the rows do not interact). For head dims past 256, where
+    SDPA's enable_gqa falls back to its math kernel on CUDA (UNVERIFIED on a GPU). q [B, Hq, Tq, D] -> [B, Tq, Hq*D]."""
+    b, hq, t, d = q.shape
+    folded = q.reshape(b, k.shape[1], groups * t, d)  # [B, Hkv, G*Tq, D]
+    out = F.scaled_dot_product_attention(folded, k, v, scale=1.0)  # [B, Hkv, G*Tq, D]
+    return out.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
 
 
 class DenseMLP(nn.Module):

@@ -108,7 +108,8 @@ class DiffusionGemma(nn.Module):
 
     @torch.no_grad()
     def decode(self, canvas: Tensor, soft: Tensor | None, caches: list[KVCache]) -> Tensor:
-        """Decoder mode: bidirectional pass over canvas [B, L] and each row's cached prefix (read only).
+        """Decoder mode: bidirectional pass over canvas [B, L] and each row's cached prefix (the prefix is read
+        only; the canvas's keys and values go to the slots past it, KVCache.view_with).
 
         soft [B, L, H] is the previous step's soft embedding (zeros, or None for all rows, on a first step).
         Returns the final-normed hidden states [B, L, H].
@@ -122,10 +123,8 @@ class DiffusionGemma(nn.Module):
             cos, sin = self._rope(i, positions)
             q, k, v = layer.self_attn.qkv(layer.input_layernorm(x), cos, sin)
             rows = []
-            for r, c in enumerate(caches):
-                ck, cv = c.view(i, self._first_visible(layer.spec.sliding, c.length), c.length)
-                keys = torch.cat([ck, k[r : r + 1]], dim=2)
-                values = torch.cat([cv, v[r : r + 1]], dim=2)
+            for r, c in enumerate(caches):  # [1, Hkv, T + L, D]: the visible prefix, then this canvas
+                keys, values = c.view_with(i, self._first_visible(layer.spec.sliding, c.length), k[r], v[r])
                 rows.append(layer.self_attn.attend(q[r : r + 1], keys, values, None))  # all in view attend
             x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(torch.cat(rows)))
             x = layer.feed_forward(x, self.batch_invariant) * layer.decoder_layer_scalar

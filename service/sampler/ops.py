@@ -17,10 +17,21 @@ def init_canvas(length: int, vocab_size: int, generator: torch.Generator, device
     return torch.randint(0, vocab_size, (1, length), generator=generator, device=device)[0]
 
 
-def temperature(step: int, max_steps: int, t_min: float, t_max: float, device: torch.device | str = "cpu") -> Tensor:
-    """T(n) = t_min + (t_max - t_min) * n / N, with n counting down N..1; float32 as the reference computes it."""
-    n = torch.tensor(step, dtype=torch.int32, device=device)
+def temperature(step: int | Tensor, max_steps: int, t_min: float, t_max: float,
+                device: torch.device | str = "cpu") -> Tensor:
+    """T(n) = t_min + (t_max - t_min) * n / N, with n counting down N..1; float32 as the reference computes it.
+
+    step: n, or int32 n of any shape already on the device (elementwise: the same bits per n, and no
+    host-to-device copy)."""
+    n = step if isinstance(step, Tensor) else torch.tensor(step, dtype=torch.int32, device=device)
     return t_min + ((t_max - t_min) * (n / max_steps))
+
+
+def temperature_schedule(max_steps: int, t_min: float, t_max: float, device: torch.device | str = "cpu") -> Tensor:
+    """Every step's temperature at once, float32 [N]: entry i is T(N - i), the (i + 1)-th step's. Made on the
+    device, once per request, so a step only takes a view of it."""
+    n = torch.arange(max_steps, 0, -1, dtype=torch.int32, device=device)  # [N]: N..1
+    return temperature(n, max_steps, t_min, t_max)
 
 
 def token_entropy(logits: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
-"""The routed experts over a batch of sequences: shared GEMMs, each row with its own sequence's bits."""
+"""The routed experts over a batch of sequences (shared GEMMs, each row with its own sequence's bits); decoder attention
+without repeated or concatenated K/V."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from service.model.layers import grouped_linear
 from service.model.loading import load_model
@@ -111,3 +113,36 @@ def test_decoder_pass_batched_against_solo_by_mode(small_ckpt, invariant, monkey
     assert per_layer == 2 if not invariant else per_layer >= 2
     solo = torch.cat([model.decode(canvas[b:b + 1], None, [caches[b]]) for b in range(3)])
     torch.testing.assert_close(batched, solo, rtol=1e-4, atol=1e-4)
+
+
+def test_unmasked_attention_past_head_dim_256_folds_query_groups_instead_of_repeating_kv():
+    from service.model.layers import _attend_folded
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 16, 8, 512, generator=g)  # [B, Hq, Tq, D]: a global layer's shape, 2 KV heads
+    k, v = torch.randn(2, 2, 2, 21, 512, generator=g)  # [B, Hkv, Tk, D] each
+    repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(8, 1), v.repeat_interleave(8, 1), scale=1.0)
+    out = _attend_folded(q, k, v, 8)
+    assert out.shape == (2, 8, 16 * 512)
+    torch.testing.assert_close(out, repeated.transpose(1, 2).reshape(2, 8, -1))  # bit-equal on this CPU
+
+
+def test_view_with_puts_the_canvas_after_the_visible_prefix_and_leaves_the_length():
+    from service.model.cache import KVCache
+    from service.model.config import LayerSpec, ModelConfig
+
+    spec = LayerSpec(sliding=True, head_dim=4, num_kv_heads=2, rope_theta=1e4, rope_type="default",
+                     partial_rotary_factor=1.0, rope_factor=1.0)
+    cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_experts=2,
+                      top_k_experts=1, moe_intermediate_size=4, sliding_window=8, rms_norm_eps=1e-6,
+                      final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", canvas_length=3,
+                      layers=(spec,))
+    cache = KVCache(cfg, 4, torch.float32, torch.device("cpu"))
+    cache.k[0][:, :4] = torch.randn(2, 4, 4)
+    cache.v[0][:, :4] = torch.randn(2, 4, 4)
+    cache.length = 4
+    k, v = torch.randn(2, 2, 3, 4)
+    keys, values = cache.view_with(0, 1, k, v)  # grows past the capacity of 4
+    assert cache.length == 4 and keys.shape == values.shape == (1, 2, 6, 4)
+    assert torch.equal(keys[0], torch.cat([cache.k[0][:, 1:4], k], dim=1))
+    assert torch.equal(values[0], torch.cat([cache.v[0][:, 1:4], v], dim=1))
