@@ -73,6 +73,7 @@ _REQUESTS: dict[str, type[Message]] = {
     "Template": pb.TemplateRequest,
     "Tokenize": pb.TokenizeRequest,
     "ListModels": pb.ListModelsRequest,
+    "Score": pb.ScoreRequest,
 }
 _SAMPLERS = {"reference": pb.SAMPLER_REFERENCE, "fast": pb.SAMPLER_FAST}
 _HOLE_TYPES = {"text": pb.HOLE_TYPE_TEXT, "string": pb.HOLE_TYPE_STRING, "number": pb.HOLE_TYPE_NUMBER}
@@ -112,6 +113,13 @@ def _part(p: str | tuple[str, str, int] | pb.Hole | pb.TemplatePart) -> pb.Templ
     return pb.TemplatePart(hole=pb.Hole(name=name, type=_enum(_HOLE_TYPES, "parts", kind), length_tokens=length))
 
 
+def _score_kwargs(context: str | Sequence[int], continuation: str | Sequence[int], **kw: Any) -> dict[str, Any]:
+    """Score's keywords: each of context and continuation as text (`*_text`) or token ids (`*_ids`)."""
+    for name, value in (("context", context), ("continuation", continuation)):
+        kw[f"{name}_text" if isinstance(value, str) else f"{name}_ids"] = value
+    return kw
+
+
 def _set_options(options: pb.GenerationOptions, kw: dict[str, Any]) -> None:
     """Moves the option keywords out of `kw` into `options` (left unset when none is given)."""
     for name in DIFFUSION_PARAMS:
@@ -127,7 +135,7 @@ def _set_options(options: pb.GenerationOptions, kw: dict[str, Any]) -> None:
 
 def build_request(rpc: str, **kw: Any) -> Message:
     """The request message of `rpc` ("Generate", "GenerateStream", "Infill", "Edit", "Template", "Tokenize",
-    "ListModels") from the SDK's keywords. None means unset. Conversions: chat=[(role, content)],
+    "ListModels", "Score") from the SDK's keywords. None means unset. Conversions: chat=[(role, content)],
     token_ids=[...], spans=[(start, end[, length_tokens])], parts=[literal | (name, type, length)],
     sampler="reference"|"fast"; option keywords (GenerationKwargs) go into `options`."""
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -140,6 +148,9 @@ def build_request(rpc: str, **kw: Any) -> Message:
         msg.chat.CopyFrom(_chat(kw.pop("chat")))
     if "token_ids" in kw:
         msg.token_ids.ids.extend(kw.pop("token_ids"))
+    for name in ("context_ids", "continuation_ids"):  # Score's TokenIds
+        if name in kw:
+            getattr(msg, name).ids.extend(kw.pop(name))
     if "spans" in kw:
         msg.editable.extend(_span(s) for s in kw.pop("spans"))
     if "parts" in kw:
@@ -250,6 +261,14 @@ class Client(_Base):
     def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         return self._call(self._stub.ListModels, build_request("ListModels"), timeout)
 
+    def score(self, context: str | Sequence[int], continuation: str | Sequence[int], *,
+              score_samples: int | None = None, seed: int | None = None, top_logprobs: int | None = None,
+              timeout: float | None = None) -> pb.ScoreResponse:
+        """The continuation's estimated log-probabilities after the context (text, or token ids); docs/api.md."""
+        request = build_request("Score", **_score_kwargs(context, continuation, score_samples=score_samples, seed=seed,
+                                                         top_logprobs=top_logprobs))
+        return self._call(self._stub.Score, request, timeout)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 Check: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""
         reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
@@ -338,6 +357,13 @@ class AsyncClient(_Base):
 
     async def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         return await self._call(self._stub.ListModels, build_request("ListModels"), timeout)
+
+    async def score(self, context: str | Sequence[int], continuation: str | Sequence[int], *,
+                    score_samples: int | None = None, seed: int | None = None, top_logprobs: int | None = None,
+                    timeout: float | None = None) -> pb.ScoreResponse:
+        request = build_request("Score", **_score_kwargs(context, continuation, score_samples=score_samples, seed=seed,
+                                                         top_logprobs=top_logprobs))
+        return await self._call(self._stub.Score, request, timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         reply = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)

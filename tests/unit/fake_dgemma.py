@@ -85,6 +85,12 @@ class FakeServicer(pb_grpc.DiffusionGemmaServicer):
         ids = [2] + [ord(c) for c in request.text]
         return pb.TokenizeResponse(token_ids=ids, tokens=["<bos>", *request.text])
 
+    def Score(self, request, context):
+        self._record("Score", request, context)
+        ids = list(request.continuation_ids.ids) or [ord(c) for c in request.continuation_text]
+        return pb.ScoreResponse(tokens=[pb.ScoredToken(token_id=i, logprob=-1.0) for i in ids],
+                                total_logprob=-float(len(ids)), score_samples=request.score_samples or 8)
+
     def ListModels(self, request, context):
         self._record("ListModels", request, context)
         return pb.ListModelsResponse(models=[pb.ModelInfo(id="tiny", canvas_length=16, vocab_size=512,

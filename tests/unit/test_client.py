@@ -61,6 +61,9 @@ def test_other_requests():
     assert build_request("Template", skeleton="{{n:number:2}}").skeleton == "{{n:number:2}}"
     assert build_request("Tokenize", chat=[("user", "x")]).chat.messages[0].content == "x"
     assert build_request("ListModels") == pb.ListModelsRequest()
+    score = build_request("Score", context_text="def f(", continuation_ids=[5, 6], score_samples=4, seed=2)
+    assert score == pb.ScoreRequest(context_text="def f(", continuation_ids=pb.TokenIds(ids=[5, 6]), score_samples=4,
+                                    seed=2)
 
 
 def test_bad_keywords():
@@ -108,8 +111,11 @@ def test_every_unary_method(server):
         assert list(c.tokenize("ab").token_ids) == [2, 97, 98]
         assert c.list_models().models[0].id == "tiny"
         assert c.health() == "SERVING" and c.health("down") == "NOT_SERVING"
+        scored = c.score([2, 3], "ab", score_samples=4, seed=1)
+        assert [t.token_id for t in scored.tokens] == [97, 98] and scored.score_samples == 4
     names = [name for name, _, _ in servicer.calls]
-    assert names == ["Infill", "Edit", "Template", "Tokenize", "ListModels"]
+    assert names == ["Infill", "Edit", "Template", "Tokenize", "ListModels", "Score"]
+    assert list(servicer.calls[5][1].context_ids.ids) == [2, 3] and servicer.calls[5][1].continuation_text == "ab"
     assert servicer.calls[0][1].gap_tokens == 3 and servicer.calls[0][1].options.seed == 2
     assert servicer.calls[1][1].editable[0].length_tokens == 2 and servicer.calls[1][1].instruction == "caps"
     assert servicer.calls[2][1].skeleton == '{"age": {{age:number:2}}}'
