@@ -426,15 +426,13 @@ class OpenAIApi:
         if ask is not None:
             if len(prompts) > 1:
                 raise InvalidArgument("prompt", "with response_format, give one prompt")
-            ids = await self.dispatcher.offload(jobs.text_ids if isinstance(prompts[0], str) else jobs.checked_ids,
-                                                self.model, prompts[0], "prompt")
+            ids = await self._prompt_ids(prompts[0], "prompt")
             return await self._structured(r, ask, ids, "prompt", head, call, deadline, chat=False)
         max_new, length_field = r.length()
         cut = {**self._cut(r), "logprobs": logprobs}
         batch = []
         for k, (p, field) in enumerate(zip(prompts, fields)):
-            ids = await self.dispatcher.offload(jobs.text_ids if isinstance(p, str) else jobs.checked_ids,
-                                                self.model, p, field)
+            ids = await self._prompt_ids(p, field)
             rid = call.rid if len(prompts) == 1 else f"{call.rid}-p{k}"
             batch.append(self._job(r, rid, ids, field, length_field, max_new, return_drafts=r.stream and r.return_drafts,
                                    **cut))
@@ -455,8 +453,7 @@ class OpenAIApi:
         if any (max_tokens > 0), have the generation's log-probs as without echo."""
         logprobs = r.logprob_count()
         max_new, length_field = r.length()
-        prompt_ids = [await self.dispatcher.offload(jobs.text_ids if isinstance(p, str) else jobs.checked_ids,
-                                                    self.model, p, f) for p, f in zip(prompts, fields)]
+        prompt_ids = [await self._prompt_ids(p, f) for p, f in zip(prompts, fields)]
         scored = [k for k, ids in enumerate(prompt_ids) if logprobs is not None and len(ids) > 1]
         scores = [jobs.score_job(f"{call.rid}-s{k}", prompt_ids[k][:1], prompt_ids[k][1:], r.score_samples, r.seed,
                                  logprobs, {"input_ids": fields[k], "score_ids": fields[k], "score_samples":
@@ -486,6 +483,11 @@ class OpenAIApi:
                                 "token_ids": ids + (f.ids if f else []), "seed": (r.seed or 0) + i})
         usage = _total(batch, finals) if batch else Usage(sum(len(ids) for ids in prompt_ids), 0)
         return _Produced({**head, "choices": choices, "usage": _usage(usage)})
+
+    async def _prompt_ids(self, prompt: str | list[int], field: str) -> list[int]:
+        """One completions prompt's ids: text tokenized (BOS first), or ids checked against the vocabulary."""
+        return await self.dispatcher.offload(jobs.text_ids if isinstance(prompt, str) else jobs.checked_ids,
+                                             self.model, prompt, field)
 
     def _at_once(self, batch: list[Job]) -> int:
         """Prompts run at once: as many as the concurrent-generation limit holds; the rest wait their turn."""
@@ -578,12 +580,12 @@ class OpenAIApi:
         if r.logprobs not in (None, False):
             raise InvalidArgument("logprobs", "not supported with a structured document (its tokens are pinned and "
                                               "holes, not one run)")
-        r.checked_stream_options()
+        opts = r.checked_stream_options()
         s = await self.dispatcher.offload(self._structured_layout, r, ask, ids)
-        n = r.n or 1
+        options = jobs.options_of({}, None, r.seed, r.n, OPENAI_PATHS)  # n and seed checked for both branches
+        seeds = [options.seed + i for i in range(options.num_variations)]  # job.seed(i)
         if isinstance(s, str):
-            documents, usage = [s] * n, Usage(len(ids), 0)
-            seeds = [jobs.options_of({}, None, r.seed, r.n, OPENAI_PATHS).seed + i for i in range(n)]
+            documents, usage = [s] * len(seeds), Usage(len(ids), 0)
         else:
             lay = s.layout
             job = self._job(r, call.rid, ids, prompt_field, r.length()[1], lay.max_new_tokens, pin_ids=lay.pin_ids,
@@ -591,7 +593,6 @@ class OpenAIApi:
             finals, _, usage = await self.dispatcher.fill(job, lay, **self._run_kw(call, deadline))
             tok = jobs.tokenizer_of(self.model, prompt_field)
             documents = [structured.render(s, f.ids, tok, self.model.pad_id) for f in finals]
-            seeds = [job.seed(i) for i in range(n)]
         choices = []
         for i, (doc, seed) in enumerate(zip(documents, seeds)):
             if chat:
@@ -603,7 +604,7 @@ class OpenAIApi:
         body = {**head, "choices": choices, "usage": _usage(usage)}
         if not r.stream:
             return _Produced(body)
-        return _Produced(chunks=_chunks_of(body, r.checked_stream_options(), chat))
+        return _Produced(chunks=_chunks_of(body, opts, chat))
 
     async def _stream(self, batch: list[Job], r, head: dict, call: Call, deadline: float | None, chat: bool
                       ) -> AsyncIterator[dict]:
