@@ -14,7 +14,8 @@
 - `stop_flag_transfers`: the step's allowed stop-flag read (1 per step with live canvases).
 - `ops_per_step`: aten ops dispatched in the step (views included).
 - `captures`: CUDA-graph captures over a 200-step synthetic trace with staggered joins, leaves and commits, through
-  `DecoderGraphs` with an injected capture (the stand-in the tests use), and `graph_buckets` for comparison.
+  `DecoderGraphs` with an injected capture (the stand-in the tests use), `graph_buckets` (batch buckets) for
+  comparison, and `graph_keys_seen`: the (batch bucket, key-length bucket) pairs the trace visited.
 
 The step traced is the third of a batch of one-canvas requests that joined together (prefill and two decoder
 steps before it), so it has a self-conditioning input and does not commit. The model is bf16; FP8 and NVFP4
@@ -28,6 +29,7 @@ import json
 import random
 import sys
 import tempfile
+from types import SimpleNamespace
 from collections import Counter
 from pathlib import Path
 
@@ -39,11 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_real_shape import real_config, toy_config  # noqa: E402
 from service.engine.api import Request  # noqa: E402
-from service.engine.cuda_graphs import BUCKETS, DecoderGraphs  # noqa: E402
+from service.engine.cuda_graphs import BUCKETS, DecoderGraphs, bucket_for, kv_bucket_for  # noqa: E402
 from service.engine.local import LocalEngine  # noqa: E402
 from service.engine.scheduler import Limits, Scheduler  # noqa: E402
 from service.engine.torch_runner import TorchRunner  # noqa: E402
 from service.model.config import ModelConfig  # noqa: E402
+from service.model.kv_pool import BLOCK  # noqa: E402
 from service.model.network import DiffusionGemma  # noqa: E402
 from service.sampler.params import GenerationParams  # noqa: E402
 
@@ -168,7 +171,8 @@ def steady_scheduler(cfg: ModelConfig, model: DiffusionGemma, canvases: int, pro
                      requests: list[Request] | None = None) -> Scheduler:
     """A scheduler with `canvases` one-canvas requests (or `requests`) past their prefill and first two
     decoder steps."""
-    runner = TorchRunner.from_model(cfg, model, cuda_graphs=False)
+    # the op set a CUDA step replays from its graph: the batched, padded attention over the KV pool
+    runner = TorchRunner.from_model(cfg, model, cuda_graphs=False, batched_attention=True)
     limits = Limits(max_live_canvases=canvases, max_queue=canvases, max_memory_bytes=1 << 60)
     engine = LocalEngine(tempfile.mkdtemp(prefix="dgemma-trace-"), runner, limits)
     params = GenerationParams(max_new_tokens=cfg.canvas_length, max_denoising_steps=16)
@@ -192,9 +196,21 @@ def trace_step(cfg: ModelConfig, model: DiffusionGemma, canvases: int, prompt: i
 
 
 class _FakeCache:
-    def __init__(self, length: int) -> None:
+    """What DecoderGraphs reads of a PagedCache: its host length, its length on the device and its block table."""
+
+    def __init__(self, length: int, capacity: int) -> None:
+        self.table = torch.arange(1, 1 + -(-capacity // BLOCK))
+        self.length_t = torch.zeros(1, dtype=torch.long)
         self.length = length
-        self.k = [torch.zeros(1)]
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        self._length = n
+        self.length_t.fill_(n)
 
 
 def graph_captures(steps: int = 200, seed: int = 0, max_live: int = 16) -> dict:
@@ -209,17 +225,23 @@ def graph_captures(steps: int = 200, seed: int = 0, max_live: int = 16) -> dict:
         captured.append(1)
         return (lambda: out.copy_(fn())), out
 
-    graphs = DecoderGraphs(lambda canvas, soft, caches: torch.zeros(canvas.shape[0], length, hidden), length, hidden,
-                           torch.float32, torch.device("cpu"), capture=capture)
+    pool = SimpleNamespace(k=[], v=[])
+    graphs = DecoderGraphs(lambda canvas, soft, pool, table, lengths, kv_len: torch.zeros(canvas.shape[0], length,
+                                                                                          hidden),
+                           pool, length, hidden, torch.float32, torch.device("cpu"), capture=capture)
     live: list[dict] = []
+    keys = set()
     for step in range(steps):
         if len(live) < max_live and (step % 3 == 0 or rng.random() < 0.1):
-            live.append({"cache": _FakeCache(rng.randint(16, 512)), "canvases": rng.randint(1, 3),
+            canvases, prompt = rng.randint(1, 3), rng.randint(16, 512)
+            live.append({"cache": _FakeCache(prompt, prompt + canvases * length), "canvases": canvases,
                          "left": rng.randint(8, 24)})
         live = [r for r in live if rng.random() > 0.005]  # a cancellation now and then
         if not live:
             continue
-        graphs.decode(torch.zeros(len(live), length, dtype=torch.long), None, [r["cache"] for r in live])
+        caches = [r["cache"] for r in live]
+        graphs.decode(torch.zeros(len(live), length, dtype=torch.long), None, caches)
+        keys.add((bucket_for(len(live)), kv_bucket_for(max(c.length for c in caches) + length)))
         for r in live:
             r["left"] -= 1
             if r["left"] == 0:  # commit: the canvas joins the cache; the request leaves after its last
@@ -227,7 +249,8 @@ def graph_captures(steps: int = 200, seed: int = 0, max_live: int = 16) -> dict:
                 r["cache"].length += length
                 r["left"] = rng.randint(8, 24)
         live = [r for r in live if r["canvases"] > 0]
-    return {"captures": graphs.captures, "replays": graphs.replays, "trace_steps": steps}
+    return {"captures": graphs.captures, "replays": graphs.replays, "trace_steps": steps,
+            "graph_keys_seen": len(keys)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,8 @@ import torch
 from service.engine.api import Event, FinalEvent, Request
 from service.engine.scoring import ScoreRequest, ScoreSequence, cache_tokens
 from service.engine.sequence import Sequence
+from service.model.kv_pool import BLOCK
+from service.sampler.params import MAX_NEW_TOKENS
 from service.errors import Cancelled, DeadlineExceeded, DGemmaError, InvalidArgument, Overloaded, Unavailable
 
 if TYPE_CHECKING:
@@ -151,6 +153,12 @@ class Scheduler:
         if limits.max_memory_bytes is None:
             limits = dataclasses.replace(limits, max_memory_bytes=self.runner.default_memory_budget())
         self.limits = limits
+        # The KV pool: the budget less the largest step's transients, allocated once (service/model/kv_pool.py)
+        kv_budget = max(0, limits.max_memory_bytes - self.runner.step_bytes(limits.max_live_canvases))
+        if self.runner.pool is None:
+            most = (limits.max_prompt_tokens + (limits.max_new_tokens or MAX_NEW_TOKENS) + self.cfg.canvas_length)
+            self.runner.reserve_kv(kv_budget, max_blocks=limits.max_live_canvases * (-(-most // BLOCK)) * 11 // 10 + 1)
+        self._kv_budget = min(kv_budget, self.runner.pool.nbytes() - self.runner.pool.block_bytes())
         self._waiting: deque[Stream] = deque()
         self._live: list[_Live] = []
         self._lock = threading.Condition()
@@ -182,7 +190,7 @@ class Scheduler:
             cap = getattr(lim, name)
             if cap is not None and getattr(request.params, name) > cap:
                 raise InvalidArgument(name, f"exceeds this server's limit of {cap}")
-        if self._cache_bytes(request) + self.runner.step_bytes(1) > lim.max_memory_bytes:
+        if self._cache_bytes(request) > self._kv_budget:
             field = "target_ids" if isinstance(request, ScoreRequest) else "max_new_tokens"
             raise InvalidArgument(field, "prompt plus output exceed this server's memory budget")
         if lim.max_request_seconds is not None:
@@ -223,7 +231,8 @@ class Scheduler:
             stream.cancel()
 
     def _cache_bytes(self, request: Request) -> int:
-        return cache_tokens(request, self.cfg.canvas_length) * self._kv_bytes_per_token
+        """The KV bytes a request reserves: its most tokens, in whole pool blocks."""
+        return -(-cache_tokens(request, self.cfg.canvas_length) // BLOCK) * BLOCK * self._kv_bytes_per_token
 
     @property
     def alive(self) -> bool:
@@ -301,6 +310,14 @@ class Scheduler:
         item.stream.put(self._as_error(e, "a request failed; failing it alone"))
         item.seq.done = True
         self._live = [x for x in self._live if x is not item]
+        self._release(item)
+
+    @staticmethod
+    def _release(item: _Live) -> None:
+        """Give a leaving request's KV blocks back to the pool (at once, not at garbage collection)."""
+        cache = item.seq.cache
+        if cache is not None and hasattr(cache, "release"):
+            cache.release()
 
     def _drop_finished(self, now: float) -> None:
         """Free cancelled and expired requests first, then tell their streams."""
@@ -312,6 +329,7 @@ class Scheduler:
                 keep.append(item)
             else:
                 dropped.append((item.stream, err))
+                self._release(item)
         self._live = keep
         with self._lock:
             waiting = deque()
@@ -339,8 +357,7 @@ class Scheduler:
             while self._waiting and len(self._live) < self.limits.max_live_canvases:
                 nxt = self._waiting[0]
                 need = self._cache_bytes(nxt.request)
-                step = self.runner.step_bytes(len(self._live) + 1)  # the step's transients with it in the batch
-                if self._live and used + need + step > self.limits.max_memory_bytes:
+                if self._live and used + need > self._kv_budget:
                     break
                 self._waiting.popleft()
                 try:
@@ -355,7 +372,10 @@ class Scheduler:
         """One batched encoder pass: new prompts (prefill) and committed canvases (commit)."""
         for item in [item for item in self._live if item.seq.to_encode is not None and item.seq.cache is None]:
             try:
-                item.seq.cache = self.runner.new_cache(cache_tokens(item.seq.request, self.cfg.canvas_length))
+                request = item.seq.request
+                item.seq.cache = self.runner.new_cache(cache_tokens(request, self.cfg.canvas_length),
+                                                       prompt=list(request.prompt_ids))
+                item.seq.to_encode = item.seq.to_encode[item.seq.cache.reused:]  # the prefix cache's share is done
             except Exception as e:
                 self._fail(item, e)
         pending = [item for item in self._live if item.seq.to_encode is not None]
@@ -401,11 +421,16 @@ class Scheduler:
                 continue
             for ev in events:
                 item.stream.put(ev)
+        for item in self._live:
+            if item.seq.done:
+                self._release(item)
         self._live = [item for item in self._live if not item.seq.done]
 
     def _fail_all(self, error: DGemmaError, waiting: bool = False) -> None:
         """End every live request (and the waiting ones too with `waiting`) with `error`."""
         streams = [item.stream for item in self._live]
+        for item in self._live:
+            self._release(item)
         self._live = []
         if waiting:
             with self._lock:

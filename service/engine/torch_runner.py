@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from service.engine.cuda_graphs import DecoderGraphs
+from service.engine.cuda_graphs import DecoderGraphs, paged_decode
 from service.engine.runner import CanvasStep, StepOutput, denoise
 from service.errors import InvalidArgument, Unavailable
-from service.model.cache import KVCache
+from service.model.cache import PagedCache
 from service.model.config import ModelConfig
+from service.model.kv_pool import BLOCK, KVPool
 from service.model.loading import load_model
 from service.model.network import DiffusionGemma
 from service.sampler.tiles import Vocab, tile_bytes_per_row, tile_rows_for
@@ -35,6 +36,9 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+DEFAULT_CHUNK = 256  # tokens per prefix-cache chunk (NIM_PREFIX_CHUNK_TOKENS)
+
+
 class TorchRunner:
     name = "torch"
 
@@ -47,6 +51,9 @@ class TorchRunner:
         tile_rows: int | None = None,
         cuda_graphs: bool = True,
         batch_invariant: bool = False,
+        prefix_cache_bytes: int | None = None,
+        prefix_chunk: int = DEFAULT_CHUNK,
+        batched_attention: bool | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -54,32 +61,82 @@ class TorchRunner:
             raise InvalidArgument("tile_rows", f"must be a positive integer, got {tile_rows!r}")
         config, model = load_model(checkpoint_dir, dtype=dtype, device=check_device(device))
         model.batch_invariant = batch_invariant  # opt-in: ids equal a solo run's; default one expert GEMM per batch
-        self._setup(config, model, tile_rows, cuda_graphs)
+        self._setup(config, model, tile_rows, cuda_graphs, prefix_cache_bytes, prefix_chunk, batched_attention)
 
     @classmethod
     def from_model(cls, config: ModelConfig, model: DiffusionGemma, tile_rows: int | None = None,
-                   cuda_graphs: bool = True) -> "TorchRunner":
+                   cuda_graphs: bool = True, prefix_cache_bytes: int | None = None,
+                   prefix_chunk: int = DEFAULT_CHUNK, batched_attention: bool | None = None) -> "TorchRunner":
         """A runner over a network already in memory (benchmarks at the real shape with random weights)."""
         runner = cls.__new__(cls)
-        runner._setup(config, model.eval(), tile_rows, cuda_graphs)
+        runner._setup(config, model.eval(), tile_rows, cuda_graphs, prefix_cache_bytes, prefix_chunk,
+                      batched_attention)
         return runner
 
-    def _setup(self, config: ModelConfig, model: DiffusionGemma, tile_rows: int | None, cuda_graphs: bool) -> None:
+    def _setup(self, config: ModelConfig, model: DiffusionGemma, tile_rows: int | None, cuda_graphs: bool,
+               prefix_cache_bytes: int | None, prefix_chunk: int, batched_attention: bool | None) -> None:
+        for name, v, lo in (("prefix_cache_bytes", prefix_cache_bytes, 0), ("prefix_chunk", prefix_chunk, BLOCK)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise InvalidArgument(name, f"must be an integer >= {lo}, got {v!r}")
+        if prefix_chunk % BLOCK:
+            raise InvalidArgument("prefix_chunk", f"must be a multiple of {BLOCK} tokens, got {prefix_chunk}")
         self.config, self.model = config, model
         self.device, self.dtype = model.device, model.dtype
         self.tile_rows = tile_rows or tile_rows_for(config.canvas_length, config.vocab_size, self.device)
         self._vocab = Vocab(model.logits, model.soft_embedding)
-        use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs = DecoderGraphs(model.decode, config.canvas_length, config.hidden_size, self.dtype,
-                                    self.device) if use_graphs else None
+        self._use_graphs = cuda_graphs and self.device.type == "cuda"
+        # The batched, padded attention of decode_paged (what graphs replay); default on CUDA. Off: row by row over
+        # exactly the visible keys, each row's bits its solo pass's (the CPU default; the reference parity tests).
+        self._batched = self.device.type == "cuda" if batched_attention is None else batched_attention
+        self._prefix_bytes, self._chunk = prefix_cache_bytes, prefix_chunk
+        self.pool: KVPool | None = None
+        self.graphs: DecoderGraphs | None = None
 
     def describe(self) -> str:
-        graphs = ", CUDA graphs" if self.graphs is not None else ""
+        graphs = ", CUDA graphs" if self._use_graphs else ", batched attention" if self._batched else ""
         invariant = ", batch-invariant" if self.model.batch_invariant else ""
         return f"torch {str(self.dtype).removeprefix('torch.')} on {self.device.type}{graphs}{invariant}"
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return self.model.new_cache(capacity)
+    def reserve_kv(self, kv_bytes: int, max_blocks: int | None = None) -> KVPool:
+        """Allocate the KV pool once: kv_bytes (at most max_blocks blocks), of which the prefix cache may keep
+        NIM_PREFIX_CACHE_BYTES idle (default a tenth). Caches made before this get a pool of the default budget."""
+        if self.pool is not None:
+            raise RuntimeError("the KV pool is already allocated")
+        block_bytes = BLOCK * self.kv_bytes_per_token()
+        blocks = max(2, kv_bytes // block_bytes)
+        if max_blocks is not None:
+            blocks = min(blocks, max_blocks)
+        prefix = blocks * block_bytes // 10 if self._prefix_bytes is None else self._prefix_bytes
+        self.pool = KVPool(self.config, blocks, self.dtype, self.device, prefix, self._chunk)
+        if self._use_graphs:
+            self.graphs = DecoderGraphs(self.model.decode_paged, self.pool, self.config.canvas_length,
+                                        self.config.hidden_size, self.dtype, self.device)
+        return self.pool
+
+    def new_cache(self, capacity: int, prompt: list[int] | None = None) -> PagedCache:
+        """A cache reserving `capacity` positions in the pool; with `prompt`, its longest cached chunk prefix is
+        shared (`reused` positions, already encoded) and its full chunks are offered to the prefix cache once
+        encoded."""
+        if self.pool is None:
+            self.reserve_kv(self.default_memory_budget())
+        pool = self.pool
+        hashes, shared = pool.match(prompt) if prompt else ([], [])
+        reused = len(shared) * BLOCK
+        try:
+            own = pool.allocate(max(0, -(-max(1, capacity) // BLOCK) - len(shared)))
+        except Exception:
+            pool.unuse(hashes)
+            pool.release(shared)
+            raise
+        return PagedCache(pool, shared + own, reused, hashes, prompt)
+
+    def prefix_stats(self) -> dict:
+        """The prefix cache's counters (empty before the pool exists)."""
+        if self.pool is None:
+            return {}
+        s = self.pool.stats
+        return {"lookups": s.lookups, "hits": s.hits, "tokens_queried": s.tokens_queried,
+                "tokens_reused": s.tokens_reused, "evictions": s.evictions, "bytes": self.pool.cached_bytes()}
 
     def new_generator(self, seed: int) -> torch.Generator:
         # meta tensors have no generator of their own; their draws take a CPU one (and make no data)
@@ -87,12 +144,20 @@ class TorchRunner:
         return gen.manual_seed(seed)
 
     @torch.no_grad()
-    def prefill(self, rows: list[Tensor], caches: list[KVCache]) -> None:
-        counts = [r.numel() for r in rows]
-        ids = torch.zeros(len(rows), max(counts), dtype=torch.long, device=self.device)  # [B, T]
-        for i, r in enumerate(rows):
-            ids[i, : r.numel()] = r
-        self.model.encode(ids, counts, caches)
+    def prefill(self, rows: list[Tensor], caches: list[PagedCache]) -> None:
+        """Encoder passes, row after row. A prompt is encoded chunk by chunk at multiples of the prefix chunk, cached
+        or not, so a chunk reused from the prefix cache holds the bits this request would have computed."""
+        for r, cache in zip(rows, caches):
+            prompt_end = len(cache.prompt) if getattr(cache, "prompt", None) is not None else 0
+            start, done = cache.length, 0
+            while done < r.numel():
+                end = start + r.numel() - done
+                if start < prompt_end:
+                    end = min(end, (start // self._chunk + 1) * self._chunk)
+                self.model.encode(r[None, done : done + end - start], [end - start], [cache])
+                done, start = done + end - start, end
+            if hasattr(cache, "publish"):
+                cache.publish()
 
     @torch.no_grad()
     def step(self, canvases: list[CanvasStep]) -> StepOutput:
@@ -102,8 +167,11 @@ class TorchRunner:
             zero = torch.zeros(self.config.canvas_length, self.config.hidden_size, dtype=self.dtype, device=self.device)
             soft = torch.stack([c.soft if c.soft is not None else zero for c in canvases])  # [B, L, H]
         caches = [c.cache for c in canvases]
-        if self.graphs is not None:
+        paged = all(isinstance(c, PagedCache) and c.pool is self.pool for c in caches)
+        if self.graphs is not None and paged:
             hidden = self.graphs.decode(canvas, soft, caches)
+        elif self._batched and paged:
+            hidden = paged_decode(self.model.decode_paged, self.pool, canvas, soft, caches)
         else:
             hidden = self.model.decode(canvas, soft, caches)  # [B, L, H]
         return denoise(self._vocab, hidden, canvases, self.tile_rows, self.config.vocab_size)

@@ -1,16 +1,23 @@
-"""The KV cache of one sequence: encoder mode writes it, decoder mode reads it. Owned by the caller.
+"""KV caches: encoder mode writes them, decoder mode reads them. Owned by the caller.
 
-Slot i holds the keys and values of absolute position i, so `length` is all a mask needs. Decoder mode writes
-its canvas's keys and values to the slots past `length` (`view_with`), which the commit's encoder pass
-overwrites: the visible prefix and the canvas are then one view, with no concatenation per layer per step.
+Both layouts give position i of a sequence one slot, so `length` is all a mask needs, and share one interface:
+`reserve(end)`, `write(layer, start, k, v)`, `read(layer, lo, end)`. Decoder mode writes its canvas's keys and
+values to the positions past `length`, which the commit's encoder pass overwrites.
+
+- KVCache: one sequence's own tensors, grown as needed (tools, tests, the build's verification).
+- PagedCache: a sequence's block table into the runner's preallocated KVPool (service/model/kv_pool.py): the
+  layout served requests use, which batched passes and CUDA graphs read by table, and the prefix cache shares.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
 
 from service.model.config import ModelConfig
+from service.model.kv_pool import BLOCK, KVPool
 
 
 class KVCache:
@@ -42,16 +49,90 @@ class KVCache:
                 grown[:, : t.shape[1]] = t
                 lst[i] = grown
 
-    def view(self, layer: int, start: int, end: int) -> tuple[Tensor, Tensor]:
-        """K and V of positions [start, end) as [1, Hkv, T, D]."""
-        return self.k[layer][None, :, start:end], self.v[layer][None, :, start:end]
+    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> None:
+        """k, v [Hkv, T, D] into positions [start, start + T)."""
+        self.reserve(start + k.shape[1])
+        self.k[layer][:, start : start + k.shape[1]] = k
+        self.v[layer][:, start : start + v.shape[1]] = v
 
-    def view_with(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """K and V of positions [start, length) followed by k, v [Hkv, L, D], as views [1, Hkv, T + L, D].
+    def read(self, layer: int, lo: int, end: int) -> tuple[Tensor, Tensor]:
+        """K and V of positions [lo, end) as [1, Hkv, T, D] (views)."""
+        return self.k[layer][None, :, lo:end], self.v[layer][None, :, lo:end]
 
-        k and v go to slots [length, length + L), past the cache's length (`length` does not move)."""
-        end = self.length + k.shape[1]
+
+class PagedCache:
+    """One sequence's blocks in a KVPool: the first `reused` positions may be cached prompt chunks shared with other
+    sequences (read only); the rest are its own. Every block is reserved at creation, so a running sequence never
+    waits for memory. `release()` (or garbage collection) gives the blocks back."""
+
+    def __init__(self, pool: KVPool, blocks: list[int], reused: int, chunks: list[bytes],
+                 prompt: list[int] | None) -> None:
+        self.pool = pool
+        self.blocks = blocks
+        self.table = torch.tensor(blocks, dtype=torch.long, device=pool.device)  # [n] device copy, made once
+        self.length_t = torch.zeros(1, dtype=torch.long, device=pool.device)  # [1] `length` on the device
+        self._length = 0
+        self.length = reused
+        self.reused = reused  # prompt tokens served from the prefix cache
+        self.prompt = prompt  # published to the prefix cache once encoded (None: nothing to publish)
+        self._held = {"blocks": list(blocks), "chunks": list(chunks)}
+        self._finalizer = weakref.finalize(self, _give_back, pool, self._held)
+        self._slots: dict[tuple[int, int], Tensor] = {}  # (lo, end) -> slots [T], for the current length
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        if n != self._length:
+            self._length = n
+            self.length_t.fill_(n)  # a fill kernel with a host scalar: no host-to-device copy, no sync
+            self._slots.clear()
+
+    @property
+    def capacity(self) -> int:
+        return len(self.blocks) * BLOCK
+
+    def nbytes(self) -> int:
+        return len(self.blocks) * self.pool.block_bytes()
+
+    def reserve(self, needed: int) -> None:
+        if needed > self.capacity:
+            raise RuntimeError(f"a sequence needs {needed} KV positions but reserved {self.capacity}")
+
+    def slots(self, lo: int, end: int) -> Tensor:
+        """Pool slots of positions [lo, end), on the device (memoised while the length stays)."""
+        key = (lo, end)
+        if key not in self._slots:
+            positions = torch.arange(lo, end, device=self.table.device)
+            self._slots[key] = self.pool.slot_index(self.table, positions)
+        return self._slots[key]
+
+    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> None:
+        """k, v [Hkv, T, D] into positions [start, start + T)."""
+        end = start + k.shape[1]
         self.reserve(end)
-        self.k[layer][:, self.length : end] = k
-        self.v[layer][:, self.length : end] = v
-        return self.view(layer, start, end)
+        slots = self.slots(start, end)
+        self.pool.k[layer].index_copy_(1, slots, k)
+        self.pool.v[layer].index_copy_(1, slots, v)
+
+    def read(self, layer: int, lo: int, end: int) -> tuple[Tensor, Tensor]:
+        """K and V of positions [lo, end) as [1, Hkv, T, D] (gathered copies)."""
+        slots = self.slots(lo, end)
+        return self.pool.k[layer].index_select(1, slots)[None], self.pool.v[layer].index_select(1, slots)[None]
+
+    def publish(self) -> None:
+        """Offer the encoded prompt's full chunks to the prefix cache (once)."""
+        if self.prompt is not None and self.length >= len(self.prompt):
+            self._held["chunks"] += self.pool.publish(self.prompt, self.blocks)
+            self.prompt = None
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+def _give_back(pool: KVPool, held: dict) -> None:
+    pool.unuse(held["chunks"])
+    pool.release(held["blocks"])
+    held["chunks"], held["blocks"] = [], []

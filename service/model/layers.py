@@ -110,13 +110,20 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, t, -1)
 
 
-def _attend_folded(q: Tensor, k: Tensor, v: Tensor, groups: int) -> Tensor:
-    """Unmasked grouped-query attention without repeating K/V: a KV head's `groups` query heads become one head
-    of groups * Tq rows (every row sees every key, so the rows do not interact). For head dims past 256, where
-    SDPA's enable_gqa falls back to its math kernel on CUDA (UNVERIFIED on a GPU). q [B, Hq, Tq, D] -> [B, Tq, Hq*D]."""
+    def attend_keys_masked(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+        """Attention where a key is visible to all of a row's queries or to none: key_mask [B, 1, 1, Tk] bool.
+        Grouped-query heads are folded (`_attend_folded`), never repeated. q [B, Hq, Tq, D] -> [B, Tq, Hq*D]."""
+        return _attend_folded(q, k, v, q.shape[1] // k.shape[1], key_mask)
+
+
+def _attend_folded(q: Tensor, k: Tensor, v: Tensor, groups: int, key_mask: Tensor | None = None) -> Tensor:
+    """Grouped-query attention without repeating K/V: a KV head's `groups` query heads become one head of
+    groups * Tq rows (each row sees the same keys, so the rows do not interact; key_mask [B, 1, 1, Tk] applies to
+    all of them). For head dims past 256, where SDPA's enable_gqa falls back to its math kernel on CUDA, and for the
+    padded batched pass (UNVERIFIED on a GPU). q [B, Hq, Tq, D] -> [B, Tq, Hq*D]."""
     b, hq, t, d = q.shape
     folded = q.reshape(b, k.shape[1], groups * t, d)  # [B, Hkv, G*Tq, D]
-    out = F.scaled_dot_product_attention(folded, k, v, scale=1.0)  # [B, Hkv, G*Tq, D]
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=key_mask, scale=1.0)  # [B, Hkv, G*Tq, D]
     return out.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)
 
 

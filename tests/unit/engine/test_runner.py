@@ -148,14 +148,17 @@ def test_no_step_allocates_more_than_a_tile_of_the_vocabulary(tmp_path):
 
 def test_admission_counts_the_steps_transient_memory(small_ckpt):
     from service.engine.scheduler import Limits
+    from service.model.kv_pool import BLOCK
 
     runner = create_runner("torch", checkpoint_dir=small_ckpt)
     assert runner.step_bytes(8) > runner.step_bytes(1) > runner.tile_rows * runner.config.vocab_size * 4
     p = GenerationParams(max_new_tokens=16, max_denoising_steps=2)
-    kv = Sequence.max_tokens(Request([2, 3], p), runner.config.canvas_length) * runner.kv_bytes_per_token()
-    # room for the KV caches of three requests, but not for three requests' caches and their step
-    budget = 3 * kv + runner.step_bytes(2)
-    engine = LocalEngine(small_ckpt, runner, Limits(max_memory_bytes=budget))
+    tokens = Sequence.max_tokens(Request([2, 3], p), runner.config.canvas_length)
+    kv = -(-tokens // BLOCK) * BLOCK * runner.kv_bytes_per_token()  # one request's reservation, in whole blocks
+    # the KV pool is the budget less the largest step's transients: room for two requests' caches, not three
+    budget = 2 * kv + kv // 2 + runner.step_bytes(3)
+    engine = LocalEngine(small_ckpt, runner, Limits(max_live_canvases=3, max_memory_bytes=budget))
+    assert runner.pool.nbytes() <= budget - runner.step_bytes(3) + runner.pool.block_bytes()
     streams = [engine.scheduler.submit(Request([2, 3], p, seed=i)) for i in range(3)]
     engine.scheduler.step()
     assert engine.scheduler.live_canvases == 2 and engine.scheduler.queue_depth == 1

@@ -127,22 +127,33 @@ def test_unmasked_attention_past_head_dim_256_folds_query_groups_instead_of_repe
     torch.testing.assert_close(out, repeated.transpose(1, 2).reshape(2, 8, -1))  # bit-equal on this CPU
 
 
-def test_view_with_puts_the_canvas_after_the_visible_prefix_and_leaves_the_length():
-    from service.model.cache import KVCache
+def _one_layer_config():
     from service.model.config import LayerSpec, ModelConfig
 
     spec = LayerSpec(sliding=True, head_dim=4, num_kv_heads=2, rope_theta=1e4, rope_type="default",
                      partial_rotary_factor=1.0, rope_factor=1.0)
-    cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_experts=2,
-                      top_k_experts=1, moe_intermediate_size=4, sliding_window=8, rms_norm_eps=1e-6,
-                      final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", canvas_length=3,
-                      layers=(spec,))
-    cache = KVCache(cfg, 4, torch.float32, torch.device("cpu"))
-    cache.k[0][:, :4] = torch.randn(2, 4, 4)
-    cache.v[0][:, :4] = torch.randn(2, 4, 4)
-    cache.length = 4
+    return ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_experts=2,
+                       top_k_experts=1, moe_intermediate_size=4, sliding_window=8, rms_norm_eps=1e-6,
+                       final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", canvas_length=3,
+                       layers=(spec,))
+
+
+def test_both_cache_layouts_put_the_canvas_after_the_visible_prefix_and_leave_the_length():
+    from service.model.cache import KVCache, PagedCache
+    from service.model.kv_pool import BLOCK, KVPool
+
+    cfg = _one_layer_config()
+    pool = KVPool(cfg, 8, torch.float32, torch.device("cpu"))
+    paged = PagedCache(pool, pool.allocate(2), 0, [], None)  # 2 * BLOCK positions, blocks 1 and 2
+    contiguous = KVCache(cfg, 4, torch.float32, torch.device("cpu"))
+    prefix = torch.randn(2, 2, 4, 4)
     k, v = torch.randn(2, 2, 3, 4)
-    keys, values = cache.view_with(0, 1, k, v)  # grows past the capacity of 4
-    assert cache.length == 4 and keys.shape == values.shape == (1, 2, 6, 4)
-    assert torch.equal(keys[0], torch.cat([cache.k[0][:, 1:4], k], dim=1))
-    assert torch.equal(values[0], torch.cat([cache.v[0][:, 1:4], v], dim=1))
+    for cache in (contiguous, paged):
+        cache.write(0, 0, prefix[0], prefix[1])
+        cache.length = 4
+        cache.write(0, 4, k, v)  # the contiguous cache grows past its capacity of 4
+        keys, values = cache.read(0, 1, 7)
+        assert cache.length == 4 and keys.shape == values.shape == (1, 2, 6, 4)
+        assert torch.equal(keys[0], torch.cat([prefix[0][:, 1:4], k], dim=1))
+        assert torch.equal(values[0], torch.cat([prefix[1][:, 1:4], v], dim=1))
+    assert paged.table.tolist() == [1, 2] and torch.equal(pool.k[0][:, BLOCK : BLOCK + 7], contiguous.k[0][:, :7])
