@@ -116,6 +116,7 @@ class Stats:
     decoder_passes: int
     steps_per_canvas: list[int]
     shared_decoder_passes: int = 0  # passes whose batch held another request too
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (not encoded again)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -129,6 +130,7 @@ class Stats:
             "steps_per_canvas": list(self.steps_per_canvas),
             "tokens_per_forward": self.tokens_per_forward,
             "shared_decoder_passes": self.shared_decoder_passes,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
         }
 
 

@@ -369,20 +369,20 @@ class Scheduler:
                 used += need
 
     def _encode_pending(self) -> None:
-        """One batched encoder pass: new prompts (prefill) and committed canvases (commit)."""
-        for item in [item for item in self._live if item.seq.to_encode is not None and item.seq.cache is None]:
+        """Encoder passes, request by request: new prompts (prefill) and committed canvases (commit). A new request's
+        cache is made just before its prompt is encoded, so it reuses the prefix chunks the requests before it in
+        the same burst have just published (service/model/kv_pool.py)."""
+        for item in [item for item in self._live if item.seq.to_encode is not None]:
             try:
-                request = item.seq.request
-                item.seq.cache = self.runner.new_cache(cache_tokens(request, self.cfg.canvas_length),
-                                                       prompt=list(request.prompt_ids))
-                item.seq.to_encode = item.seq.to_encode[item.seq.cache.reused:]  # the prefix cache's share is done
+                if item.seq.cache is None:
+                    request = item.seq.request
+                    item.seq.cache = self.runner.new_cache(cache_tokens(request, self.cfg.canvas_length),
+                                                           prompt=list(request.prompt_ids))
+                    item.seq.to_encode = item.seq.to_encode[item.seq.cache.reused:]  # the prefix cache's share
             except Exception as e:
                 self._fail(item, e)
-        pending = [item for item in self._live if item.seq.to_encode is not None]
-        if not pending:
-            return
-        self.runner.prefill([item.seq.to_encode for item in pending], [item.seq.cache for item in pending])
-        for item in pending:
+                continue
+            self.runner.prefill([item.seq.to_encode], [item.seq.cache])
             try:
                 item.seq.begin_canvas()
             except Exception as e:

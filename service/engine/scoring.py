@@ -185,5 +185,6 @@ class ScoreSequence:
         self.done = True
         self.to_encode = None
         stats = Stats(prompt_tokens=len(self.request.prompt_ids), generated_tokens=0,
-                      decoder_passes=self.decoder_passes, steps_per_canvas=[self.samples] * self.blocks)
+                      decoder_passes=self.decoder_passes, steps_per_canvas=[self.samples] * self.blocks,
+                      cached_prompt_tokens=getattr(self.cache, "reused", 0))
         return FinalEvent(list(self.request.target_ids), "score", stats, Logprobs(self.token, self.top_ids, self.top))

@@ -191,6 +191,7 @@ class Sequence:
             decoder_passes=self.decoder_passes,
             steps_per_canvas=list(self.steps_per_canvas),
             shared_decoder_passes=self.shared_passes,
+            cached_prompt_tokens=getattr(self.cache, "reused", 0),
         )
         logprobs = Logprobs.join(self.committed_logprobs) if self.request.logprobs is not None else None
         return FinalEvent(ids, self.finish_reason, stats, logprobs)

@@ -71,13 +71,13 @@ class PagedCache:
         self.blocks = blocks
         self.table = torch.tensor(blocks, dtype=torch.long, device=pool.device)  # [n] device copy, made once
         self.length_t = torch.zeros(1, dtype=torch.long, device=pool.device)  # [1] `length` on the device
+        self._slots: dict[tuple[int, int], Tensor] = {}  # (lo, end) -> slots [T], for the current length
         self._length = 0
         self.length = reused
         self.reused = reused  # prompt tokens served from the prefix cache
         self.prompt = prompt  # published to the prefix cache once encoded (None: nothing to publish)
         self._held = {"blocks": list(blocks), "chunks": list(chunks)}
         self._finalizer = weakref.finalize(self, _give_back, pool, self._held)
-        self._slots: dict[tuple[int, int], Tensor] = {}  # (lo, end) -> slots [T], for the current length
 
     @property
     def length(self) -> int:

@@ -155,10 +155,16 @@ class KVPool:
         return hashes, blocks
 
     def unuse(self, hashes: list[bytes]) -> None:
+        """A sequence stops using these chunks; idle chunks past the cache's bound are evicted."""
         for h in hashes:
             c = self._chunks.get(h)
             if c is not None:
                 c.users -= 1
+        self._trim()
+
+    def _trim(self) -> None:
+        while self.cached_bytes() > self.prefix_bytes and self._evict_one():
+            pass
 
     def publish(self, prompt: list[int], blocks: list[int]) -> list[bytes]:
         """Keep the full chunks of an encoded prompt (blocks: the sequence's table, from position 0). Returns the
@@ -174,8 +180,7 @@ class KVPool:
                 self._refs[b] += 1
             self._chunks[h] = _Chunk(mine, users=1)
             added.append(h)
-        while self.cached_bytes() > self.prefix_bytes and self._evict_one():
-            pass
+        self._trim()
         return added
 
     def _evict_one(self) -> bool:

@@ -157,6 +157,8 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         max_denoising_steps_limit=_int(env, "NIM_MAX_DENOISING_STEPS_LIMIT", 0),
         engine_step_timeout=_float(env, "NIM_ENGINE_STEP_TIMEOUT", 120.0, 0.0),
         batch_invariant=int(env.get("NIM_BATCH_INVARIANT", "").lower() in TRUE),
+        prefix_cache_bytes=_int(env, "NIM_PREFIX_CACHE_BYTES", -1, 0) if env.get("NIM_PREFIX_CACHE_BYTES", "") else -1,
+        prefix_chunk_tokens=_int(env, "NIM_PREFIX_CHUNK_TOKENS", 256, 16),
     ).validate()
     front = FrontSettings(
         checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=serving.label,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Logprobs, Request
+from service.engine.api import CanvasEvent, DraftEvent, Event, FinalEvent, Logprobs, Request, Stats
 from service.engine.scoring import DEFAULT_SAMPLES, ScoreRequest
 from service.errors import InvalidArgument, wire_code
 from service.model.config import ModelConfig
@@ -209,12 +209,16 @@ def _logprob_outputs(lp: Logprobs) -> dict[str, np.ndarray]:
             "top_logprobs": np.asarray(lp.top, dtype=np.float32).reshape(n, k)}
 
 
-def backend_spans(submitted_ns: int, ended_ns: int, canvases: list[CanvasEvent]) -> list[tuple[str, int, int, dict]]:
+def backend_spans(submitted_ns: int, ended_ns: int, canvases: list[CanvasEvent],
+                  stats: Stats | None = None) -> list[tuple[str, int, int, dict]]:
     """The denoising work of one request as (name, start_ns, end_ns, attributes), children of its
-    `dgemma.generate` span: the prefill, each canvas's steps, and each commit pass that followed a canvas."""
+    `dgemma.generate` span: the prefill (with its prompt tokens and those the prefix cache served, once the request
+    ended with `stats`), each canvas's steps, and each commit pass that followed a canvas."""
     spans = []
     first = canvases[0].started_ns if canvases else ended_ns
-    spans.append(("dgemma.prefill", submitted_ns, first, {}))
+    prefill = {} if stats is None else {"dgemma.prompt_tokens": stats.prompt_tokens,
+                                        "dgemma.prompt_tokens_cached": stats.cached_prompt_tokens}
+    spans.append(("dgemma.prefill", submitted_ns, first, prefill))
     for i, c in enumerate(canvases):
         spans.append(("dgemma.canvas", c.started_ns, c.committed_ns,
                       {"dgemma.canvas_index": c.canvas_index, "dgemma.steps": c.steps}))

@@ -33,6 +33,8 @@ class RepositorySettings:
     tile_rows: int = 0  # rows of the sampler's vocabulary tiles; 0: the runner's default for its device
     threads: int = 0
     batch_invariant: int = 0  # 1: a request's ids equal its solo run's (per-canvas expert GEMMs); 0: throughput
+    prefix_cache_bytes: int = -1  # idle prompt chunks the KV pool keeps; -1: a tenth of the pool; 0: off
+    prefix_chunk_tokens: int = 256  # tokens per prefix-cache chunk (a prompt is encoded chunk by chunk)
     model_name: str = MODEL_NAME
 
     def validate(self) -> "RepositorySettings":
@@ -41,6 +43,10 @@ class RepositorySettings:
         for name in ("max_queue_size", "max_live_canvases", "max_engine_queue", "max_prompt_tokens"):
             if int(getattr(self, name)) < 1:
                 raise InvalidArgument(name, "must be >= 1")
+        if self.prefix_cache_bytes < -1:
+            raise InvalidArgument("prefix_cache_bytes", "must be >= 0 (or -1: the default)")
+        if self.prefix_chunk_tokens < 16 or self.prefix_chunk_tokens % 16:
+            raise InvalidArgument("prefix_chunk_tokens", "must be a positive multiple of 16")
         for name in ("tile_rows", "max_memory_bytes", "max_request_seconds", "max_new_tokens_limit",
                      "max_denoising_steps_limit", "engine_step_timeout"):
             if getattr(self, name) < 0:

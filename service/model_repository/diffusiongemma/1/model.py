@@ -75,6 +75,8 @@ class TritonPythonModel:
             on_step=self._update_gauges, device=params.get("device", "cpu"), dtype=params.get("dtype") or None,
             threads=int(params.get("threads") or 0) or None, tile_rows=int(params.get("tile_rows") or 0) or None,
             batch_invariant=params.get("batch_invariant") == "1",
+            prefix_cache_bytes=None if int(params.get("prefix_cache_bytes", -1)) < 0 else int(params["prefix_cache_bytes"]),
+            prefix_chunk=int(params.get("prefix_chunk_tokens") or 256),
         )
         self.scheduler = self.engine.scheduler
         self.step_timeout_s = opt("engine_step_timeout", float)  # a longer step: hung (None: no limit)
@@ -94,6 +96,11 @@ class TritonPythonModel:
                 ("dgemma_canvases_total", "Canvases committed", counter),
                 ("dgemma_generated_tokens_total", "Generated tokens, pad excluded", counter),
                 ("dgemma_decoder_passes_total", "Decoder passes summed over requests", counter),
+                ("dgemma_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache", counter),
+                ("dgemma_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache", counter),
+                ("dgemma_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache over those looked up, "
+                 "since start", gauge),
+                ("dgemma_prefix_cache_bytes", "KV bytes the prefix cache holds", gauge),
                 (HEARTBEAT, "Unix time of the engine's last sign of life (every second while its scheduler runs)",
                  gauge),
             ]
@@ -103,6 +110,7 @@ class TritonPythonModel:
         self.m_steps, self.m_canvases = m["dgemma_denoising_steps_total"], m["dgemma_canvases_total"]
         self.m_tokens, self.m_passes = m["dgemma_generated_tokens_total"], m["dgemma_decoder_passes_total"]
         self.metrics = m
+        self._prefix_seen = {}  # the prefix cache's counters as last exported
         self.scheduler.start()
         # The supervisor's view of the engine: this stops advancing when the stub or the scheduler dies.
         self._stop = threading.Event()
@@ -122,6 +130,16 @@ class TritonPythonModel:
     def _update_gauges(self):
         self.m_live.set(self.scheduler.live_canvases)
         self.m_queue.set(self.scheduler.queue_depth)
+        stats = getattr(self.engine.runner, "prefix_stats", dict)()
+        if stats:
+            m, seen = self.metrics, self._prefix_seen
+            for name, key in (("dgemma_prefix_cache_queried_tokens_total", "tokens_queried"),
+                              ("dgemma_prefix_cache_hit_tokens_total", "tokens_reused")):
+                if stats[key] > seen.get(key, 0):
+                    m[name].increment(stats[key] - seen.get(key, 0))
+                    seen[key] = stats[key]
+            m["dgemma_prefix_cache_hit_rate"].set(stats["tokens_reused"] / max(1, stats["tokens_queried"]))
+            m["dgemma_prefix_cache_bytes"].set(stats["bytes"])
 
     def _detok(self, ids):
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
@@ -134,7 +152,7 @@ class TritonPythonModel:
         except Exception:
             return None
 
-    def _emit_spans(self, parent, submitted_ns, canvases, request_id, error=None):
+    def _emit_spans(self, parent, submitted_ns, canvases, request_id, error=None, stats=None):
         if parent is None:
             return
         try:
@@ -142,7 +160,7 @@ class TritonPythonModel:
             attrs = {"dgemma.request_id": request_id, "dgemma.canvases": len(canvases),
                      "dgemma.steps_per_canvas": [c.steps for c in canvases]}
             ctx = emit_span("dgemma.generate", submitted_ns, end, attrs, parent, error=error)
-            for name, start, stop, a in backend_spans(submitted_ns, end, canvases):
+            for name, start, stop, a in backend_spans(submitted_ns, end, canvases, stats):
                 emit_span(name, start, stop, a, ctx)
         except Exception:  # tracing never fails a request
             log.warning("could not record spans", exc_info=True)
@@ -165,7 +183,7 @@ class TritonPythonModel:
             if isinstance(item, FinalEvent):
                 self.m_tokens.increment(item.stats.generated_tokens)
                 self.m_passes.increment(item.stats.decoder_passes)
-                self._emit_spans(trace_parent, submitted_ns, canvases, request_id)
+                self._emit_spans(trace_parent, submitted_ns, canvases, request_id, stats=item.stats)
                 return pb_utils.InferenceResponse(output_tensors=out), True
             return pb_utils.InferenceResponse(output_tensors=out), False
 
