@@ -11,7 +11,9 @@ denoising steps (early stopping off); the timed steps are those after the batch 
 captured. bf16 only (the weights are made in bf16 on the device: about 47 GiB at this shape, no float32
 copy); FP8 and NVFP4 weights come from the build stage (`engine_build`). `peak_memory_gib` is the steps'
 peak, counted from after the load (`load_peak_memory_gib` is the load's); each result says how many CUDA graphs
-were captured and replayed so far.
+were captured and replayed so far. `shared_prefix`: a burst of 32 requests sharing a 1,024-token prefix (8 steps)
+against the same burst with a prefix of their own each, and the prefix cache's hit rate (`--prefix-requests 0`
+skips it).
 The shape (from derivative configs and GGUF metadata; the checkpoint's own config.json was not
 available): hidden 2816, 16 heads, 30 layers (5 global: 5, 11, 17, 23, 29), sliding head dim 256 with
 8 KV heads, global head dim 512 with 2 KV heads and K = V, dense MLP 2112, 128 experts top-8 of width
@@ -113,6 +115,39 @@ def measure(engine: LocalEngine, canvases: int, prompt: int, steps: int, sampler
             "cuda_graph_replays": graphs.replays if graphs is not None else "no (CPU smoke run)"}
 
 
+def measure_shared_prefix(engine: LocalEngine, requests: int, prefix: int, question: int, steps: int, sync) -> dict:
+    """A burst of `requests` one-canvas requests, each a `prefix`-token prefix and its own `question` tokens: once
+    with one prefix shared by all (the prefix cache encodes it once), once with a prefix of their own each (no
+    reuse: the same work without the cache). Wall time of each burst and the prefix cache's hit rate."""
+    cfg = engine.config
+    params = GenerationParams(max_new_tokens=cfg.canvas_length, max_denoising_steps=steps, stability_threshold=0,
+                              confidence_threshold=0.0)
+    g = torch.Generator().manual_seed(7)
+    ids = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    shared = ids(prefix)
+    out = {"requests": requests, "prefix_tokens": prefix, "question_tokens": question, "steps": steps}
+    runs = [("warm_up", [ids(prefix) + ids(question) for _ in range(requests)]),  # captures the burst's graphs
+            ("own_prefix", [ids(prefix) + ids(question) for _ in range(requests)]),
+            ("shared_prefix", [shared + ids(question) for _ in range(requests)])]
+    for name, prompts in runs:
+        before = engine.runner.prefix_stats()
+        sync()
+        t = time.perf_counter()
+        streams = [engine.scheduler.submit(Request(p, params, seed=i)) for i, p in enumerate(prompts)]
+        while engine.scheduler.step():
+            pass
+        sync()
+        after = engine.runner.prefix_stats()
+        assert all(s.next_event(timeout=0) is not None for s in streams)
+        if name == "warm_up":
+            continue
+        out[f"{name}_s"] = round(time.perf_counter() - t, 3)
+        out[f"{name}_hit_rate"] = round((after["tokens_reused"] - before["tokens_reused"])
+                                        / max(1, after["tokens_queried"] - before["tokens_queried"]), 4)
+    out["speedup"] = round(out["own_prefix_s"] / out["shared_prefix_s"], 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,4,16,32,64")
@@ -120,6 +155,7 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--sampler", default="fast", choices=["fast", "reference"])
     ap.add_argument("--tile-rows", type=int, default=None)
+    ap.add_argument("--prefix-requests", type=int, default=32, help="the shared-prefix case's burst (0: skip it)")
     ap.add_argument("--smoke-cpu", action="store_true",
                     help="run the same code on the CPU at a toy shape (no graphs): a check, not a number")
     a = ap.parse_args()
@@ -142,7 +178,9 @@ def main() -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     batches = [int(x) for x in a.batches.split(",")]
-    limits = Limits(max_live_canvases=max(batches), max_queue=max(batches), max_memory_bytes=1 << 50)
+    most = max(batches + [a.prefix_requests])
+    # the default budget (85% of the memory free after the weights): the KV pool is allocated from it once
+    limits = Limits(max_live_canvases=most, max_queue=most, max_prompt_tokens=2048)
     engine = LocalEngine(tempfile.mkdtemp(prefix="dgemma-random-"), runner, limits)  # no tokenizer, no gen config
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     results = []
@@ -154,6 +192,15 @@ def main() -> int:
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             break
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # kept in the log if a later bucket dies
+    shared = None
+    if a.prefix_requests:
+        # the smoke run: a prefix of one chunk (256 tokens), a few requests
+        prefix, question, n = (1024, 32, a.prefix_requests) if on_gpu else (256, 8, min(4, a.prefix_requests))
+        try:
+            shared = measure_shared_prefix(engine, n, prefix, question, 8, sync)
+        except torch.cuda.OutOfMemoryError as e:
+            shared = {"error": f"out of memory: {e}"[:300]}
+        print(json.dumps(shared), file=sys.stderr, flush=True)
     print(json.dumps({
         "precision": "bf16", "sampler": a.sampler, "steps": a.steps, "prompt": a.prompt,
         "tile_rows": runner.tile_rows, "runner": runner.describe(),
@@ -162,6 +209,7 @@ def main() -> int:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,  # the steps'
         # peak since the load: weights, KV caches, graphs and sampler tiles
         "results": results,
+        "shared_prefix": shared,  # 32 requests sharing a 1,024-token prefix, each with 32 tokens of its own
     }))
     return 0
 

@@ -44,7 +44,7 @@ from service.front.openai_schema import (
     prompts_of,
 )
 from service.front.openai_structured import StructuredAsk, delta_of, message_of, response_format_ask, tool_ask
-from service.request.dispatch import Dispatcher, Usage, usage_of
+from service.request.dispatch import Dispatcher, Usage, cached_of, usage_of
 from service.request.triton_client import BackendEvent
 from service.telemetry.metrics import FrontMetrics
 from service.telemetry.tracing import context_from_traceparent, get_tracer
@@ -67,7 +67,7 @@ def _param(e: BaseException) -> str | None:
 
 def _usage(u: Usage) -> dict:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 def _sse(data: dict | str) -> bytes:
@@ -614,6 +614,7 @@ class OpenAIApi:
         n = batch[0].options.num_variations
         started = [False] * (len(batch) * n)
         generated = [0] * len(started)  # tokens returned so far, per choice (pad excluded)
+        finals: list[list[BackendEvent]] = [[] for _ in batch]  # per prompt, its variations' finals so far
         prompt_tokens = sum(len(j.prompt_ids) for j in batch)
         opts = r.checked_stream_options()
         pad = self.model.pad_id
@@ -640,16 +641,18 @@ class OpenAIApi:
                            steps=ev.step)
             else:  # the text no canvas released, and the choice's end
                 generated[i] = ev.completion_tokens if ev.completion_tokens is not None else generated[i]
+                finals[k].append(ev)
                 c = choice(i, ev.tail, token_ids=ev.ids, seed=batch[k].seed(v), stop_reason=ev.stop_reason)
                 c["finish_reason"] = FINISH.get(ev.finish_reason)
             chunk = {**head, "choices": [c]}
             if opts.continuous_usage_stats:
-                chunk["usage"] = _usage(Usage(prompt_tokens, sum(generated)))
+                chunk["usage"] = _usage(Usage(prompt_tokens, sum(generated), sum(map(cached_of, finals))))
             elif opts.include_usage:
                 chunk["usage"] = None  # OpenAI's: null on every chunk but the last
             yield chunk
         if opts.include_usage:
-            yield {**head, "choices": [], "usage": _usage(Usage(prompt_tokens, sum(generated)))}
+            yield {**head, "choices": [], "usage": _usage(Usage(prompt_tokens, sum(generated),
+                                                                sum(map(cached_of, finals))))}
 
 
 async def _chunks_of(body: dict, opts, chat: bool) -> AsyncIterator[dict]:
@@ -672,7 +675,8 @@ async def _chunks_of(body: dict, opts, chat: bool) -> AsyncIterator[dict]:
 def _total(batch: list[Job], finals: list[list[BackendEvent]]) -> Usage:
     """The usage of several jobs (prompts) together."""
     parts = [usage_of(j, f) for j, f in zip(batch, finals)]
-    return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts))
+    return Usage(sum(u.prompt_tokens for u in parts), sum(u.completion_tokens for u in parts),
+                 sum(u.cached_tokens for u in parts))
 
 
 async def _merge(runs: list[AsyncIterator], at_once: int) -> AsyncIterator[tuple[int, object]]:

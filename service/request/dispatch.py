@@ -35,6 +35,7 @@ DEFAULT_TOKENIZER_THREADS = 4  # NIM_TOKENIZER_THREADS
 class Usage(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache served (OpenAI's prompt_tokens_details)
 
     @property
     def total_tokens(self) -> int:
@@ -47,7 +48,12 @@ def usage_of(job: Job, finals: list[BackendEvent], completion: int | None = None
     if completion is None:
         completion = sum(f.completion_tokens if f.completion_tokens is not None
                          else int(f.stats.get("generated_tokens", 0)) for f in finals)
-    return Usage(len(job.prompt_ids), completion)
+    return Usage(len(job.prompt_ids), completion, cached_of(finals))
+
+
+def cached_of(finals: list[BackendEvent]) -> int:
+    """Prompt tokens served from the prefix cache: the most any of the job's variations reused."""
+    return max((int(f.stats.get("cached_prompt_tokens", 0)) for f in finals), default=0)
 
 
 class Filled(NamedTuple):

@@ -9,12 +9,14 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_real_shape.py
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke-cpu", "--batches", "1,2", "--steps", "4"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke-cpu", "--batches", "1,2", "--steps", "4",
+                          "--prefix-requests", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert [r["canvases"] for r in result["results"]] == [1, 2]
     assert "not a measurement" in result["device"]
+    shared = result["shared_prefix"]
+    assert shared["own_prefix_hit_rate"] == 0.0 and shared["shared_prefix_hit_rate"] > 0.4  # the second reuses
 
 
 def test_gpu_benchmark_without_cuda_says_so():

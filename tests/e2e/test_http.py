@@ -266,3 +266,18 @@ def test_one_trace_from_the_http_call_through_triton(http, otlp):
                                                   if s.trace_id == trace_id]
     assert wait_until(lambda: any(s.name == "dgemma.canvas" for s in otlp.spans() if s.trace_id == trace_id),
                       timeout=20)
+
+
+def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(oai, http):
+    prompt = "".join(f"def handler_{i}(event):\n    return route(event, {i})\n" for i in range(30))  # > 256 tokens
+    body = {"model": "diffusiongemma", "prompt": prompt, "max_tokens": 16, "seed": 5, "extra_body": STEPS}
+    first, second = (oai.completions.create(**body) for _ in range(2))
+    assert first.usage.prompt_tokens > 256 and second.usage.prompt_tokens == first.usage.prompt_tokens
+    assert second.choices[0].text == first.choices[0].text  # the same ids with the cache as without
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 256 and cached % 256 == 0 and cached <= second.usage.prompt_tokens
+    metrics = http.get("/v1/metrics").text
+    hits = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+            if line.startswith("dgemma_prefix_cache_hit_tokens_total{")]
+    assert hits and hits[0] >= cached
+    assert "dgemma_prefix_cache_bytes{" in metrics and "dgemma_prefix_cache_hit_rate{" in metrics
