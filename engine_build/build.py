@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from engine_build.calibration import CalibrationSettings, PromptSet, builtin_prompts, heldout_prompts, read_prompt_file
+from engine_build.placement import Placement, choose, free_memory
 from engine_build.verify import VerifySettings, verify
 from service import __version__
 from service.errors import DGemmaError, InvalidArgument
@@ -46,6 +47,7 @@ class BuildOptions:
     verify_steps: int = 8
     threads: int | None = None  # torch threads for calibration and verification (None: torch's default)
     if_missing: bool = False  # output already holds this build (same profile and source): check it, build nothing
+    device: str = "auto"  # calibration and verification: "auto" (a GPU when there is one), "cpu" or "cuda"
 
 
 def _tools() -> dict:
@@ -89,7 +91,8 @@ def _verify_settings(opts: BuildOptions) -> VerifySettings:
         if opts.verify_prompts < 1:
             raise InvalidArgument("--verify-prompts", "must be at least 1")
         prompts = prompts[: opts.verify_prompts]
-    return VerifySettings(prompts=prompts, max_denoising_steps=opts.verify_steps, threads=opts.threads)
+    return VerifySettings(prompts=prompts, max_denoising_steps=opts.verify_steps, threads=opts.threads,
+                          device=opts.device)
 
 
 def _trtllm_options(profile: Profile) -> str:
@@ -108,8 +111,8 @@ def _calibration(opts: BuildOptions) -> PromptSet:
     return builtin_prompts() if opts.calibration is None else read_prompt_file(opts.calibration)
 
 
-def _make(opts: BuildOptions, profile: Profile, prompts: PromptSet | None, tmp: Path) -> None:
-    """Write the model files of the build into `tmp`."""
+def _make(opts: BuildOptions, profile: Profile, prompts: PromptSet | None, tmp: Path, place: Placement) -> None:
+    """Write the model files of the build into `tmp`; calibration runs on `place` (a GPU: UNVERIFIED)."""
     from engine_build import quantize
 
     if not profile.quantized:
@@ -125,9 +128,10 @@ def _make(opts: BuildOptions, profile: Profile, prompts: PromptSet | None, tmp: 
     if tok is None:
         raise InvalidArgument("--checkpoint", "the source has no tokenizer.json; calibration prompts need one")
     canvas = read_config(opts.source).canvas_length
-    loop = forward_loop([tok.encode(p) for p in prompts.prompts], opts.calibration_settings, canvas, eos, pad)
+    loop = forward_loop([tok.encode(p) for p in prompts.prompts], opts.calibration_settings, canvas, eos, pad,
+                        place.device)
     with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout is the build's JSON line
-        model = load_reference(opts.source)
+        model = load_reference(opts.source, place.dtype, place.device)
         quantize.quantize(model, profile.precision, loop, opts.fp8_scaling)
         quantize.export(model, opts.source, tmp)
     if profile.backend == "trtllm":
@@ -153,6 +157,7 @@ def build(opts: BuildOptions) -> dict:
     ok, why = can_build(profile, probe_machine())
     if not ok:
         raise InvalidArgument("--profile", f"cannot build {profile.name} here: {why}")
+    place = choose(opts.device, opts.source)
     prompts = _calibration(opts) if profile.quantized else None
     settings = _verify_settings(opts)
     source_sha = tree_sha256(opts.source)
@@ -163,7 +168,8 @@ def build(opts: BuildOptions) -> dict:
     tmp = out.parent / f"{out.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _make(opts, profile, prompts, tmp)
+        _make(opts, profile, prompts, tmp, place)
+        free_memory(place.device)  # the calibrated model, before verification loads the source
         result = verify(tmp, opts.source, profile.precision, settings, opts.min_agreement)
         if profile.backend == "trtllm":
             result["runtime"] += "; serving it on TensorRT-LLM is unverified"
@@ -186,7 +192,7 @@ def build(opts: BuildOptions) -> dict:
 
 
 def reverify(build_dir: Path, source: Path, min_agreement: float | None = None, verify_prompts: int | None = None,
-             verify_steps: int = 8, threads: int | None = None) -> dict:
+             verify_steps: int = 8, threads: int | None = None, device: str = "auto") -> dict:
     """Check an existing build's files and source, verify it again, and record the result (verify.json and the
     manifest, rewritten last). Raises BuildFailed when it no longer passes."""
     from engine_build.reference import check_source
@@ -198,7 +204,7 @@ def reverify(build_dir: Path, source: Path, min_agreement: float | None = None, 
                                               "(its sha256 differs from the manifest's)")
     profile = find_profile(manifest["profile"]["name"], "manifest.json profile")
     opts = BuildOptions(source, profile.name, build_dir, verify_prompts=verify_prompts, verify_steps=verify_steps,
-                        threads=threads)
+                        threads=threads, device=device)
     result = verify(build_dir, source, profile.precision, _verify_settings(opts), min_agreement)
     (build_dir / VERIFY).write_text(json.dumps(result, indent=2) + "\n")
     write_manifest(build_dir, {**manifest, "verification": result})

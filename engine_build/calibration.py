@@ -100,13 +100,14 @@ def progress(items, label: str):
 
 
 def forward_loop(prompt_ids: list[list[int]], settings: CalibrationSettings, canvas_length: int,
-                 eos_ids: list[int], pad_id: int) -> Callable[[torch.nn.Module], None]:
-    """The loop ModelOpt calls to calibrate: the reference denoising loop over every prompt, seeded per prompt."""
+                 eos_ids: list[int], pad_id: int, device: str = "cpu") -> Callable[[torch.nn.Module], None]:
+    """The loop ModelOpt calls to calibrate: the reference denoising loop over every prompt, seeded per prompt,
+    with the prompts on `device` (the model's: "cuda" is UNVERIFIED, no GPU has run it)."""
     kwargs = settings.generate_kwargs(canvas_length, eos_ids, pad_id)
 
     def run(model: torch.nn.Module) -> None:
         for i, ids in enumerate(progress(prompt_ids, "calibrating")):
-            torch.manual_seed(i)
-            model.generate(torch.tensor([ids]), **kwargs)
+            torch.manual_seed(i)  # seeds the CUDA generators too
+            model.generate(torch.tensor([ids], device=device), **kwargs)
 
     return run

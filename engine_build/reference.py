@@ -45,8 +45,9 @@ def is_vision_key(key: str) -> bool:
     return key.startswith(_VISION_PREFIXES)
 
 
-def load_reference(ckpt: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """transformers' DiffusionGemmaForBlockDiffusion with the checkpoint's weights, in eval mode, on the CPU.
+def load_reference(ckpt: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """transformers' DiffusionGemmaForBlockDiffusion with the checkpoint's weights in `dtype`, in eval mode, on
+    `device`: read on the CPU, then moved (a `device_map` would need accelerate). "cuda" is UNVERIFIED.
 
     Two in-memory adjustments, undone by the export (quantize.export writes the source's own config.json): a null
     `image_token_id` becomes -1 (the reference's generate compares prompt ids with it), and a text-only
@@ -72,7 +73,7 @@ def load_reference(ckpt: str | Path, dtype: torch.dtype = torch.float32) -> torc
             ckpt, config=cfg, dtype=dtype, generation_config=DiffusionGemmaGenerationConfig())
     finally:
         hf_logging.set_verbosity(level)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def generation_ids(ckpt: Path) -> tuple[list[int], int, int]:

@@ -378,7 +378,8 @@ def cmd_build(a: argparse.Namespace) -> int:
     if a.verify is not None:
         if a.profile or a.output:
             raise InvalidArgument("--verify", "re-verifies an existing build; give no --profile or --output")
-        result = reverify(a.verify, a.checkpoint, a.min_agreement, a.verify_prompts, a.verify_steps, a.threads)
+        result = reverify(a.verify, a.checkpoint, a.min_agreement, a.verify_prompts, a.verify_steps, a.threads,
+                          a.device)
         print(json.dumps({"build": str(a.verify), "verification": result}))
         return 0
     if not a.profile:
@@ -387,7 +388,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         raise InvalidArgument("--output", "give the build directory to write")
     opts = BuildOptions(a.checkpoint, a.profile, a.output, a.calibration, a.fp8_scaling, a.min_agreement,
                         CalibrationSettings(steps=a.calibration_steps), a.verify_prompts, a.verify_steps, a.threads,
-                        a.if_missing)
+                        a.if_missing, a.device)
     manifest = build(opts)
     print(json.dumps({"build": str(a.output), "profile": manifest["profile"], "calibration": manifest["calibration"],
                       "verification": manifest["verification"], "created": manifest.get("created")}))
@@ -417,6 +418,8 @@ def _add_build_command(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--verify-steps", type=int, default=8, help="denoising steps per canvas when verifying")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 is fastest for the "
                                                               "tiny model on a busy CPU)")
+    b.add_argument("--device", default="auto", help="where calibration and verification run: auto (a GPU in "
+                   "bfloat16 when there is one, UNVERIFIED; else the CPU), cpu or cuda (docs/build.md)")
     b.set_defaults(func=cmd_build)
 
 

@@ -224,3 +224,19 @@ def test_service_imports_engine_build_only_in_the_build_command():
                 if any(n.split(".")[0] == "engine_build" for n in names):
                     found.append((path.relative_to(ROOT).as_posix(), fn.name if fn else "<module>"))
     assert found and set(found) <= {("service/cli.py", "cmd_build")}
+
+
+def test_a_large_source_calibrates_and_verifies_in_bf16_on_the_cpu(monkeypatch, tmp_path):
+    """Above FLOAT32_MAX_PARAMS the CPU holds one bfloat16 copy: calibration, the export's unquantized tensors and
+    verification are bfloat16 (the tiny model, with the limit lowered)."""
+    from engine_build import placement
+
+    monkeypatch.setattr(placement, "FLOAT32_MAX_PARAMS", 0)
+    opts = _opts(tmp_path, "torch-fp8-hopper", "bf16", calibration=_calibration_file(tmp_path, 2),
+                 calibration_settings=CalibrationSettings(steps=2), verify_prompts=1, verify_steps=4)
+    v = build(opts)["verification"]
+    assert v["runtime"] == "torch cpu bfloat16, fp8 weights dequantized at load"
+    assert v["passed"] and 0 < v["mean_kl"] < 0.05, v
+    t = _tensors(opts.output)
+    assert t["model.decoder.embed_tokens.weight"][0] == torch.bfloat16
+    assert t["model.decoder.layers.0.self_attn.q_proj.weight"][0] == torch.float8_e4m3fn
