@@ -113,7 +113,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     shapes = {**SHAPES, "real_vocab": {**SHAPES["real_vocab"], "hidden": a.hidden}}
-    if device.type == "cuda":  # a whole canvas per tile, as tile_rows_for picks on a large accelerator
+    if device.type == "cuda":  # a whole canvas per tile, as a one-canvas step gets on a large accelerator
         shapes["real_vocab"]["tile"] = shapes["real_vocab"]["length"]
     out: dict = {"benchmark": "candidate_filters", **machine(), "device": str(device), "shapes": shapes,
                  "seconds_per_canvas_step": {}}

@@ -203,7 +203,7 @@ def main() -> int:
         print(json.dumps(shared), file=sys.stderr, flush=True)
     print(json.dumps({
         "precision": "bf16", "sampler": a.sampler, "steps": a.steps, "prompt": a.prompt,
-        "tile_rows": runner.tile_rows, "runner": runner.describe(),
+        "tile_rows": runner.tile_rows, "fixed_tile": runner.fixed_tile, "runner": runner.describe(),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu (smoke run, not a measurement)",
         "load_peak_memory_gib": load_gib,  # while the random weights were made
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,  # the steps'

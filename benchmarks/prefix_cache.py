@@ -2,11 +2,15 @@
 
 `python benchmarks/prefix_cache.py [--requests 32] [--prefix 1024] [--question 32] [--steps 8]` prints one JSON line:
 
-- `speedup`: mean request latency without the cache over the mean with it (same requests, same run, interleaved:
-  request i runs on the cache-off engine, then on the cache-on one, each alone).
-- `identical`: every output's ids equal between the two engines (same seed).
-- `hit_rate`: prompt tokens served from the cache over prompt tokens looked up (the first request fills it).
-- `mean_latency_s_off` / `mean_latency_s_on`, `p50_*`, and the workload.
+- `speedup`: mean request latency without the cache over the mean with it, for a burst: all requests submitted at
+  once to the running scheduler (`max_live_canvases` = the burst), latency from submission to the final event;
+  the cache-off burst, then the cache-on one, same requests, same run.
+- `speedup_sequential`: the same requests one at a time, each alone (request i on the cache-off engine, then on
+  the cache-on one): the prompt's share of a lone request's latency.
+- `identical`: every output's ids equal between the two engines, in both modes (same seeds).
+- `hit_rate`: prompt tokens served from the cache over prompt tokens looked up (the burst's first request fills
+  it; the rest of the burst reuses it in the same step).
+- mean and p50 latencies per engine and mode, and the workload.
 
 Each request: a shared prefix of `--prefix` tokens (text from the embedded tokenizer), its own `--question` tokens,
 one canvas, `--steps` denoising steps, the fast sampler. Both engines encode prompts chunk by chunk (256 tokens).
@@ -18,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service import DEFAULT_CHECKPOINT  # noqa: E402
 from service.engine.api import FinalEvent, Request  # noqa: E402
 from service.engine.registry import create_engine  # noqa: E402
+from service.engine.scheduler import Limits  # noqa: E402
 from service.sampler.params import GenerationParams  # noqa: E402
 
 
@@ -54,6 +60,33 @@ def run(engine, prompt: list[int], params: GenerationParams, seed: int) -> tuple
     return time.perf_counter() - started, final.token_ids
 
 
+def burst(engine, prompts: list[list[int]], params: GenerationParams) -> tuple[list[float], list[list[int]]]:
+    """All prompts submitted at once to the running scheduler: (latency of each, ids of each)."""
+    done: dict[int, tuple[float, list[int]]] = {}
+    finished = threading.Event()
+
+    def on_event(i: int):
+        def put(ev) -> None:
+            if isinstance(ev, FinalEvent):
+                done[i] = (time.perf_counter(), ev.token_ids)
+            elif isinstance(ev, BaseException):
+                done[i] = (time.perf_counter(), [])
+            if len(done) == len(prompts):
+                finished.set()
+        return put
+
+    engine.scheduler.start()
+    try:
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.scheduler.submit(Request(p, params, seed=i), on_event=on_event(i))
+        if not finished.wait(timeout=900):
+            raise SystemExit("the burst did not finish in 900 s")
+    finally:
+        engine.scheduler.stop()
+    return [done[i][0] - t0 for i in range(len(prompts))], [done[i][1] for i in range(len(prompts))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
@@ -64,27 +97,39 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    off = create_engine("torch", checkpoint_dir=DEFAULT_CHECKPOINT, prefix_cache_bytes=0)
-    on = create_engine("torch", checkpoint_dir=DEFAULT_CHECKPOINT)
+    limits = Limits(max_live_canvases=a.requests, max_queue=a.requests)
+    engines = lambda: (create_engine("torch", checkpoint_dir=DEFAULT_CHECKPOINT, prefix_cache_bytes=0,  # noqa: E731
+                                     limits=limits),
+                       create_engine("torch", checkpoint_dir=DEFAULT_CHECKPOINT, limits=limits))
+    off, on = engines()  # the bursts' (a scheduler thread, stopped after its burst)
     params = GenerationParams(max_new_tokens=on.config.canvas_length, max_denoising_steps=a.steps)
     prompts = workload(on.tokenizer, a.requests, a.prefix, a.question)
     run(off, prompts[0][:64], params, 0)  # warm-up: first-call costs off the clock
-    lat_off, lat_on, identical = [], [], True
-    for i, prompt in enumerate(prompts):
-        t_off, ids_off = run(off, prompt, params, seed=i)
-        t_on, ids_on = run(on, prompt, params, seed=i)
-        lat_off.append(t_off)
-        lat_on.append(t_on)
-        identical &= ids_off == ids_on
+    burst_off, ids_off = burst(off, prompts, params)
+    burst_on, ids_on = burst(on, prompts, params)
     stats = on.runner.prefix_stats()
+    identical = ids_off == ids_on and all(ids_off)
+    off, on = engines()  # the sequential run's, cold
+    seq_off, seq_on = [], []
+    for i, prompt in enumerate(prompts):
+        t_off, one_off = run(off, prompt, params, seed=i)
+        t_on, one_on = run(on, prompt, params, seed=i)
+        seq_off.append(t_off)
+        seq_on.append(t_on)
+        identical &= one_off == one_on
     out = {
-        "speedup": round(statistics.mean(lat_off) / statistics.mean(lat_on), 3),
+        "speedup": round(statistics.mean(burst_off) / statistics.mean(burst_on), 3),
+        "speedup_sequential": round(statistics.mean(seq_off) / statistics.mean(seq_on), 3),
         "identical": identical,
         "hit_rate": round(stats["tokens_reused"] / max(1, stats["tokens_queried"]), 4),
-        "mean_latency_s_off": round(statistics.mean(lat_off), 4),
-        "mean_latency_s_on": round(statistics.mean(lat_on), 4),
-        "p50_latency_s_off": round(statistics.median(lat_off), 4),
-        "p50_latency_s_on": round(statistics.median(lat_on), 4),
+        "burst_mean_latency_s_off": round(statistics.mean(burst_off), 4),
+        "burst_mean_latency_s_on": round(statistics.mean(burst_on), 4),
+        "burst_p50_latency_s_off": round(statistics.median(burst_off), 4),
+        "burst_p50_latency_s_on": round(statistics.median(burst_on), 4),
+        "sequential_mean_latency_s_off": round(statistics.mean(seq_off), 4),
+        "sequential_mean_latency_s_on": round(statistics.mean(seq_on), 4),
+        "sequential_p50_latency_s_off": round(statistics.median(seq_off), 4),
+        "sequential_p50_latency_s_on": round(statistics.median(seq_on), 4),
         "requests": a.requests, "prefix_tokens": a.prefix, "question_tokens": a.question, "steps": a.steps,
         "prompt_tokens": len(prompts[0]), "prefix_cache_bytes": stats["bytes"],
         "threads": torch.get_num_threads(), "torch": torch.__version__,

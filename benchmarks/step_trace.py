@@ -7,6 +7,10 @@
   count nothing (the op that consumes them counts), and gathers (embedding lookups, indexing) count the rows
   they read. The same weight read by two ops counts twice: it crosses the memory bus twice.
 - `weight_bytes_ratio_32_to_1`: the 32-canvas figure over the 1-canvas one (goal <= 1.2).
+- `sampler_tile_rows`: the largest vocabulary tile the step used. The meta device has no memory, so the runner is
+  given the tile a GPU with `--device-memory` bytes gets by default in throughput mode (`tiles.tile_rows_for`:
+  10% of the card; default: an 80 GB H100's 85,520,809,984 bytes, `sampler_device_memory_bytes`), growing with
+  the step's rows: min(that, canvases x 256) rows per tile, unpadded. Each tile reads the tied embedding twice.
 - `host_syncs`: data-dependent host reads in a steady-state step before its one stop-flag transfer: `.item()`,
   `.tolist()`, `bool()`/`int()` of a tensor, copies to the CPU, `nonzero`, and `torch.tensor(host values,
   device=...)` (a host-to-device copy). On meta these raise; the trace records them and returns a fake value
@@ -49,6 +53,7 @@ from service.model.config import ModelConfig  # noqa: E402
 from service.model.kv_pool import BLOCK  # noqa: E402
 from service.model.network import DiffusionGemma  # noqa: E402
 from service.sampler.params import GenerationParams  # noqa: E402
+from service.sampler.tiles import tile_rows_for  # noqa: E402
 
 aten = torch.ops.aten
 # Ops that read only some rows of a parameter: they count the bytes they return.
@@ -57,6 +62,7 @@ _SCALAR_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten
 _DATA_SHAPED = {aten.nonzero.default, aten.masked_select.default}
 _SERVICE = str(Path(__file__).resolve().parents[1] / "service")
 _STOP_FLAGS_SITE = "engine/scheduler.py:_decode_live"
+H100_MEMORY = 85_520_809_984  # torch.cuda.get_device_properties(...).total_memory of an 80 GB H100, bytes
 
 
 def _site() -> str:
@@ -168,11 +174,13 @@ def meta_model(cfg: ModelConfig) -> DiffusionGemma:
 
 
 def steady_scheduler(cfg: ModelConfig, model: DiffusionGemma, canvases: int, prompt: int,
-                     requests: list[Request] | None = None) -> Scheduler:
+                     requests: list[Request] | None = None, device_memory: int = H100_MEMORY) -> Scheduler:
     """A scheduler with `canvases` one-canvas requests (or `requests`) past their prefill and first two
-    decoder steps."""
-    # the op set a CUDA step replays from its graph: the batched, padded attention over the KV pool
-    runner = TorchRunner.from_model(cfg, model, cuda_graphs=False, batched_attention=True)
+    decoder steps, its sampler tiles those of a GPU with `device_memory` bytes in throughput mode and its attention
+    the op set a CUDA step replays from its graph (the batched, padded attention over the KV pool)."""
+    tile = tile_rows_for(cfg.canvas_length, cfg.vocab_size, device_memory)
+    runner = TorchRunner.from_model(cfg, model, tile_rows=tile, cuda_graphs=False, fixed_tile=False,
+                                    batched_attention=True)
     limits = Limits(max_live_canvases=canvases, max_queue=canvases, max_memory_bytes=1 << 60)
     engine = LocalEngine(tempfile.mkdtemp(prefix="dgemma-trace-"), runner, limits)
     params = GenerationParams(max_new_tokens=cfg.canvas_length, max_denoising_steps=16)
@@ -186,8 +194,9 @@ def steady_scheduler(cfg: ModelConfig, model: DiffusionGemma, canvases: int, pro
     return sched
 
 
-def trace_step(cfg: ModelConfig, model: DiffusionGemma, canvases: int, prompt: int) -> StepTrace:
-    sched = steady_scheduler(cfg, model, canvases, prompt)
+def trace_step(cfg: ModelConfig, model: DiffusionGemma, canvases: int, prompt: int,
+               device_memory: int = H100_MEMORY) -> StepTrace:
+    sched = steady_scheduler(cfg, model, canvases, prompt, device_memory=device_memory)
     trace = StepTrace(list(model.parameters()))
     with trace:
         sched.step()
@@ -258,17 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="a toy config (a smoke check, not the real shape)")
     ap.add_argument("--canvases", default="1,8,32,64")
     ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--device-memory", type=int, default=H100_MEMORY,
+                    help="bytes of the GPU whose default sampler tile the trace uses (default: an 80 GB H100's)")
     a = ap.parse_args(argv)
     cfg = toy_config() if a.small else real_config()
     model = meta_model(cfg)
     counts = [int(x) for x in a.canvases.split(",")]
-    traces = {n: trace_step(cfg, model, n, a.prompt) for n in counts}
+    traces = {n: trace_step(cfg, model, n, a.prompt, a.device_memory) for n in counts}
     weights = {str(n): t.weight_bytes for n, t in traces.items()}
     first = traces[counts[0]]
     out = {
         "config": "toy" if a.small else "real (26B-A4B, bf16)",
         "weight_bytes_per_step": weights,
         "weight_bytes_ratio_32_to_1": round(weights["32"] / weights["1"], 3) if {"1", "32"} <= weights.keys() else None,
+        "sampler_tile_rows": tile_rows_for(cfg.canvas_length, cfg.vocab_size, a.device_memory),
+        "sampler_device_memory_bytes": a.device_memory,
         "host_syncs": {str(n): t.host_syncs() for n, t in traces.items()},
         "host_sync_sites": dict(traces[counts[-1]].syncs),
         "weight_bytes_by_site": dict(traces[counts[-1]].weight_sites.most_common(6)),

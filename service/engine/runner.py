@@ -66,7 +66,8 @@ class Runner(Protocol):
     config: ModelConfig
     device: torch.device
     dtype: torch.dtype
-    tile_rows: int  # rows of the vocabulary tiles (service/sampler/tiles.py)
+    tile_rows: int  # rows of the vocabulary tiles, at most (service/sampler/tiles.py)
+    fixed_tile: bool  # every tile exactly tile_rows rows, padded (batch invariance); else min(tile_rows, B * L)
 
     def describe(self) -> str:
         """How this runner executes the model, for ListModels and logs (e.g. "torch float32 on cpu")."""
@@ -97,17 +98,19 @@ class Runner(Protocol):
         ...
 
 
-def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int, vocab_size: int) -> StepOutput:
+def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int, vocab_size: int,
+            fixed_tile: bool = True) -> StepOutput:
     """The sampler's half of a step, shared by runners: hidden [B, L, H] -> StepOutput, on hidden's device.
+    tile, fixed_tile: the vocabulary tiles' rows (service/sampler/tiles.py: sample_step).
 
     Draws per canvas, in the reference's order: the sampling stream (inside sample_step), then renoise.
     Scoring canvases draw nothing: their rows are split off (service/sampler/scoring.py) and come back unchanged
     with their ScoreRows in `logprobs`.
     """
     if any(c.score_ids is not None for c in canvases):
-        return _with_scores(vocab, hidden, canvases, tile, vocab_size)
+        return _with_scores(vocab, hidden, canvases, tile, vocab_size, fixed_tile)
     masks, draws = class_table(canvases)
-    s = sample_step(vocab, hidden, draws, tile, masks)
+    s = sample_step(vocab, hidden, draws, tile, masks, fixed_tile)
     pin_ids, pin_mask = _stack_pins(canvases, hidden.device)
     bounds = torch.stack([_bound(c.entropy_bound, s.entropy.dtype, hidden.device) for c in canvases])  # [B, 1]
     accepted = ops.accept_mask(s.entropy, bounds, pin_mask)  # [B, L]
@@ -125,12 +128,13 @@ def denoise(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int,
     )
 
 
-def _with_scores(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int, vocab_size: int) -> StepOutput:
+def _with_scores(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile: int, vocab_size: int,
+                 fixed_tile: bool) -> StepOutput:
     """A step whose batch holds scoring canvases: the others sampled as usual, the scoring ones scored."""
     scored = [b for b, c in enumerate(canvases) if c.score_ids is not None]
     rest = [b for b, c in enumerate(canvases) if c.score_ids is None]
     rows = score_rows(vocab, hidden[scored], torch.stack([canvases[b].score_ids for b in scored]),
-                      [canvases[b].score_top for b in scored], tile)
+                      [canvases[b].score_top for b in scored], tile, fixed_tile)
     canvas = torch.stack([c.canvas for c in canvases])  # [B, L]: a scoring canvas comes back as it went
     argmax, soft = canvas.clone(), torch.zeros_like(hidden)  # [B, L], [B, L, H]
     entropy = torch.zeros(canvas.shape, dtype=torch.float32, device=hidden.device)
@@ -138,7 +142,7 @@ def _with_scores(vocab: Vocab, hidden: Tensor, canvases: list[CanvasStep], tile:
     for b, r in zip(scored, rows):
         logprobs[b] = r
     if rest:
-        out = denoise(vocab, hidden[rest], [canvases[b] for b in rest], tile, vocab_size)
+        out = denoise(vocab, hidden[rest], [canvases[b] for b in rest], tile, vocab_size, fixed_tile)
         index = torch.tensor(rest, device=hidden.device)
         canvas[index], argmax[index], entropy[index], soft[index] = out.canvas, out.argmax, out.entropy, out.soft
         for b, lp in zip(rest, out.logprobs or [None] * len(rest)):

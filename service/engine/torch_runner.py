@@ -19,7 +19,7 @@ from service.model.config import ModelConfig
 from service.model.kv_pool import BLOCK, KVPool
 from service.model.loading import load_model
 from service.model.network import DiffusionGemma
-from service.sampler.tiles import Vocab, tile_bytes_per_row, tile_rows_for
+from service.sampler.tiles import Vocab, step_tile_rows, tile_bytes, tile_rows_for
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -66,15 +66,18 @@ class TorchRunner:
     @classmethod
     def from_model(cls, config: ModelConfig, model: DiffusionGemma, tile_rows: int | None = None,
                    cuda_graphs: bool = True, prefix_cache_bytes: int | None = None,
-                   prefix_chunk: int = DEFAULT_CHUNK, batched_attention: bool | None = None) -> "TorchRunner":
-        """A runner over a network already in memory (benchmarks at the real shape with random weights)."""
+                   prefix_chunk: int = DEFAULT_CHUNK, batched_attention: bool | None = None,
+                   fixed_tile: bool | None = None) -> "TorchRunner":
+        """A runner over a network already in memory (benchmarks at the real shape with random weights).
+        fixed_tile: None for the device's default (see _setup)."""
         runner = cls.__new__(cls)
         runner._setup(config, model.eval(), tile_rows, cuda_graphs, prefix_cache_bytes, prefix_chunk,
-                      batched_attention)
+                      batched_attention, fixed_tile)
         return runner
 
     def _setup(self, config: ModelConfig, model: DiffusionGemma, tile_rows: int | None, cuda_graphs: bool,
-               prefix_cache_bytes: int | None, prefix_chunk: int, batched_attention: bool | None) -> None:
+               prefix_cache_bytes: int | None, prefix_chunk: int, batched_attention: bool | None,
+               fixed_tile: bool | None = None) -> None:
         for name, v, lo in (("prefix_cache_bytes", prefix_cache_bytes, 0), ("prefix_chunk", prefix_chunk, BLOCK)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise InvalidArgument(name, f"must be an integer >= {lo}, got {v!r}")
@@ -82,7 +85,14 @@ class TorchRunner:
             raise InvalidArgument("prefix_chunk", f"must be a multiple of {BLOCK} tokens, got {prefix_chunk}")
         self.config, self.model = config, model
         self.device, self.dtype = model.device, model.dtype
-        self.tile_rows = tile_rows or tile_rows_for(config.canvas_length, config.vocab_size, self.device)
+        # Sampler tiles (service/sampler/tiles.py): fixed one-canvas tiles keep a canvas's bits independent of its
+        # batch (a CPU, the batch-invariant mode); a GPU in throughput mode grows a step's tile with its rows, up
+        # to what 10% of the card holds. UNVERIFIED on a GPU.
+        cuda = self.device.type == "cuda"
+        self.fixed_tile = (not cuda or model.batch_invariant) if fixed_tile is None else fixed_tile
+        memory = torch.cuda.get_device_properties(self.device).total_memory if cuda else None
+        self.tile_rows = tile_rows or tile_rows_for(config.canvas_length, config.vocab_size, memory,
+                                                    grow=not self.fixed_tile)
         self._vocab = Vocab(model.logits, model.soft_embedding)
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
         # The batched, padded attention of decode_paged (what graphs replay); default on CUDA. Off: row by row over
@@ -174,7 +184,7 @@ class TorchRunner:
             hidden = paged_decode(self.model.decode_paged, self.pool, canvas, soft, caches)
         else:
             hidden = self.model.decode(canvas, soft, caches)  # [B, L, H]
-        return denoise(self._vocab, hidden, canvases, self.tile_rows, self.config.vocab_size)
+        return denoise(self._vocab, hidden, canvases, self.tile_rows, self.config.vocab_size, self.fixed_tile)
 
     def kv_bytes_per_token(self) -> int:
         size = torch.tensor([], dtype=self.dtype).element_size()
@@ -189,11 +199,13 @@ class TorchRunner:
         return 2 << 30
 
     def step_bytes(self, canvases: int) -> int:
-        """An upper estimate: one vocabulary tile, plus per canvas the decoder's widest activations of one
-        layer (attention scores over canvas and cache are not counted: SDPA computes them blockwise)."""
+        """An upper estimate: one vocabulary tile (this step's: min(tile_rows, its rows) unless fixed), plus per
+        canvas the decoder's widest activations of one layer (attention scores over canvas and cache are not
+        counted: SDPA computes them blockwise)."""
         cfg = self.config
         size = torch.tensor([], dtype=self.dtype).element_size()
         widest = max(cfg.intermediate_size, 2 * cfg.moe_intermediate_size * cfg.top_k_experts,
                      cfg.num_heads * max(s.head_dim for s in cfg.layers))
         per_canvas = cfg.canvas_length * (8 * cfg.hidden_size + 3 * widest) * size
-        return self.tile_rows * tile_bytes_per_row(cfg.vocab_size) + canvases * per_canvas
+        tile = step_tile_rows(self.tile_rows, canvases * cfg.canvas_length, self.fixed_tile)
+        return tile_bytes(tile, cfg.vocab_size) + canvases * per_canvas

@@ -1,9 +1,9 @@
 """A scoring canvas's vocabulary work: the log-probability of given ids at every position, in tiles.
 
 The decoder's hidden states of the scoring canvases of a step [S, L, H] go through the unembedding and soft-cap
-at temperature 1 and a log-softmax `tile` rows at a time (every tile padded to `tile` rows, as the sampler's), so
-no [S, L, V] tensor exists. Nothing is drawn. Shapes: S scoring canvases, L canvas length, V vocabulary, K
-alternatives.
+at temperature 1 and a log-softmax a tile of rows at a time (tiles as the sampler's: `tile` rows each, the last
+padded, when fixed; else min(tile, S * L) rows, unpadded), so no [S, L, V] tensor exists. Nothing is drawn.
+Shapes: S scoring canvases, L canvas length, V vocabulary, K alternatives.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.sampler.tiles import Vocab, tiles_of
+from service.sampler.tiles import Vocab, step_tile_rows, tiles_of
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class ScoreRows:
     top_ids: Tensor  # long [L, K]
 
 
-def score_rows(vocab: Vocab, hidden: Tensor, ids: Tensor, top: list[int], tile: int) -> list[ScoreRows]:
+def score_rows(vocab: Vocab, hidden: Tensor, ids: Tensor, top: list[int], tile: int,
+               fixed_tile: bool = True) -> list[ScoreRows]:
     """hidden [S, L, H], ids long [S, L] (the true ids), top: alternatives per canvas -> one ScoreRows per canvas."""
     s, length, h = hidden.shape
     n = s * length
@@ -34,7 +35,7 @@ def score_rows(vocab: Vocab, hidden: Tensor, ids: Tensor, top: list[int], tile: 
     target = torch.empty(n, dtype=torch.float32, device=hidden.device)
     top_lp = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
     top_ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)
-    for start, stop, rows in tiles_of(flat, tile):
+    for start, stop, rows in tiles_of(flat, step_tile_rows(tile, n, fixed_tile), pad=fixed_tile):
         logp = torch.log_softmax(vocab.logits(rows)[: stop - start], dim=-1)  # [m, V] float32
         target[start:stop] = logp.gather(1, flat_ids[start:stop, None])[:, 0]
         if k:
