@@ -26,8 +26,13 @@ class Cache(Protocol):
     """One sequence's KV cache, owned by the runner that made it."""
 
     length: int  # positions written
+    reused: int  # prompt positions the prefix cache served (already encoded when the cache was made)
 
     def nbytes(self) -> int: ...
+
+    def release(self) -> None:
+        """Give its memory back (idempotent); the scheduler calls it when the request ends."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class StepOutput:
 
 class Runner(Protocol):
     name: str
+    pool: object | None  # the KV store, once reserve_kv made it
     config: ModelConfig
     device: torch.device
     dtype: torch.dtype
@@ -73,7 +79,17 @@ class Runner(Protocol):
         """How this runner executes the model, for ListModels and logs (e.g. "torch float32 on cpu")."""
         ...
 
-    def new_cache(self, capacity: int) -> Cache: ...
+    def reserve_kv(self, kv_bytes: int, max_blocks: int | None = None) -> object:
+        """Allocate the KV store once (the scheduler, at start): kv_bytes for every live request's cache."""
+        ...
+
+    def new_cache(self, capacity: int, prompt: list[int] | None = None) -> Cache:
+        """A cache for `capacity` positions; with `prompt`, the part the prefix cache holds is reused (`reused`)."""
+        ...
+
+    def prefix_stats(self) -> dict:
+        """The prefix cache's counters: lookups, hits, tokens_queried, tokens_reused, evictions, bytes."""
+        ...
 
     def new_generator(self, seed: int) -> torch.Generator:
         """A request's generator, on the device its draws are made on."""

@@ -158,16 +158,15 @@ class TorchRunner:
         """Encoder passes, row after row. A prompt is encoded chunk by chunk at multiples of the prefix chunk, cached
         or not, so a chunk reused from the prefix cache holds the bits this request would have computed."""
         for r, cache in zip(rows, caches):
-            prompt_end = len(cache.prompt) if getattr(cache, "prompt", None) is not None else 0
+            prompt_end = len(cache.prompt) if cache.prompt is not None else 0
             start, done = cache.length, 0
             while done < r.numel():
                 end = start + r.numel() - done
-                if start < prompt_end:
+                if start < prompt_end:  # up to the next chunk boundary
                     end = min(end, (start // self._chunk + 1) * self._chunk)
                 self.model.encode(r[None, done : done + end - start], [end - start], [cache])
                 done, start = done + end - start, end
-            if hasattr(cache, "publish"):
-                cache.publish()
+            cache.publish()
 
     @torch.no_grad()
     def step(self, canvases: list[CanvasStep]) -> StepOutput:
