@@ -119,6 +119,14 @@ def api_keys(env: Mapping[str, str]) -> list[str]:
     return keys
 
 
+def _chunk_tokens(env: Mapping[str, str]) -> int:
+    """NIM_PREFIX_CHUNK_TOKENS: the prefix cache's chunk, a multiple of the KV pool's 16-token blocks."""
+    v = _int(env, "NIM_PREFIX_CHUNK_TOKENS", 256, 16)
+    if v % 16:
+        raise InvalidArgument("NIM_PREFIX_CHUNK_TOKENS", f"must be a multiple of 16, got {v}")
+    return v
+
+
 def tls_config(env: Mapping[str, str]) -> TLSConfig | None:
     mode = env.get("NIM_SSL_MODE", "DISABLED").upper()
     if mode == "DISABLED":
@@ -158,7 +166,7 @@ def serve_options(env: Mapping[str, str], *, checkpoint: Path | None = None, pro
         engine_step_timeout=_float(env, "NIM_ENGINE_STEP_TIMEOUT", 120.0, 0.0),
         batch_invariant=int(env.get("NIM_BATCH_INVARIANT", "").lower() in TRUE),
         prefix_cache_bytes=_int(env, "NIM_PREFIX_CACHE_BYTES", -1, 0) if env.get("NIM_PREFIX_CACHE_BYTES", "") else -1,
-        prefix_chunk_tokens=_int(env, "NIM_PREFIX_CHUNK_TOKENS", 256, 16),
+        prefix_chunk_tokens=_chunk_tokens(env),
     ).validate()
     front = FrontSettings(
         checkpoint=ckpt, triton_target="", model_id=name, triton_model=repo.model_name, profile=serving.label,

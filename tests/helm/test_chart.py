@@ -294,15 +294,17 @@ def test_limits_reach_the_server_as_nim_variables_only_when_set(chart):
     assert not {"NIM_MAX_PROMPT_TOKENS", "NIM_MAX_MEMORY_BYTES", "NIM_MAX_REQUEST_SECONDS"} & set(default_env)
     limits = {"maxPromptTokens": 4096, "maxMemoryBytes": 21474836480, "maxRequestSeconds": 90.5,
               "maxNewTokensLimit": 0, "engineHeartbeatTimeoutSeconds": 10, "engineStepTimeoutSeconds": 300,
-              "httpBodyTimeoutSeconds": 7.5, "tokenizerThreads": 8}
+              "httpBodyTimeoutSeconds": 7.5, "tokenizerThreads": 8, "prefixCacheBytes": 0, "prefixChunkTokens": 512}
     env = env_of(deployment(render(chart, {"server": {"limits": limits}}))["spec"]["template"]["spec"]["containers"][0])
     # whole numbers print as integers (Helm reads values as float64), fractions as they are; 0 is a value
     assert {k: env.get(k) for k in ("NIM_MAX_PROMPT_TOKENS", "NIM_MAX_MEMORY_BYTES", "NIM_MAX_REQUEST_SECONDS",
                                     "NIM_MAX_NEW_TOKENS_LIMIT", "NIM_ENGINE_HEARTBEAT_TIMEOUT",
-                                    "NIM_ENGINE_STEP_TIMEOUT", "NIM_HTTP_BODY_TIMEOUT", "NIM_TOKENIZER_THREADS")} == {
+                                    "NIM_ENGINE_STEP_TIMEOUT", "NIM_HTTP_BODY_TIMEOUT", "NIM_TOKENIZER_THREADS",
+                                    "NIM_PREFIX_CACHE_BYTES", "NIM_PREFIX_CHUNK_TOKENS")} == {
         "NIM_MAX_PROMPT_TOKENS": "4096", "NIM_MAX_MEMORY_BYTES": "21474836480", "NIM_MAX_REQUEST_SECONDS": "90.5",
         "NIM_MAX_NEW_TOKENS_LIMIT": "0", "NIM_ENGINE_HEARTBEAT_TIMEOUT": "10", "NIM_ENGINE_STEP_TIMEOUT": "300",
-        "NIM_HTTP_BODY_TIMEOUT": "7.5", "NIM_TOKENIZER_THREADS": "8"}
+        "NIM_HTTP_BODY_TIMEOUT": "7.5", "NIM_TOKENIZER_THREADS": "8", "NIM_PREFIX_CACHE_BYTES": "0",
+        "NIM_PREFIX_CHUNK_TOKENS": "512"}
     assert "NIM_STREAM_BUFFER" not in env
 
 

@@ -125,3 +125,14 @@ def test_chunks_in_use_are_never_evicted_and_a_full_pool_says_so():
     assert len(pool.allocate(3 * CHUNK // BLOCK)) == 3 * CHUNK // BLOCK  # idle chunks evicted to make room
     assert pool.stats.evictions == 2 and pool.cached_bytes() == 0
     del runner
+
+
+@pytest.mark.parametrize("kw, field", [({"prefix_cache_bytes": -1}, "prefix_cache_bytes"),
+                                       ({"prefix_cache_bytes": 1.5}, "prefix_cache_bytes"),
+                                       ({"prefix_chunk": 8}, "prefix_chunk"), ({"prefix_chunk": 100}, "prefix_chunk")])
+def test_bad_prefix_settings_name_the_field(kw, field):
+    from service.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as e:
+        create_engine("torch", checkpoint_dir=DEFAULT_CHECKPOINT, **kw)
+    assert e.value.field == field

@@ -128,7 +128,9 @@ def test_engine_limits_travel_to_the_model_config(tmp_path):
                                          ("NIM_MAX_REQUEST_SECONDS", "nan"), ("NIM_MAX_NEW_TOKENS_LIMIT", "-5"),
                                          ("NIM_MAX_DENOISING_STEPS_LIMIT", "x"),
                                          ("NIM_ENGINE_HEARTBEAT_TIMEOUT", "1"), ("NIM_ENGINE_STEP_TIMEOUT", "-1"),
-                                         ("NIM_ENGINE_STEP_TIMEOUT", "nan")])
+                                         ("NIM_ENGINE_STEP_TIMEOUT", "nan"), ("NIM_PREFIX_CACHE_BYTES", "-1"),
+                                         ("NIM_PREFIX_CACHE_BYTES", "x"), ("NIM_PREFIX_CHUNK_TOKENS", "8"),
+                                         ("NIM_PREFIX_CHUNK_TOKENS", "100")])
 def test_bad_engine_limits_name_the_variable(tmp_path, name, value):
     with pytest.raises(InvalidArgument) as e:
         serve_options({"NIM_CACHE_PATH": str(tmp_path), name: value})
@@ -146,6 +148,20 @@ def test_batch_invariant_mode_is_opt_in_and_reaches_the_model_config(tmp_path):
     for value in ("1", "true"):
         on = serve_options({"NIM_CACHE_PATH": str(tmp_path), "NIM_BATCH_INVARIANT": value}).repository
         assert on.batch_invariant == 1 and line.format(1) in render_config(on)
+
+
+def test_prefix_cache_settings_reach_the_model_config(tmp_path):
+    """NIM_PREFIX_CACHE_BYTES (unset: -1, the runner's default of a tenth of the KV pool; 0: off) and
+    NIM_PREFIX_CHUNK_TOKENS reach config.pbtxt, which model.py hands to the runner."""
+    from service.triton.repository import render_config
+
+    line = 'key: "{}" value: {{ string_value: "{}" }}'
+    d = render_config(serve_options({"NIM_CACHE_PATH": str(tmp_path)}).repository)
+    assert line.format("prefix_cache_bytes", -1) in d and line.format("prefix_chunk_tokens", 256) in d
+    r = serve_options({"NIM_CACHE_PATH": str(tmp_path), "NIM_PREFIX_CACHE_BYTES": "0",
+                       "NIM_PREFIX_CHUNK_TOKENS": "512"}).repository
+    text = render_config(r)
+    assert line.format("prefix_cache_bytes", 0) in text and line.format("prefix_chunk_tokens", 512) in text
 
 
 def test_runner_sets_the_mode_on_its_network(small_ckpt):
