@@ -35,7 +35,8 @@ def _stats(stats: dict) -> pb.DiffusionStats:
 
 
 def _usage(u: Usage) -> pb.Usage:
-    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+                    cached_prompt_tokens=u.cached_tokens)
 
 
 def _options(o: pb.GenerationOptions) -> jobs.Options:

@@ -268,7 +268,7 @@ def test_one_trace_from_the_http_call_through_triton(http, otlp):
                       timeout=20)
 
 
-def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(oai, http):
+def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(server, oai, http):
     prompt = "".join(f"def handler_{i}(event):\n    return route(event, {i})\n" for i in range(30))  # > 256 tokens
     body = {"model": "diffusiongemma", "prompt": prompt, "max_tokens": 16, "seed": 5, "extra_body": STEPS}
     first, second = (oai.completions.create(**body) for _ in range(2))
@@ -281,3 +281,6 @@ def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(oai, http):
             if line.startswith("dgemma_prefix_cache_hit_tokens_total{")]
     assert hits and hits[0] >= cached
     assert "dgemma_prefix_cache_bytes{" in metrics and "dgemma_prefix_cache_hit_rate{" in metrics
+    over_grpc = server.stub().Generate(pb.GenerateRequest(text=prompt, max_new_tokens=16, options=pb.GenerationOptions(
+        parameters=PARAMS, seed=5)), metadata=server.metadata(), timeout=120)
+    assert over_grpc.usage.cached_prompt_tokens == cached and over_grpc.choices[0].text == first.choices[0].text
