@@ -55,9 +55,16 @@ def request(seed: int, steps: int = 3, tokens: int = 16) -> Request:
 
 
 def still_serves(sched: Scheduler) -> None:
+    """A new request finishes, and then every KV block is back in the pool: no fault leaked a request's blocks."""
     rec = Recorder()
     sched.submit(request(99), on_event=rec)
     assert isinstance(rec.wait(), FinalEvent)
+    deadline = time.monotonic() + 10
+    while sched.live_canvases and time.monotonic() < deadline:  # the final event goes out before the blocks
+        time.sleep(0.01)
+    pool = sched.runner.pool
+    cached = sum(len(c.blocks) for c in pool._chunks.values())
+    assert len(pool._free) + cached == pool.num_blocks - 1
 
 
 def once(fn, when=lambda *a, **k: True):
