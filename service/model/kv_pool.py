@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -81,10 +81,10 @@ class KVPool:
     def nbytes(self) -> int:
         return self.block_bytes() * self.num_blocks
 
-    def free_blocks(self) -> int:
-        """Blocks an allocation can get now: free ones and those of idle cached chunks."""
-        idle = {b for c in self._chunks.values() if c.users == 0 for b in c.blocks if self._refs[b] == 1}
-        return len(self._free) + len(idle)
+    def blocks_in_use(self) -> int:
+        """Blocks some sequence holds (0 once every request has ended: cached chunks alone do not count)."""
+        by_cache = Counter(b for c in self._chunks.values() for b in c.blocks)
+        return sum(1 for b in range(1, self.num_blocks) if self._refs[b] > by_cache[b])
 
     def cached_bytes(self) -> int:
         return sum(len(c.blocks) for c in self._chunks.values()) * self.block_bytes()

@@ -53,7 +53,7 @@ def _final(engine, request: Request) -> FinalEvent:
 def _all_blocks_back(engine) -> bool:
     pool = engine.runner.pool
     cached = sum(len(c.blocks) for c in pool._chunks.values())
-    return len(pool._free) + cached == pool.num_blocks - 1
+    return pool.blocks_in_use() == 0 and len(pool._free) + cached == pool.num_blocks - 1
 
 
 def test_cache_on_equals_cache_off_for_generate_infill_and_edit():
@@ -117,11 +117,13 @@ def test_chunks_in_use_are_never_evicted_and_a_full_pool_says_so():
     hashes, shared = pool.match(prompt)
     second = PagedCache(pool, shared + pool.allocate(1), len(shared) * BLOCK, hashes, prompt)
     assert second.reused == 2 * CHUNK and second.blocks[: len(shared)] == first.blocks[: len(shared)]
+    assert pool.blocks_in_use() == 2 * CHUNK // BLOCK + 1  # the shared chunks' blocks count once, and second's own
     first.release()
     with pytest.raises(Unavailable, match="KV pool is full"):  # `second` still uses both chunks
         pool.allocate(CHUNK // BLOCK + 1)
     second.release()
     second.release()  # idempotent
+    assert pool.blocks_in_use() == 0 and pool.cached_bytes() == 2 * CHUNK // BLOCK * pool.block_bytes()
     assert len(pool.allocate(3 * CHUNK // BLOCK)) == 3 * CHUNK // BLOCK  # idle chunks evicted to make room
     assert pool.stats.evictions == 2 and pool.cached_bytes() == 0
     del runner

@@ -62,9 +62,7 @@ def still_serves(sched: Scheduler) -> None:
     deadline = time.monotonic() + 10
     while sched.live_canvases and time.monotonic() < deadline:  # the final event goes out before the blocks
         time.sleep(0.01)
-    pool = sched.runner.pool
-    cached = sum(len(c.blocks) for c in pool._chunks.values())
-    assert len(pool._free) + cached == pool.num_blocks - 1
+    assert sched.runner.pool.blocks_in_use() == 0
 
 
 def once(fn, when=lambda *a, **k: True):
