@@ -155,9 +155,11 @@ class Scheduler:
         self.limits = limits
         # The KV pool: the budget less the largest step's transients, allocated once (service/model/kv_pool.py)
         kv_budget = max(0, limits.max_memory_bytes - self.runner.step_bytes(limits.max_live_canvases))
-        if self.runner.pool is None:
-            most = (limits.max_prompt_tokens + (limits.max_new_tokens or MAX_NEW_TOKENS) + self.cfg.canvas_length)
-            self.runner.reserve_kv(kv_budget, max_blocks=limits.max_live_canvases * (-(-most // BLOCK)) * 11 // 10 + 1)
+        if self.runner.pool is None:  # never more than every live request's largest cache, a tenth for idle prefix
+            # chunks, and the null block
+            most = limits.max_prompt_tokens + (limits.max_new_tokens or MAX_NEW_TOKENS) + self.cfg.canvas_length
+            needed = limits.max_live_canvases * -(-most // BLOCK)
+            self.runner.reserve_kv(kv_budget, max_blocks=needed + needed // 10 + 1)
         self._kv_budget = min(kv_budget, self.runner.pool.nbytes() - self.runner.pool.block_bytes())
         self._waiting: deque[Stream] = deque()
         self._live: list[_Live] = []
@@ -315,9 +317,8 @@ class Scheduler:
     @staticmethod
     def _release(item: _Live) -> None:
         """Give a leaving request's KV blocks back to the pool (at once, not at garbage collection)."""
-        cache = item.seq.cache
-        if cache is not None and hasattr(cache, "release"):
-            cache.release()
+        if item.seq.cache is not None:
+            item.seq.cache.release()
 
     def _drop_finished(self, now: float) -> None:
         """Free cancelled and expired requests first, then tell their streams."""

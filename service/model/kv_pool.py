@@ -71,6 +71,7 @@ class KVPool:
         self._zero([NULL_BLOCK])
         self._refs[NULL_BLOCK] = 1  # never handed out
         self._chunks: OrderedDict[bytes, _Chunk] = OrderedDict()  # hash -> chunk, least recently used first
+        self._cached_blocks = 0  # blocks the chunks hold
         self.stats = PrefixStats()
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ class KVPool:
         return sum(1 for b in range(1, self.num_blocks) if self._refs[b] > by_cache[b])
 
     def cached_bytes(self) -> int:
-        return sum(len(c.blocks) for c in self._chunks.values()) * self.block_bytes()
+        return self._cached_blocks * self.block_bytes()
 
     # ---- blocks ------------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class KVPool:
             for b in mine:
                 self._refs[b] += 1
             self._chunks[h] = _Chunk(mine, users=1)
+            self._cached_blocks += len(mine)
             added.append(h)
         self._trim()
         return added
@@ -188,6 +190,7 @@ class KVPool:
         for h, c in self._chunks.items():
             if c.users == 0:
                 del self._chunks[h]
+                self._cached_blocks -= len(c.blocks)
                 self.release(list(c.blocks))
                 self.stats.evictions += 1
                 return True

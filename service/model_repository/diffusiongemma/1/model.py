@@ -70,12 +70,13 @@ class TritonPythonModel:
             max_new_tokens=opt("max_new_tokens_limit"),
             max_denoising_steps=opt("max_denoising_steps_limit"),
         )
+        prefix_bytes = int(params.get("prefix_cache_bytes") or -1)
         self.engine = create_engine(
             params.get("engine_backend", "torch"), checkpoint_dir=params["checkpoint_dir"], limits=limits,
             on_step=self._update_gauges, device=params.get("device", "cpu"), dtype=params.get("dtype") or None,
             threads=int(params.get("threads") or 0) or None, tile_rows=int(params.get("tile_rows") or 0) or None,
             batch_invariant=params.get("batch_invariant") == "1",
-            prefix_cache_bytes=None if int(params.get("prefix_cache_bytes", -1)) < 0 else int(params["prefix_cache_bytes"]),
+            prefix_cache_bytes=prefix_bytes if prefix_bytes >= 0 else None,  # -1: the runner's default
             prefix_chunk=int(params.get("prefix_chunk_tokens") or 256),
         )
         self.scheduler = self.engine.scheduler
